@@ -1,0 +1,88 @@
+"""`forgetray` command line: parse, build the config, call one library function.
+
+    forgetray run [CONFIG] [--out DIR] [--dry-run] [key.sub=value ...]
+    forgetray score RUN --model PATH_OR_ID [--adapter DIR] --name NAME
+    forgetray matrix RUN
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from forgetray.config import ConfigError, SweepConfig, load_config
+
+
+def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The optional config path (the one item without '=') and the `key=value` overrides."""
+    paths = [i for i in items if "=" not in i]
+    if len(paths) > 1:
+        raise ConfigError(f"command line: expected at most one config file, got {paths}")
+    return (paths[0] if paths else None), [i for i in items if "=" in i]
+
+
+def resolve_config(items: Sequence[str], out: str | None) -> SweepConfig:
+    path, overrides = _split_config_args(items)
+    if out is not None:
+        overrides = [*overrides, f"run_dir={out}"]
+    return load_config(path, overrides)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "args", nargs="*", metavar="CONFIG|key=value", help="a YAML config (default: built-in) and overrides"
+    )
+    parser.add_argument("--out", help="run directory (overrides run_dir)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forgetray", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_config_args(sub.add_parser("run", help="data, base model, scoring and the forgetting matrix"))
+    score = sub.add_parser("score", help="score one more model (a fine-tuned checkpoint) in a run")
+    score.add_argument("run_dir")
+    score.add_argument("--model", required=True, help="hub id or local directory of the model")
+    score.add_argument("--adapter", help="a peft (LoRA) adapter directory applied to --model")
+    score.add_argument("--name", required=True, help="the task name: its row label in the matrix")
+    score.add_argument("--no-progress", action="store_true")
+    matrix = sub.add_parser("matrix", help="assemble the forgetting matrix from a run's scores")
+    matrix.add_argument("run_dir")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            config = resolve_config(args.args, args.out)
+            if args.dry_run:
+                sys.stdout.write(config.to_yaml())
+                return 0
+            from forgetray.pipeline import run
+
+            run(config, progress=not args.no_progress)
+        elif args.command == "score":
+            from forgetray.models import ModelRef
+            from forgetray.pipeline import load_run_config, score_checkpoint
+
+            base = load_run_config(args.run_dir).model
+            ref = ModelRef(args.model, base.dtype, base.trust_remote_code, None, args.adapter)
+            score_checkpoint(args.run_dir, args.name, ref, progress=not args.no_progress)
+        elif args.command == "matrix":
+            from forgetray.pipeline import RunPaths, assemble_matrix, load_run_config, setup_logging
+
+            paths = RunPaths(args.run_dir)
+            if not assemble_matrix(paths, load_run_config(args.run_dir), setup_logging(paths)):
+                print(f"{args.run_dir}: no scored fine-tuned model yet; nothing to assemble", file=sys.stderr)
+                return 1
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"forgetray: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

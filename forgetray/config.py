@@ -1,0 +1,375 @@
+"""The sweep config: one frozen dataclass per stage, loaded from YAML with `key.sub=value` overrides.
+
+    forgetray run configs/default.yaml score.shard_size=64 --dry-run
+
+Field types stay simple (str, int, float, bool, Literal, tuples of those or of dataclasses) because
+configs travel as Ray `train_loop_config` / Tune `param_space` dicts. Every error names the file (or
+"command line") and the dotted key path, and says what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names where it came from and the key path."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class BuiltinModelConfig:
+    """The built-in GPT-2-style model forgetray pretrains on the built-in upstream corpus.
+
+    Deterministic from `seed` and cached on disk under a hash of every field, so a laptop pays for
+    pretraining once.
+    """
+
+    vocab_size: int = 2048
+    """Byte-level BPE vocabulary trained on the corpus."""
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    context_length: int = 256
+    pretrain_steps: int = 1500
+    batch_size: int = 16
+    """Sequences of `context_length` tokens per step."""
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "context_length", "batch_size"):
+            _require(getattr(self, name) > 0, name, "must be a positive integer")
+        _require(self.pretrain_steps >= 0, "pretrain_steps", "must be >= 0")
+        _require(self.vocab_size >= 260, "vocab_size", "must be >= 260 (256 bytes plus specials)")
+        _require(self.n_embd % self.n_head == 0, "n_embd", f"must be divisible by n_head={self.n_head}")
+        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model: `builtin`, a Hugging Face hub id, or a local directory saved by transformers."""
+
+    name_or_path: str = "builtin"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    """Off unless you trust the model repository: it runs the repository's Python code."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    cache_dir: str | None = None
+    """Where the built-in model is cached; default $FORGETRAY_CACHE or ~/.cache/forgetray."""
+    builtin: BuiltinModelConfig = field(default_factory=BuiltinModelConfig)
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.name_or_path == "builtin"
+
+    def resolved_cache_dir(self) -> str:
+        default = os.environ.get("FORGETRAY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "forgetray"))
+        return self.cache_dir or default
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One dataset of upstream examples: `builtin`, a local .jsonl/.json/.parquet file or directory,
+    or a hub id loaded with `datasets.load_dataset`.
+
+    `format: text` scores every token of `text_field`; `format: instruction` scores only the tokens of
+    `response_field`, conditioned on `prompt_field`.
+    """
+
+    path: str = "builtin"
+    format: Literal["text", "instruction"] = "text"
+    name: str | None = None
+    """Hub dataset configuration name (the second argument of `load_dataset`)."""
+    split: str = "train"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    id_field: str | None = None
+    """Column with stable example ids; default `<source>/<row>`."""
+    limit: int | None = None
+    """Keep the first `limit` rows of this source."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "path", "must not be empty")
+        _require(self.limit is None or self.limit > 0, "limit", "must be a positive integer or null")
+        _require(self.path != "builtin" or self.format == "text", "format", "the builtin corpus is plain text")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """The N upstream examples whose forgetting is measured (the matrix columns)."""
+
+    sources: tuple[SourceConfig, ...] = (SourceConfig(),)
+    n_examples: int | None = 2000
+    """Deterministic sample of this many examples from all sources together; null keeps all."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(len(self.sources) > 0, "sources", "needs at least one source")
+        _require(self.n_examples is None or self.n_examples > 0, "n_examples", "must be positive or null")
+
+
+@dataclass(frozen=True)
+class TaskSourceConfig:
+    """A user task: (prompt, response) pairs from a local file or a hub id."""
+
+    name: str
+    path: str
+    subset: str | None = None
+    """Hub dataset configuration name."""
+    split: str = "train"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        _require(bool(self.path), "path", "must not be empty")
+        _require(self.limit is None or self.limit > 0, "limit", "must be a positive integer or null")
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    """The M fine-tuning tasks (the matrix rows): built-in tasks by name and/or user sources."""
+
+    builtin: tuple[str, ...] = ("all",)
+    """Built-in task names, or `all`; an empty list uses none."""
+    sources: tuple[TaskSourceConfig, ...] = ()
+    n_examples: int = 256
+    """Training examples per built-in task."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.n_examples > 0, "n_examples", "must be a positive integer")
+        names = [s.name for s in self.sources]
+        _require(len(set(names)) == len(names), "sources", f"task names must be unique, got {names}")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Per-example NLL scoring, shard by shard on a Ray Data actor pool."""
+
+    max_length: int = 1024
+    """Examples are truncated to min(max_length, the model's context) tokens, keeping the start."""
+    max_batch_tokens: int = 16384
+    """Padded tokens per forward pass; batches are length-bucketed so padding stays small."""
+    shard_size: int = 256
+    """Examples per shard: the unit of parallelism, of the parquet part files and of resumption."""
+    num_actors: int | None = None
+    """Scoring actors per model; default: as many as the cluster's CPUs (or GPUs) allow."""
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "max_batch_tokens", "shard_size"):
+            _require(getattr(self, name) > 0, name, "must be a positive integer")
+        _require(self.max_batch_tokens >= self.max_length, "max_batch_tokens", "must be >= max_length")
+        _require(self.num_actors is None or self.num_actors > 0, "num_actors", "must be positive or null")
+        _require(self.cpus_per_actor > 0, "cpus_per_actor", "must be > 0")
+        _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything one forgetray run needs; the resolved copy is saved as `<run>/config.yaml`."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses and tuples to dicts and lists: what YAML, JSON and Ray `param_space` accept."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """`value` (from YAML) as type `tp`, or a ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return tuple(_convert(v, item_type, f"{key}.{i}") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {tp!r} at {key}")
+
+
+def _build(cls: type[T], raw: Any, prefix: str) -> T:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix or '<top level>'}: expected {_type_name(cls)}, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    where = f"{prefix}." if prefix else ""
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}: unknown key; accepted keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name in fields:
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], f"{where}{name}")
+        elif fields[name].default is dataclasses.MISSING and fields[name].default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}{name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node: Any = raw
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: no list item {part!r} to override")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a mapping")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{dotted}: no list item {last!r} to override")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings to (key, value); values parse as YAML (`[a, b]`, `null`, `1e-5`)."""
+    parsed = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"command line: override {item!r} is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"command line: {key}: value {text!r} is not valid YAML ({e})") from None
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", cls: type[T] = SweepConfig) -> T:  # type: ignore[assignment]
+    try:
+        return _build(cls, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> SweepConfig:
+    """The config in `path` (or the built-in default when None) with `overrides` applied."""
+    raw: dict[str, Any] = {}
+    source = "built-in default"
+    if path is not None:
+        source = os.fspath(path)
+        if not os.path.isfile(source):
+            raise ConfigError(f"{source}: config file not found")
+        with open(source, encoding="utf-8") as f:
+            try:
+                loaded = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of stage names to settings")
+        raw = loaded or {}
+    parsed = parse_overrides(overrides)
+    if parsed:
+        # Overrides apply on top of defaults too, so lists the file leaves out can still be indexed.
+        merged = SweepConfig().to_dict()
+        _deep_update(merged, raw)
+        raw = merged
+        for key, value in parsed:
+            _set_path(raw, key, value)
+        source = f"{source} + command line"
+    return config_from_dict(raw, source)
+
+
+def _deep_update(base: dict[str, Any], update: Mapping[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value

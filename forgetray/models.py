@@ -1,0 +1,105 @@
+"""Loading models and tokenizers: any HF causal LM (hub id or local directory) or the built-in model.
+
+A `ModelRef` is what travels to Ray workers: plain strings that every node can resolve, never a
+live model object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from forgetray.config import ModelConfig
+
+BUILTIN_EVAL_EXAMPLES = 256
+"""Upstream examples on which the built-in model's pretraining loss is reported."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A loadable model: `path` is a hub id or a local directory; `adapter_path` a peft adapter on it."""
+
+    path: str
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    adapter_path: str | None = None
+
+
+def _builtin_texts() -> tuple[list[str], list[str]]:
+    from forgetray.data.builtin_corpus import builtin_corpus, builtin_upstream_examples
+
+    train = [row["response"] for row in builtin_corpus()]
+    evaluation = [row["response"] for row in builtin_upstream_examples(BUILTIN_EVAL_EXAMPLES, seed=0)]
+    return train, evaluation
+
+
+def resolve_base_model(config: ModelConfig, log: Any = print) -> ModelRef:
+    """The base model as a `ModelRef`, pretraining and caching the built-in model first if needed."""
+    path = config.name_or_path
+    if config.is_builtin:
+        from forgetray.builtin_model import ensure_builtin_model
+        from forgetray.data.builtin_corpus import corpus_fingerprint
+
+        path = ensure_builtin_model(
+            config.builtin, config.resolved_cache_dir(), corpus_fingerprint(), _builtin_texts, log=log
+        )
+    elif path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
+        raise FileNotFoundError(f"model.name_or_path: no model directory at {path}")
+    return ModelRef(
+        path=os.path.expanduser(path),
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        revision=config.revision,
+    )
+
+
+def builtin_pretrain_report(ref: ModelRef) -> dict[str, Any] | None:
+    """The built-in model's pretraining report (upstream NLL before/after, seconds), if `ref` is one."""
+    report = os.path.join(ref.path, "pretrain_report.json")
+    if not os.path.isfile(report):
+        return None
+    with open(report, encoding="utf-8") as f:
+        return json.load(f)  # type: ignore[no-any-return]
+
+
+def load_tokenizer(ref: ModelRef) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        ref.path, revision=ref.revision, trust_remote_code=ref.trust_remote_code
+    )
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(ref: ModelRef, device: Any = "cpu") -> tuple[Any, Any]:
+    """(model in eval mode on `device`, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        ref.path,
+        revision=ref.revision,
+        trust_remote_code=ref.trust_remote_code,
+        dtype=getattr(torch, ref.dtype),
+    )
+    if ref.adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, ref.adapter_path)
+    model.to(device).eval()
+    return model, load_tokenizer(ref)
+
+
+def context_length(model: Any) -> int | None:
+    """The model's maximum sequence length, where its config states one."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,215 @@
+"""The stages of a forgetray run over one run directory; each skips when its outputs exist.
+
+    <run>/config.yaml                 the resolved config (a re-run must match it)
+    <run>/logs/forgetray.log          everything the run logged
+    <run>/data/upstream.parquet       example_id, kind, prompt, response   (matrix columns)
+    <run>/data/tasks/<task>.parquet   prompt, response                     (matrix rows)
+    <run>/models/base.json            the base model reference (+ built-in pretraining report)
+    <run>/scores/<model>/...          per-example NLL parts (see forgetray.score.driver)
+    <run>/matrix/...                  the forgetting matrix (see forgetray.matrix)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from forgetray import storage
+from forgetray.config import ConfigError, SweepConfig, config_from_dict
+from forgetray.models import ModelRef, builtin_pretrain_report, resolve_base_model
+
+BASE = "base"
+"""Name of the base model's scores directory."""
+logger = logging.getLogger("forgetray")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    root: str
+
+    @property
+    def config(self) -> str:
+        return os.path.join(self.root, "config.yaml")
+
+    @property
+    def upstream(self) -> str:
+        return os.path.join(self.root, "data", "upstream.parquet")
+
+    def task(self, name: str) -> str:
+        return os.path.join(self.root, "data", "tasks", f"{name}.parquet")
+
+    @property
+    def base_model(self) -> str:
+        return os.path.join(self.root, "models", "base.json")
+
+    @property
+    def scores(self) -> str:
+        return os.path.join(self.root, "scores")
+
+    @property
+    def matrix(self) -> str:
+        return os.path.join(self.root, "matrix")
+
+    @property
+    def log(self) -> str:
+        return os.path.join(self.root, "logs", "forgetray.log")
+
+
+def setup_logging(paths: RunPaths | None) -> Callable[[str], None]:
+    """Log to stderr and, with a run directory, to its log file; returns the `log(str)` stages use."""
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s forgetray %(message)s", "%H:%M:%S")
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in logger.handlers):
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(fmt)
+        logger.addHandler(stream)
+    if paths is not None:
+        os.makedirs(os.path.dirname(paths.log), exist_ok=True)
+        target = os.path.abspath(paths.log)
+        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == target for h in logger.handlers):
+            handler = logging.FileHandler(target)
+            handler.setFormatter(fmt)
+            logger.addHandler(handler)
+    return logger.info
+
+
+def ensure_ray() -> None:
+    """Join the cluster a job was submitted to (RAY_ADDRESS) or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, configure_logging=True)
+
+
+_RESUME_SECTIONS = ("seed", "model", "upstream", "tasks")
+"""Config sections that decide a run's results; a re-run in the same directory must not change them."""
+
+
+def write_run_config(paths: RunPaths, config: SweepConfig) -> None:
+    """Save the resolved config, or check a re-run against the one already there."""
+    if os.path.exists(paths.config):
+        import yaml
+
+        with open(paths.config, encoding="utf-8") as f:
+            previous = config_from_dict(yaml.safe_load(f), paths.config)
+        changed = [k for k in _RESUME_SECTIONS if getattr(previous, k) != getattr(config, k)]
+        if changed:
+            raise ConfigError(
+                f"{paths.config}: this run directory holds a run with different {', '.join(changed)} settings; "
+                "use another --out, or delete the directory to start over"
+            )
+    storage.write_text(paths.config, config.to_yaml())
+
+
+def prepare_data(paths: RunPaths, config: SweepConfig, log: Callable[[str], None]) -> None:
+    from forgetray.data.sources import load_tasks, load_upstream
+
+    if not os.path.exists(paths.upstream):
+        upstream = load_upstream(config.upstream)
+        storage.write_parquet(paths.upstream, upstream)
+        kinds = upstream.column("kind").value_counts().to_pylist()
+        log(f"data: {upstream.num_rows} upstream examples ({', '.join(f'{k['values']}: {k['counts']}' for k in kinds)})")
+    task_names = [name for name in _task_names(config) if not os.path.exists(paths.task(name))]
+    if task_names:
+        for name, table in load_tasks(config.tasks).items():
+            if not os.path.exists(paths.task(name)):
+                storage.write_parquet(paths.task(name), table)
+        log(f"data: {len(_task_names(config))} tasks in {os.path.dirname(paths.task('x'))}")
+
+
+def _task_names(config: SweepConfig) -> list[str]:
+    from forgetray.data.builtin_tasks import BUILTIN_TASKS
+
+    builtin = list(BUILTIN_TASKS) if tuple(config.tasks.builtin) == ("all",) else list(config.tasks.builtin)
+    return builtin + [s.name for s in config.tasks.sources]
+
+
+def prepare_base_model(paths: RunPaths, config: SweepConfig, log: Callable[[str], None]) -> ModelRef:
+    ref = resolve_base_model(config.model, log=log)
+    report = builtin_pretrain_report(ref) if config.model.is_builtin else None
+    if report is not None:
+        log(
+            f"model: built-in model, upstream NLL {report['upstream_nll_before']:.3f} -> "
+            f"{report['upstream_nll_after']:.3f} nats/token after {report['steps']} pretraining steps "
+            f"({report['seconds']:.0f} s when it was trained)"
+        )
+    storage.write_json(paths.base_model, {"model": dataclasses.asdict(ref), "pretrain_report": report})
+    return ref
+
+
+def assemble_matrix(paths: RunPaths, config: SweepConfig, log: Callable[[str], None]) -> bool:
+    """Assemble the matrix from every model scored besides the base, configured tasks first, then any
+    checkpoint scored by hand (`forgetray score`) in name order; False when there is none yet."""
+    from forgetray.matrix import assemble_forgetting_matrix
+    from forgetray.score.driver import read_scores
+
+    complete = {
+        name
+        for name in (os.listdir(paths.scores) if os.path.isdir(paths.scores) else [])
+        if name != BASE and os.path.exists(os.path.join(paths.scores, name, "_SUCCESS.json"))
+    }
+    configured = [t for t in _task_names(config) if t in complete]
+    scored = configured + sorted(complete - set(configured))
+    if not scored:
+        return False
+    upstream_ids = pq.read_table(paths.upstream, columns=["example_id"]).column("example_id").to_pylist()
+    assemble_forgetting_matrix(
+        paths.matrix,
+        upstream_ids,
+        read_scores(os.path.join(paths.scores, BASE)),
+        [(t, lambda t=t: read_scores(os.path.join(paths.scores, t))) for t in scored],
+        log=log,
+    )
+    return True
+
+
+def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
+    """Every stage of a run that exists so far, each skipped when its outputs are already there."""
+    from forgetray.score.driver import score_models
+
+    paths = RunPaths(config.run_dir)
+    log = setup_logging(paths)
+    log(f"run directory {os.path.abspath(paths.root)}")
+    write_run_config(paths, config)
+    prepare_data(paths, config, log)
+    base = prepare_base_model(paths, config, log)
+    ensure_ray()
+    summaries = score_models({BASE: base}, paths.upstream, paths.scores, config.score, log, progress)
+    if not assemble_matrix(paths, config, log):
+        log(
+            "fine-tuning is not part of this version yet: the run stops after scoring the base model. "
+            "Score fine-tuned checkpoints with `forgetray score RUN --model DIR --name TASK`, "
+            "then `forgetray matrix RUN` assembles the forgetting matrix."
+        )
+    return {"run_dir": paths.root, "scores": summaries}
+
+
+def load_run_config(run_dir: str) -> SweepConfig:
+    import yaml
+
+    path = RunPaths(run_dir).config
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: not a forgetray run directory (no config.yaml)")
+    with open(path, encoding="utf-8") as f:
+        return config_from_dict(yaml.safe_load(f), path)
+
+
+def score_checkpoint(run_dir: str, name: str, ref: ModelRef, progress: bool = True) -> dict[str, Any]:
+    """Score an extra model (a fine-tuned checkpoint) on the run's upstream examples."""
+    from forgetray.score.driver import score_model
+
+    config = load_run_config(run_dir)
+    paths = RunPaths(run_dir)
+    log = setup_logging(paths)
+    if not os.path.exists(paths.upstream):
+        raise ConfigError(f"{paths.upstream}: missing; run `forgetray run` for this directory first")
+    ensure_ray()
+    return score_model(name, ref, paths.upstream, paths.scores, config.score, log, progress)
+

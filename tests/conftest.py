@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny tokenizer and random GPT-2 built in-process (no hub), and one Ray session.
+
+Heavy imports stay inside fixtures so that collecting the suite and the pure-maths tests stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "Lists are mutable sequences, typically used to store collections of items.",
+    "for i in range(10):\n    print(i * i)\n",
+    "Numbers are created by numeric literals or as the result of built-in functions.",
+] * 4
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> Any:
+    from forgetray.builtin_model import train_tokenizer
+
+    tokenizer = train_tokenizer(TEXTS, vocab_size=300)
+    tokenizer.model_max_length = 64
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer: Any) -> Any:
+    """A random 2-layer GPT-2 (width 32): real transformer maths, milliseconds per forward."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: Any, tiny_tokenizer: Any) -> str:
+    path = str(tmp_path_factory.mktemp("tiny_model"))
+    tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Any:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
