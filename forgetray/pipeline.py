@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -114,8 +115,8 @@ def prepare_data(paths: RunPaths, config: SweepConfig, log: Callable[[str], None
     if not os.path.exists(paths.upstream):
         upstream = load_upstream(config.upstream)
         storage.write_parquet(paths.upstream, upstream)
-        kinds = upstream.column("kind").value_counts().to_pylist()
-        log(f"data: {upstream.num_rows} upstream examples ({', '.join(f'{k['values']}: {k['counts']}' for k in kinds)})")
+        kinds = Counter(upstream.column("kind").to_pylist())
+        log(f"data: {upstream.num_rows} upstream examples ({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))})")
     task_names = [name for name in _task_names(config) if not os.path.exists(paths.task(name))]
     if task_names:
         for name, table in load_tasks(config.tasks).items():

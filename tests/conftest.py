@@ -12,6 +12,9 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never reach a hub; offline mode makes hub code paths fail at once instead of retrying for 25 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -83,9 +83,8 @@ def test_duplicate_ids_and_oversized_sample_are_errors(files):
         load_upstream(UpstreamConfig(sources=twice[:1], n_examples=100))
 
 
-def test_hub_ids_go_to_the_hub_and_fail_clearly_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def test_hub_ids_go_to_the_hub_and_fail_clearly_offline():
+    """conftest sets HF_HUB_OFFLINE: the hub branch runs for real and fails with the source named."""
     with pytest.raises(DataError, match=r"upstream.sources.0.path: could not load hub dataset 'allenai/no-such-set'"):
         load_upstream(UpstreamConfig(sources=(SourceConfig(path="allenai/no-such-set"),), n_examples=None))
 

@@ -82,11 +82,11 @@ def load_rows(path: str, split: str, subset: str | None, key: str) -> pa.Table:
     return ds.data.table if hasattr(ds.data, "table") else ds.to_arrow()  # type: ignore[no-any-return]
 
 
-def _string_column(table: pa.Table, field: str, source: str, key: str, ids: Sequence[str] | None) -> list[str]:
+def _string_column(
+    table: pa.Table, field: str, source: str, key: str, ids: Sequence[str] | None
+) -> list[str]:
     if field not in table.column_names:
-        raise DataError(
-            f"{key}: {source}: no field {field!r}; the data has fields {table.column_names}"
-        )
+        raise DataError(f"{key}: {source}: no field {field!r}; the data has fields {table.column_names}")
     values = table.column(field).to_pylist()
     for row, value in enumerate(values):
         if not isinstance(value, str) or not value.strip():

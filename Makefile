@@ -1,0 +1,33 @@
+# Two commands on a fresh Linux machine with Python 3.11 and no GPU:
+#   make demo   install everything, then run forgetray on its built-in default
+#   make test   install everything, then run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.forgetray-installed
+OUT ?= runs/demo
+
+.PHONY: demo test lint bench clean-runs
+
+# torch==2.13.0 first: it is the CPU wheel; left to the resolver, pip picks a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/forgetray run --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check forgetray jobs tests benchmarks
+	$(BIN)/ruff format --check forgetray jobs tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/score_throughput.py
+
+clean-runs:
+	rm -rf runs
