@@ -83,3 +83,9 @@ def test_cli_dry_run_prints_the_resolved_config(capsys, tmp_path):
 def test_cli_reports_config_errors(capsys):
     assert main(["run", "--dry-run", "score.shard_size=-1"]) == 2
     assert "score.shard_size: must be a positive integer" in capsys.readouterr().err
+
+
+def test_shipped_default_config_is_the_builtin_default():
+    from pathlib import Path
+
+    assert load_config(Path(__file__).parent.parent / "configs" / "default.yaml") == SweepConfig()
