@@ -76,7 +76,7 @@ def test_resume_scores_only_missing_shards(ray_session, tmp_path, tiny_model_dir
     os.unlink(out / "_SUCCESS.json")
     messages = []
     summary = score_model("m", ref, upstream_path, str(tmp_path), config, log=messages.append, progress=False)
-    assert any("1 of 4 shards to score" in m for m in messages)
+    assert any("1 shard(s) of 1 model(s) to score" in m for m in messages)
     for part, stamp in stamps.items():
         if part != "part-00002.parquet":
             assert os.stat(out / part).st_mtime_ns == stamp
@@ -90,3 +90,25 @@ def test_resume_scores_only_missing_shards(ray_session, tmp_path, tiny_model_dir
     os.unlink(out / "_SUCCESS.json")
     with pytest.raises(ScoreError, match=r"partial scores were cut from a different plan \(changed: shard_size\)"):
         score_model("m", ref, upstream_path, str(tmp_path), ScoreConfig(shard_size=5, max_length=64), progress=False)
+
+
+def test_many_models_share_one_pool(ray_session, tmp_path, tiny_model_dir, upstream_path):
+    """Two models through one actor pool score exactly as each model alone."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from forgetray.score.driver import score_models
+
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        other.transformer.wte.weight.mul_(2.0)
+    other.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "other")
+    config = ScoreConfig(shard_size=8, max_length=64)
+    refs = {"base": ModelRef(tiny_model_dir), "other": ModelRef(str(tmp_path / "other"))}
+    summaries = score_models(refs, upstream_path, str(tmp_path / "together"), config, log=lambda m: None, progress=False)
+    assert set(summaries) == {"base", "other"}
+    alone = score_models({"other": refs["other"]}, upstream_path, str(tmp_path / "alone"), config, progress=False)
+    np.testing.assert_allclose(scored(tmp_path / "together" / "other")[1], scored(tmp_path / "alone" / "other")[1], atol=1e-6)
+    assert not np.allclose(scored(tmp_path / "together" / "base")[1], scored(tmp_path / "together" / "other")[1])
+    assert summaries["other"]["n_tokens"] == alone["other"]["n_tokens"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -69,42 +70,51 @@ def score_shard(
 
 
 class ShardScorer:
-    """Ray Data actor: one model load, then any number of shards, each written as one part file."""
+    """Ray Data actor: scores (model, shard) items, keeping the last model loaded.
+
+    Items arrive model by model, so an actor loads each model about once however many shards
+    stream through it.
+    """
 
     def __init__(
-        self, model: dict[str, Any], upstream_path: str, out_dir: str, score: dict[str, Any], use_gpu: bool
+        self, models: dict[str, dict[str, Any]], upstream_path: str, scores_root: str, score: dict[str, Any]
     ) -> None:
         import pyarrow.parquet as pq
         import torch
+        from transformers.utils import logging as transformers_logging
 
-        from forgetray.models import context_length, load_model
-
+        transformers_logging.disable_progress_bar()
         self.config = ScoreConfig(**score)
         torch.set_num_threads(max(1, int(self.config.cpus_per_actor)))
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_model(ModelRef(**model), device)
-        self.max_length = min(self.config.max_length, context_length(self.model) or self.config.max_length)
+        self.device = "cuda" if self.config.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        self.models = {name: ModelRef(**ref) for name, ref in models.items()}
         self.upstream = pq.read_table(upstream_path)
         self.shards = shard_plan(self.upstream, self.config.shard_size)
-        self.out_dir = out_dir
+        self.scores_root = scores_root
+        self.loaded: tuple[str, Any, Any, int] | None = None
+
+    def _model(self, name: str) -> tuple[Any, Any, int]:
+        from forgetray.models import context_length, load_model
+
+        if self.loaded is None or self.loaded[0] != name:
+            self.loaded = None  # drop the previous model before loading the next
+            model, tokenizer = load_model(self.models[name], self.device)
+            max_length = min(self.config.max_length, context_length(model) or self.config.max_length)
+            self.loaded = (name, model, tokenizer, max_length)
+        return self.loaded[1:]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        done: dict[str, list[Any]] = {"shard": [], "n_examples": [], "n_tokens": [], "seconds": []}
-        for shard in batch["shard"].tolist():
-            start = time.perf_counter()
+        done: dict[str, list[Any]] = {"model": [], "shard": [], "n_examples": [], "n_tokens": []}
+        for name, shard in zip(batch["model"].tolist(), batch["shard"].tolist()):
+            model, tokenizer, max_length = self._model(name)
             table = score_shard(
-                self.model,
-                self.tokenizer,
-                self.upstream,
-                self.shards[shard],
-                self.max_length,
-                self.config.max_batch_tokens,
+                model, tokenizer, self.upstream, self.shards[shard], max_length, self.config.max_batch_tokens
             )
-            storage.write_parquet(part_path(self.out_dir, shard), table)
+            storage.write_parquet(part_path(os.path.join(self.scores_root, name), shard), table)
+            done["model"].append(name)
             done["shard"].append(shard)
             done["n_examples"].append(table.num_rows)
             done["n_tokens"].append(int(np.sum(table.column("n_tokens"))))
-            done["seconds"].append(time.perf_counter() - start)
         return {k: np.asarray(v) for k, v in done.items()}
 
 
@@ -130,103 +140,19 @@ def _actor_count(config: ScoreConfig, n_shards: int) -> int:
     return max(1, min(by_cpu, by_gpu, n_shards))
 
 
-def score_model(
-    name: str,
-    ref: ModelRef,
-    upstream_path: str,
-    scores_root: str,
-    config: ScoreConfig,
-    log: Callable[[str], None] = print,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Score every upstream example under `ref` into `<scores_root>/<name>/`; returns the summary.
-
-    Skips a model whose `_SUCCESS.json` exists and scores only missing shards of a partial one.
-    """
-    import pyarrow.parquet as pq
-    import ray
-    from tqdm import tqdm
-
-    out_dir = os.path.join(scores_root, name)
-    success = os.path.join(out_dir, "_SUCCESS.json")
-    if os.path.exists(success):
-        log(f"scores/{name}: already complete, skipped")
-        return storage.read_json(success)  # type: ignore[no-any-return]
-    upstream = pq.read_table(upstream_path)
-    plan = _plan_record(upstream, ref, config)
+def _check_plan(out_dir: str, plan: dict[str, Any]) -> None:
+    """Record what the parts are cut from, or check that a partial run was cut the same way."""
     plan_file = os.path.join(out_dir, "plan.json")
-    if os.path.exists(plan_file):
-        previous = storage.read_json(plan_file)
-        if previous != plan:
-            changed = sorted(k for k in plan if previous.get(k) != plan[k])
-            raise ScoreError(
-                f"{out_dir}: partial scores were cut from a different plan (changed: {', '.join(changed)}); "
-                "delete that directory or restore the settings to resume"
-            )
-    else:
+    if not os.path.exists(plan_file):
         storage.write_json(plan_file, plan)
-    shards = shard_plan(upstream, config.shard_size)
-    todo = [k for k in range(len(shards)) if not os.path.exists(part_path(out_dir, k))]
-    start = time.perf_counter()
-    scored_tokens = 0
-    if todo:
-        n_actors = _actor_count(config, len(todo))
-        log(
-            f"scores/{name}: {len(todo)} of {len(shards)} shards to score "
-            f"({sum(len(shards[k]) for k in todo)} examples) on {n_actors} actor(s)"
+        return
+    previous = storage.read_json(plan_file)
+    if previous != plan:
+        changed = sorted(k for k in plan if previous.get(k) != plan[k])
+        raise ScoreError(
+            f"{out_dir}: partial scores were cut from a different plan (changed: {', '.join(changed)}); "
+            "delete that directory or restore the settings to resume"
         )
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        dataset = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
-        results = dataset.map_batches(
-            ShardScorer,
-            fn_constructor_kwargs={
-                "model": dataclasses.asdict(ref),
-                "upstream_path": os.path.abspath(upstream_path),
-                "out_dir": os.path.abspath(out_dir),
-                "score": dataclasses.asdict(config),
-                "use_gpu": config.gpus_per_actor > 0,
-            },
-            batch_size=1,
-            concurrency=n_actors,
-            num_cpus=config.cpus_per_actor,
-            num_gpus=config.gpus_per_actor,
-        )
-        with tqdm(
-            total=sum(len(shards[k]) for k in todo), desc=f"score {name}", unit="ex", disable=not progress
-        ) as bar:
-            for row in results.iter_rows():
-                bar.update(int(row["n_examples"]))
-                scored_tokens += int(row["n_tokens"])
-    missing = [k for k in range(len(shards)) if not os.path.exists(part_path(out_dir, k))]
-    if missing:
-        raise ScoreError(f"{out_dir}: shards {missing[:10]} have no part file after scoring")
-    scores = read_scores(out_dir)
-    seconds = time.perf_counter() - start
-    n_tokens = int(np.sum(scores.column("n_tokens")))
-    summary = {
-        "model": name,
-        "path": ref.path,
-        "adapter_path": ref.adapter_path,
-        "n_examples": scores.num_rows,
-        "n_tokens": n_tokens,
-        "seconds": round(seconds, 3),
-        "tokens_per_second": round(scored_tokens / seconds, 1) if scored_tokens else None,
-        "mean_nll": float(np.mean(scores.column("nll"))),
-    }
-    storage.write_json(success, summary)
-    log(f"scores/{name}: {summary['n_examples']} examples, mean NLL {summary['mean_nll']:.4f}")
-    return summary
-
-
-def read_scores(out_dir: str) -> pa.Table:
-    """All part files of one model's scores as one table (unordered)."""
-    import pyarrow.parquet as pq
-
-    parts = sorted(glob.glob(os.path.join(out_dir, "part-*.parquet")))
-    if not parts:
-        raise ScoreError(f"{out_dir}: no score parts found")
-    return pa.concat_tables([pq.read_table(p, schema=SCORES_SCHEMA) for p in parts])
 
 
 def score_models(
@@ -237,8 +163,105 @@ def score_models(
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """`score_model` for each named model in turn (each fills the whole actor pool)."""
-    return {
-        name: score_model(name, ref, upstream_path, scores_root, config, log, progress)
-        for name, ref in models.items()
-    }
+    """Score every upstream example under each named model into `<scores_root>/<name>/`.
+
+    One actor pool serves all models (model start-up is paid once per actor, not once per model).
+    A model whose `_SUCCESS.json` exists is skipped; a partial one scores only its missing shards.
+    Returns each model's summary.
+    """
+    import pyarrow.parquet as pq
+    import ray
+    from tqdm import tqdm
+
+    summaries: dict[str, dict[str, Any]] = {}
+    upstream = pq.read_table(upstream_path)
+    shards = shard_plan(upstream, config.shard_size)
+    todo: list[dict[str, Any]] = []
+    for name, ref in models.items():
+        out_dir = os.path.join(scores_root, name)
+        success = os.path.join(out_dir, "_SUCCESS.json")
+        if os.path.exists(success):
+            log(f"scores/{name}: already complete, skipped")
+            summaries[name] = storage.read_json(success)
+            continue
+        _check_plan(out_dir, _plan_record(upstream, ref, config))
+        todo += [{"model": name, "shard": k} for k in range(len(shards)) if not os.path.exists(part_path(out_dir, k))]
+    pending = [name for name in models if name not in summaries]
+    if not pending:
+        return summaries
+
+    start = time.perf_counter()
+    tokens: dict[str, int] = dict.fromkeys(pending, 0)
+    if todo:
+        n_actors = _actor_count(config, len(todo))
+        log(
+            f"scores: {len(todo)} shard(s) of {len(pending)} model(s) to score "
+            f"({sum(len(shards[item['shard']]) for item in todo)} model-examples) on {n_actors} actor(s)"
+        )
+        # Our bar counts examples across shards; Ray Data's own bars and notices would interleave with it.
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            ShardScorer,
+            fn_constructor_kwargs={
+                "models": {name: dataclasses.asdict(models[name]) for name in pending},
+                "upstream_path": os.path.abspath(upstream_path),
+                "scores_root": os.path.abspath(scores_root),
+                "score": dataclasses.asdict(config),
+            },
+            batch_size=1,
+            concurrency=n_actors,
+            num_cpus=config.cpus_per_actor,
+            num_gpus=config.gpus_per_actor,
+        )
+        total = sum(len(shards[item["shard"]]) for item in todo)
+        with tqdm(total=total, desc="score", unit="ex", disable=not progress) as bar:
+            for row in results.iter_rows():
+                bar.update(int(row["n_examples"]))
+                tokens[str(row["model"])] += int(row["n_tokens"])
+    seconds = time.perf_counter() - start
+    rate = sum(tokens.values()) / seconds if seconds > 0 and todo else None
+    for name in pending:
+        out_dir = os.path.join(scores_root, name)
+        missing = [k for k in range(len(shards)) if not os.path.exists(part_path(out_dir, k))]
+        if missing:
+            raise ScoreError(f"{out_dir}: shards {missing[:10]} have no part file after scoring")
+        scores = read_scores(out_dir)
+        summaries[name] = {
+            "model": name,
+            "path": models[name].path,
+            "adapter_path": models[name].adapter_path,
+            "n_examples": scores.num_rows,
+            "n_tokens": int(np.sum(scores.column("n_tokens"))),
+            "mean_nll": float(np.mean(scores.column("nll"))),
+            "scored_tokens_this_call": tokens[name],
+            "tokens_per_second_all_models": round(rate, 1) if rate else None,
+        }
+        storage.write_json(os.path.join(out_dir, "_SUCCESS.json"), summaries[name])
+        log(f"scores/{name}: {scores.num_rows} examples, mean NLL {summaries[name]['mean_nll']:.4f}")
+    if rate:
+        log(f"scores: {sum(tokens.values())} tokens in {seconds:.1f} s ({rate:.0f} tokens/s, actor start-up included)")
+    return summaries
+
+
+def score_model(
+    name: str,
+    ref: ModelRef,
+    upstream_path: str,
+    scores_root: str,
+    config: ScoreConfig,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`score_models` for one model."""
+    return score_models({name: ref}, upstream_path, scores_root, config, log, progress)[name]
+
+
+def read_scores(out_dir: str) -> pa.Table:
+    """All part files of one model's scores as one table (unordered)."""
+    import pyarrow.parquet as pq
+
+    parts = sorted(glob.glob(os.path.join(out_dir, "part-*.parquet")))
+    if not parts:
+        raise ScoreError(f"{out_dir}: no score parts found")
+    return pa.concat_tables([pq.read_table(p, schema=SCORES_SCHEMA) for p in parts])
