@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref = resolve_base_model(config.model, log=lambda m: print(m, file=sys.stderr))
     model, tokenizer = load_model(ref)
     upstream = load_upstream(config.upstream)
-    max_length = min(config.score.max_length, context_length(model) or config.score.max_length)
+    max_length = min(config.score.max_length, context_length(model.config) or config.score.max_length)
     ids = upstream.column("example_id").to_pylist()
     rows = list(zip(ids, upstream.column("prompt").to_pylist(), upstream.column("response").to_pylist()))
     examples = encode_examples(tokenizer, rows, max_length)

@@ -113,7 +113,8 @@ def pretrain_builtin(
         log(f"builtin model: tokenizer with {len(tokenizer)} tokens in {time.perf_counter() - start:.1f}s")
 
         eos_id = tokenizer.eos_token_id
-        encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        # verbose=False: texts longer than the context are expected here, they are cut into windows.
+        encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
         stream_ids: list[int] = []
         for ids in encoded:
             stream_ids.extend(ids)
@@ -205,7 +206,8 @@ def _train(
     for step in range(config.pretrain_steps):
         starts = torch.randint(0, len(stream) - window + 1, (config.batch_size, 1), generator=generator)
         input_ids = stream[starts + offsets]  # (batch, window)
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+        logits = model(input_ids=input_ids).logits  # (batch, window, vocab)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -246,8 +248,10 @@ def upstream_nll(
     """
     import torch
 
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    sequences = sorted((ids[:context_length] for ids in encoded if len(ids) >= 2), key=len)
+    encoded = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=context_length)[
+        "input_ids"
+    ]
+    sequences = sorted((ids for ids in encoded if len(ids) >= 2), key=len)
     total_nll = 0.0
     total_tokens = 0
     was_training = model.training
@@ -270,18 +274,20 @@ def upstream_nll(
 def _batch_nll(model: GPT2LMHeadModel, batch: list[list[int]]) -> tuple[float, int]:
     """Summed NLL and scored-token count of right-padded sequences.
 
-    No attention mask is needed: attention is causal, so a real token never sees the padding after it,
-    and position ids start at 0 for every row.
+    Right padding keeps position ids starting at 0 in every row, and with causal attention a real
+    token never sees the padding after it; the mask only tells transformers the padding is intended.
     """
     import torch
 
     length = max(len(ids) for ids in batch)
     input_ids = torch.zeros(len(batch), length, dtype=torch.long)  # (batch, length)
-    scored = torch.zeros(len(batch), length - 1, dtype=torch.bool)  # (batch, length - 1)
+    attention_mask = torch.zeros(len(batch), length, dtype=torch.long)  # (batch, length)
     for row, ids in enumerate(batch):
         input_ids[row, : len(ids)] = torch.tensor(ids)
-        scored[row, : len(ids) - 1] = True
-    logits = model(input_ids=input_ids).logits[:, :-1].float()  # (batch, length - 1, vocab)
+        attention_mask[row, : len(ids)] = 1
+    scored = attention_mask[:, 1:].bool()  # (batch, length - 1): tokens 1..L-1 of each row
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    # logits: (batch, length - 1, vocab)
     nll = torch.nn.functional.cross_entropy(
         logits.transpose(1, 2), input_ids[:, 1:], reduction="none"
     )  # (batch, length - 1)

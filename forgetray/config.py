@@ -22,6 +22,11 @@ import yaml
 T = TypeVar("T")
 
 
+def default_cache_dir() -> str:
+    """$FORGETRAY_CACHE, else ~/.cache/forgetray: the built-in model and compiled DeepSpeed ops."""
+    return os.environ.get("FORGETRAY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "forgetray"))
+
+
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names where it came from and the key path."""
 
@@ -79,8 +84,7 @@ class ModelConfig:
         return self.name_or_path == "builtin"
 
     def resolved_cache_dir(self) -> str:
-        default = os.environ.get("FORGETRAY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "forgetray"))
-        return self.cache_dir or default
+        return self.cache_dir or default_cache_dir()
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,98 @@ class TasksConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA through peft; used when `finetune.method` is `lora`."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("all-linear",)
+    """Module names to adapt, or `all-linear` (peft's shorthand for every linear layer but the head)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(rank) (Kalajdzievski 2023) instead of alpha / rank."""
+
+    def __post_init__(self) -> None:
+        _require(self.rank > 0, "rank", "must be a positive integer")
+        _require(self.alpha > 0, "alpha", "must be > 0")
+        _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        _require(len(self.target_modules) > 0, "target_modules", "needs at least one module name")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning one model per task: a DeepSpeed loop in Ray Train workers, tasks run through Ray Tune.
+
+    The defaults are sized for the built-in model on a laptop; `configs/paper.yaml` holds Jin & Ren's
+    (lr 2e-6, 1000 steps capped at 3 epochs, effective batch 8, 10 warm-up steps, max length 1024).
+    """
+
+    method: Literal["full", "lora"] = "full"
+    learning_rate: float = 1e-3
+    max_steps: int = 60
+    """Optimizer steps, capped by `max_epochs`."""
+    max_epochs: float = 3.0
+    micro_batch_size: int = 8
+    """Examples per worker per forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Effective batch = micro_batch_size x gradient_accumulation_steps x num_workers."""
+    warmup_steps: int = 10
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    """After warm-up: constant, linear decay to 0, or cosine decay (DeepSpeed WarmupLR /
+    WarmupDecayLR / WarmupCosineLR)."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 1024
+    """Task examples are truncated to min(max_length, the model's context)."""
+    optimizer: Literal["torch_adamw", "deepspeed_adamw"] = "torch_adamw"
+    """torch's AdamW as DeepSpeed's client optimizer (no compilation, runs anywhere), or DeepSpeed's
+    own AdamW (FusedAdam on GPU, DeepSpeedCPUAdam on CPU: compiled on first use)."""
+    zero_stage: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON to use as is (batch sizes must agree with the fields above)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    num_workers: int = 1
+    """Ray Train workers (data-parallel ranks) per task."""
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_concurrent_tasks: int | None = None
+    """Tasks trained at once; default: as many as the cluster's CPUs (or GPUs) allow."""
+    checkpoint_every: int = 0
+    """Report a resumable checkpoint every this many steps (0: only the final one)."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint before a task fails."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_length", "num_workers"):
+            _require(getattr(self, name) > 0, name, "must be a positive integer")
+        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _require(self.max_epochs > 0, "max_epochs", "must be > 0")
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+        _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
+        _require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        _require(self.max_failures >= 0, "max_failures", "must be >= 0")
+        _require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        _require(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
+        _require(
+            self.max_concurrent_tasks is None or self.max_concurrent_tasks > 0,
+            "max_concurrent_tasks",
+            "must be positive or null",
+        )
+        _require(
+            self.deepspeed_config is None or os.path.isfile(self.deepspeed_config),
+            "deepspeed_config",
+            f"file not found: {self.deepspeed_config}",
+        )
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.num_workers
+
+
+@dataclass(frozen=True)
 class ScoreConfig:
     """Per-example NLL scoring, shard by shard on a Ray Data actor pool."""
 
@@ -194,6 +290,7 @@ class SweepConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -76,6 +76,12 @@ def load_tokenizer(ref: ModelRef) -> Any:
     return tokenizer
 
 
+def load_model_config(ref: ModelRef) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(ref.path, revision=ref.revision, trust_remote_code=ref.trust_remote_code)
+
+
 def load_model(ref: ModelRef, device: Any = "cpu") -> tuple[Any, Any]:
     """(model in eval mode on `device`, tokenizer)."""
     import torch
@@ -95,9 +101,8 @@ def load_model(ref: ModelRef, device: Any = "cpu") -> tuple[Any, Any]:
     return model, load_tokenizer(ref)
 
 
-def context_length(model: Any) -> int | None:
-    """The model's maximum sequence length, where its config states one."""
-    config = model.config
+def context_length(config: Any) -> int | None:
+    """The maximum sequence length a model config (`model.config`) states, if any."""
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

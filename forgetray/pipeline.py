@@ -5,24 +5,29 @@
     <run>/data/upstream.parquet       example_id, kind, prompt, response   (matrix columns)
     <run>/data/tasks/<task>.parquet   prompt, response                     (matrix rows)
     <run>/models/base.json            the base model reference (+ built-in pretraining report)
+    <run>/checkpoints/<task>.json     where each task's fine-tuned model is (see forgetray.finetune.sweep)
+    <run>/train/<task>/, <run>/tune/  Ray Train and Ray Tune storage (checkpoints, run state)
     <run>/scores/<model>/...          per-example NLL parts (see forgetray.score.driver)
     <run>/matrix/...                  the forgetting matrix (see forgetray.matrix)
+    <run>/timings.json                wall time per stage, one entry per `run` call
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import sys
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from forgetray import storage
-from forgetray.config import ConfigError, SweepConfig, config_from_dict
+from forgetray.config import ConfigError, FinetuneConfig, SweepConfig, config_from_dict, default_cache_dir
 from forgetray.models import ModelRef, builtin_pretrain_report, resolve_base_model
 
 BASE = "base"
@@ -89,8 +94,17 @@ def ensure_ray() -> None:
         ray.init(logging_level=logging.WARNING, configure_logging=True)
 
 
-_RESUME_SECTIONS = ("seed", "model", "upstream", "tasks")
+_RESUME_SECTIONS = ("seed", "model", "upstream", "tasks", "finetune")
 """Config sections that decide a run's results; a re-run in the same directory must not change them."""
+_PLACEMENT_FIELDS = ("cpus_per_worker", "gpus_per_worker", "max_concurrent_tasks", "max_failures", "checkpoint_every")
+"""Finetune fields that only decide where and how robustly training runs, not its results."""
+
+
+def _result_settings(config: SweepConfig, section: str) -> Any:
+    value = getattr(config, section)
+    if section == "finetune":
+        value = dataclasses.replace(value, **{f: getattr(FinetuneConfig(), f) for f in _PLACEMENT_FIELDS})
+    return value
 
 
 def write_run_config(paths: RunPaths, config: SweepConfig) -> None:
@@ -100,7 +114,7 @@ def write_run_config(paths: RunPaths, config: SweepConfig) -> None:
 
         with open(paths.config, encoding="utf-8") as f:
             previous = config_from_dict(yaml.safe_load(f), paths.config)
-        changed = [k for k in _RESUME_SECTIONS if getattr(previous, k) != getattr(config, k)]
+        changed = [k for k in _RESUME_SECTIONS if _result_settings(previous, k) != _result_settings(config, k)]
         if changed:
             raise ConfigError(
                 f"{paths.config}: this run directory holds a run with different {', '.join(changed)} settings; "
@@ -171,25 +185,66 @@ def assemble_matrix(paths: RunPaths, config: SweepConfig, log: Callable[[str], N
     return True
 
 
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed keeps the ops it compiles on first use (30 s once, then reused)."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(default_cache_dir(), "torch_extensions"))
+
+
+class StageTimer:
+    """Wall time per stage, logged as each ends and kept in `<run>/timings.json` (appended per call)."""
+
+    def __init__(self, paths: RunPaths, log: Callable[[str], None]) -> None:
+        self.path = os.path.join(paths.root, "timings.json")
+        self.log = log
+        self.stages: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.stages[name] = round(time.perf_counter() - start, 2)
+        self.log(f"stage {name}: {self.stages[name]:.1f} s")
+
+    def save(self) -> None:
+        history = storage.read_json(self.path) if os.path.exists(self.path) else []
+        history.append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": self.stages})
+        storage.write_json(self.path, history)
+
+
 def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
-    """Every stage of a run that exists so far, each skipped when its outputs are already there."""
+    """Every stage of a run, each skipped when its outputs are already there."""
+    from forgetray.finetune.sweep import finetune_tasks, finetuned_model
     from forgetray.score.driver import score_models
 
     paths = RunPaths(config.run_dir)
     log = setup_logging(paths)
     log(f"run directory {os.path.abspath(paths.root)}")
     write_run_config(paths, config)
-    prepare_data(paths, config, log)
-    base = prepare_base_model(paths, config, log)
-    ensure_ray()
-    summaries = score_models({BASE: base}, paths.upstream, paths.scores, config.score, log, progress)
-    if not assemble_matrix(paths, config, log):
-        log(
-            "fine-tuning is not part of this version yet: the run stops after scoring the base model. "
-            "Score fine-tuned checkpoints with `forgetray score RUN --model DIR --name TASK`, "
-            "then `forgetray matrix RUN` assembles the forgetting matrix."
+    timer = StageTimer(paths, log)
+    with timer.stage("data"):
+        prepare_data(paths, config, log)
+    with timer.stage("base_model"):
+        base = prepare_base_model(paths, config, log)
+    with timer.stage("ray_init"):
+        ensure_ray()
+    tasks = _task_names(config)
+    with timer.stage("finetune"):
+        pointers = finetune_tasks(
+            paths.root,
+            tasks,
+            {t: paths.task(t) for t in tasks},
+            base,
+            config.finetune,
+            torch_extensions_dir=torch_extensions_dir(),
+            log=log,
         )
-    return {"run_dir": paths.root, "scores": summaries}
+    models = {BASE: base} | {t: finetuned_model(base, pointers[t]) for t in tasks}
+    with timer.stage("score"):
+        summaries = score_models(models, paths.upstream, paths.scores, config.score, log, progress)
+    with timer.stage("matrix"):
+        assemble_matrix(paths, config, log)
+    timer.save()
+    return {"run_dir": paths.root, "scores": summaries, "finetune": pointers, "seconds": timer.stages}
 
 
 def load_run_config(run_dir: str) -> SweepConfig:

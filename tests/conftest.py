@@ -15,6 +15,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests never reach a hub; offline mode makes hub code paths fail at once instead of retrying for 25 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# DeepSpeed compiles its CPU comm op once (about 30 s); keep it across test sessions.
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "torch_extensions")
+)
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -30,7 +34,7 @@ def tiny_tokenizer() -> Any:
     from forgetray.builtin_model import train_tokenizer
 
     tokenizer = train_tokenizer(TEXTS, vocab_size=300)
-    tokenizer.model_max_length = 64
+    tokenizer.model_max_length = 256
     return tokenizer
 
 
@@ -41,7 +45,7 @@ def tiny_model(tiny_tokenizer: Any) -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2)
     return GPT2LMHeadModel(config).eval()
 
 

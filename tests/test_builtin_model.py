@@ -62,7 +62,10 @@ def tiny_pretrained() -> tuple[Any, Any, dict[str, Any]]:
     return pretrain_builtin(TINY, _corpus(), _corpus(), log=_quiet)
 
 
-@pytest.mark.parametrize("text", [PROSE, CODE, "  leading spaces\n\n\ttab\r\nCRLF  trailing  ", "é✓ 数学 🙂"])
+@pytest.mark.parametrize(
+    "text",
+    [PROSE, CODE, "  leading spaces\n\n\ttab\r\nCRLF  trailing  ", "é✓ 数学 🙂", "a . b , c ' d n't e ? f !"],
+)
 def test_tokenizer_round_trips_text(text: str) -> None:
     tokenizer = train_tokenizer(_corpus(), vocab_size=300)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

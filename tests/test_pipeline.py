@@ -1,14 +1,18 @@
-"""`forgetray run` end to end on a shrunken built-in default, then a hand-scored checkpoint and the matrix."""
+"""`forgetray run` end to end on a shrunken built-in default: data, pretraining, fine-tuning through
+Ray Tune + Ray Train + DeepSpeed, scoring, the matrix; then re-runs and a hand-scored checkpoint."""
 
 import json
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from forgetray.cli import main
 
 pytestmark = pytest.mark.slow
+
+TASKS = ["addition", "uppercase"]
 
 
 @pytest.fixture(scope="module")
@@ -20,49 +24,78 @@ def run_args(tmp_path_factory):
         "model.builtin.n_layer=1",
         "model.builtin.n_embd=32",
         "model.builtin.n_head=2",
-        "model.builtin.context_length=64",
+        "model.builtin.context_length=256",
         "model.builtin.pretrain_steps=20",
         "model.builtin.batch_size=4",
         "upstream.n_examples=40",
-        "tasks.builtin=[addition, uppercase]",
-        "tasks.n_examples=8",
+        f"tasks.builtin=[{', '.join(TASKS)}]",
+        "tasks.n_examples=16",
+        "finetune.max_steps=4",
+        "finetune.learning_rate=0.01",
         "score.shard_size=16",
         "score.max_length=64",
     ]
     return str(root / "run"), overrides
 
 
-def test_run_scores_the_base_model(ray_session, run_args):
+def read(run_dir, path):
+    with open(os.path.join(run_dir, path)) as f:
+        return json.load(f)
+
+
+def test_run_end_to_end(ray_session, run_args):
     run_dir, overrides = run_args
     assert main(["run", "--out", run_dir, "--no-progress", *overrides]) == 0
-    for path in ("config.yaml", "data/upstream.parquet", "data/tasks/addition.parquet", "data/tasks/uppercase.parquet",
-                 "scores/base/_SUCCESS.json", "scores/base/part-00002.parquet", "logs/forgetray.log"):
+    for path in ["config.yaml", "data/upstream.parquet", "scores/base/_SUCCESS.json", "logs/forgetray.log"] + [
+        f"data/tasks/{t}.parquet" for t in TASKS
+    ]:
         assert os.path.exists(os.path.join(run_dir, path)), path
-    base = json.load(open(os.path.join(run_dir, "models/base.json")))
-    report = base["pretrain_report"]
+    report = read(run_dir, "models/base.json")["pretrain_report"]
     assert report["steps"] == 20 and report["upstream_nll_after"] < report["upstream_nll_before"]
-    summary = json.load(open(os.path.join(run_dir, "scores/base/_SUCCESS.json")))
-    assert summary["n_examples"] == 40 and summary["n_tokens"] > 40
-    assert not os.path.exists(os.path.join(run_dir, "matrix"))
+    for task in TASKS:
+        pointer = read(run_dir, f"checkpoints/{task}.json")
+        assert pointer["steps"] == 4 and np.isfinite(pointer["loss"])
+        assert os.path.exists(os.path.join(pointer["model_path"], "model.safetensors"))
+        assert read(run_dir, f"scores/{task}/_SUCCESS.json")["n_examples"] == 40
 
+    z = np.load(os.path.join(run_dir, "matrix/forgetting.npy"), allow_pickle=False)
+    index = read(run_dir, "matrix/index.json")
+    assert z.shape == (2, 40) and z.dtype == np.float32 and index["tasks"] == TASKS
+    upstream_ids = pq.read_table(os.path.join(run_dir, "data/upstream.parquet")).column("example_id").to_pylist()
+    assert index["examples"] == upstream_ids
+    from forgetray.score.driver import read_scores
+
+    base = read_scores(os.path.join(run_dir, "scores/base")).to_pandas().set_index("example_id")["nll"]
+    after = read_scores(os.path.join(run_dir, "scores/addition")).to_pandas().set_index("example_id")["nll"]
+    np.testing.assert_allclose(z[0], (after[upstream_ids] - base[upstream_ids]).to_numpy(), atol=1e-6)
+    assert not np.allclose(z[0], z[1])
+    assert set(read(run_dir, "timings.json")[-1]["seconds"]) == {"data", "base_model", "ray_init", "finetune", "score", "matrix"}
+
+
+def test_rerun_skips_every_stage(ray_session, run_args):
+    run_dir, overrides = run_args
     stamp = os.stat(os.path.join(run_dir, "scores/base/part-00000.parquet")).st_mtime_ns
-    assert main(["run", "--out", run_dir, "--no-progress", *overrides]) == 0
+    matrix_stamp = os.stat(os.path.join(run_dir, "matrix/forgetting.npy")).st_mtime_ns
+    assert main(["run", "--out", run_dir, "--no-progress", *overrides, "finetune.max_concurrent_tasks=1"]) == 0
     assert os.stat(os.path.join(run_dir, "scores/base/part-00000.parquet")).st_mtime_ns == stamp
-    assert "scores/base: already complete, skipped" in open(os.path.join(run_dir, "logs/forgetray.log")).read()
+    assert os.stat(os.path.join(run_dir, "matrix/forgetting.npy")).st_mtime_ns == matrix_stamp
+    log = open(os.path.join(run_dir, "logs/forgetray.log")).read()
+    assert "finetune addition: final checkpoint exists, skipped" in log
+    assert "scores/uppercase: already complete, skipped" in log
 
 
 def test_changed_config_in_same_run_dir_is_refused(run_args, capsys):
     run_dir, overrides = run_args
-    assert main(["run", "--out", run_dir, *overrides, "upstream.n_examples=30"]) == 2
-    assert "holds a run with different upstream settings" in capsys.readouterr().err
+    assert main(["run", "--out", run_dir, *overrides, "upstream.n_examples=30", "finetune.max_steps=5"]) == 2
+    assert "holds a run with different upstream, finetune settings" in capsys.readouterr().err
 
 
-def test_scored_checkpoint_becomes_a_matrix_row(ray_session, run_args, tmp_path):
+def test_hand_scored_checkpoint_becomes_a_matrix_row(ray_session, run_args, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir, _ = run_args
-    base_path = json.load(open(os.path.join(run_dir, "models/base.json")))["model"]["path"]
+    base_path = read(run_dir, "models/base.json")["model"]["path"]
     model = AutoModelForCausalLM.from_pretrained(base_path)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -71,14 +104,9 @@ def test_scored_checkpoint_becomes_a_matrix_row(ray_session, run_args, tmp_path)
     model.save_pretrained(tmp_path / "tuned")
     AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp_path / "tuned")
 
-    assert main(["matrix", run_dir]) == 1
-    assert main(["score", run_dir, "--model", str(tmp_path / "tuned"), "--name", "addition", "--no-progress"]) == 0
+    assert main(["score", run_dir, "--model", str(tmp_path / "tuned"), "--name", "noisy", "--no-progress"]) == 0
     assert main(["matrix", run_dir]) == 0
     z = np.load(os.path.join(run_dir, "matrix/forgetting.npy"), allow_pickle=False)
-    index = json.load(open(os.path.join(run_dir, "matrix/index.json")))
-    assert z.shape == (1, 40) and z.dtype == np.float32 and index["tasks"] == ["addition"]
-    import pyarrow.parquet as pq
-
-    assert index["examples"] == pq.read_table(os.path.join(run_dir, "data/upstream.parquet")).column("example_id").to_pylist()
+    assert read(run_dir, "matrix/index.json")["tasks"] == [*TASKS, "noisy"]
     # Noise of this size on a trained layer makes nearly every example worse.
-    assert np.mean(z > 0) > 0.8 and np.abs(z).max() > 0.1
+    assert z.shape == (3, 40) and np.mean(z[2] > 0) > 0.8

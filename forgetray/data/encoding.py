@@ -58,8 +58,9 @@ def encode_example(
 ) -> EncodedExample:
     """One example as token ids and a loss mask (see the module docstring for which tokens count)."""
     prefix = _prefix_ids(tokenizer) if prefix_ids is None else prefix_ids
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    # verbose=False: over-long examples are expected here and truncated below, not warned about.
+    prompt_ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"] if prompt else []
+    response_ids = list(tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"])
     if append_eos and tokenizer.eos_token_id is not None:
         response_ids.append(tokenizer.eos_token_id)
     ids = [*prefix, *prompt_ids, *response_ids]

@@ -99,7 +99,7 @@ class ShardScorer:
         if self.loaded is None or self.loaded[0] != name:
             self.loaded = None  # drop the previous model before loading the next
             model, tokenizer = load_model(self.models[name], self.device)
-            max_length = min(self.config.max_length, context_length(model) or self.config.max_length)
+            max_length = min(self.config.max_length, context_length(model.config) or self.config.max_length)
             self.loaded = (name, model, tokenizer, max_length)
         return self.loaded[1:]
 

@@ -1,0 +1,167 @@
+"""`train_loop_per_worker`: a plain DeepSpeed loop inside a Ray Train worker (no HF Trainer).
+
+Each worker loads the base model, wraps it with LoRA if asked, and hands it to `deepspeed.initialize`
+with the config from `deepspeed_config.py`; Ray Train has already set up the process group (gloo on
+CPU, NCCL on GPU) and DeepSpeed reuses it. Loss counts response tokens only (labels from the loss
+mask). Checkpoints are reported through `ray.train.report`:
+
+    intermediate   <ckpt>/state/       DeepSpeed's own checkpoint (weights, optimizer, scheduler, per rank)
+                   <ckpt>/progress.json  {"step": s}  -> a restarted worker group resumes at step s
+    final          <ckpt>/model/       what the scorer loads: consolidated weights (ZeRO-3 shards
+                                       gathered) plus tokenizer for full fine-tuning, the adapter for LoRA
+                   <ckpt>/progress.json  {"step": total, "final": true, "loss": ...}
+
+`import deepspeed` happens here, inside the worker, never at import of forgetray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+from forgetray.config import FinetuneConfig, LoraConfig, config_from_dict
+from forgetray.models import ModelRef
+
+PROGRESS_FILE = "progress.json"
+STATE_DIR = "state"
+MODEL_DIR = "model"
+
+
+def apply_lora(model: Any, lora: LoraConfig) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets: Any = lora.target_modules[0] if lora.target_modules == ("all-linear",) else list(lora.target_modules)
+    peft_config = PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        use_rslora=lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def _maybe_fail(loop_config: dict[str, Any], step: int) -> None:
+    """Test hook: kill this worker process once at a given step, to exercise restart from checkpoint."""
+    marker = loop_config.get("fail_once_marker")
+    if marker and step == loop_config.get("fail_at_step") and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(step))
+        os._exit(1)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Fine-tune one task. `loop_config`: finetune (dict), model (ModelRef dict), task_path, task."""
+    import pyarrow.parquet as pq
+    import ray.train
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if loop_config.get("torch_extensions_dir"):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", loop_config["torch_extensions_dir"])
+    import deepspeed
+
+    from forgetray.data.encoding import encode_examples
+    from forgetray.finetune.batches import collate, micro_batches, total_steps
+    from forgetray.finetune.deepspeed_config import build_deepspeed_config
+    from forgetray.models import context_length, load_model
+
+    config = config_from_dict(loop_config["finetune"], "finetune", FinetuneConfig)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model(ModelRef(**loop_config["model"]), "cpu")
+    if config.method == "lora":
+        model = apply_lora(model, config.lora)
+    model.train()
+
+    task = pq.read_table(loop_config["task_path"])
+    max_length = min(config.max_length, context_length(model.config) or config.max_length)
+    rows = zip(
+        (f"{loop_config['task']}/{i}" for i in range(task.num_rows)),
+        task.column("prompt").to_pylist(),
+        task.column("response").to_pylist(),
+    )
+    examples = encode_examples(tokenizer, rows, max_length, append_eos=True)
+    steps = total_steps(config, len(examples), world_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (
+        torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        if config.optimizer == "torch_adamw"
+        else None
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        optimizer=optimizer,
+        config=build_deepspeed_config(config, world_size, steps),
+    )
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            progress = json.load(open(os.path.join(directory, PROGRESS_FILE)))
+            if os.path.isdir(os.path.join(directory, STATE_DIR)):
+                engine.load_checkpoint(directory, tag=STATE_DIR)
+                start_step = int(progress["step"])
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    started = time.perf_counter()
+    loss_value = float("nan")
+    tokens = 0
+    for step in range(start_step, steps):
+        _maybe_fail(loop_config, step)
+        step_loss = torch.zeros((), device=device)
+        for indices in micro_batches(len(examples), step, config, world_size, rank):
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach().float()
+            tokens += int(batch["attention_mask"].sum())
+        step_loss /= config.gradient_accumulation_steps
+        if world_size > 1:
+            torch.distributed.all_reduce(step_loss)
+            step_loss /= world_size
+        loss_value = float(step_loss)
+        done = step + 1
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
+            with tempfile.TemporaryDirectory() as directory:
+                engine.save_checkpoint(directory, tag=STATE_DIR)
+                with open(os.path.join(directory, PROGRESS_FILE), "w") as f:
+                    json.dump({"step": done}, f)
+                ray.train.report(
+                    {"step": done, "loss": loss_value},
+                    checkpoint=ray.train.Checkpoint.from_directory(directory),
+                )
+
+    seconds = time.perf_counter() - started
+    zero3 = engine.zero_optimization_stage() == 3
+    with tempfile.TemporaryDirectory() as directory:
+        # Under ZeRO-3 every rank holds a shard: gather the full parameters for rank 0 to save.
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None, enabled=zero3):
+            if rank == 0:
+                engine.module.save_pretrained(os.path.join(directory, MODEL_DIR), safe_serialization=True)
+                if config.method == "full":
+                    tokenizer.save_pretrained(os.path.join(directory, MODEL_DIR))
+                with open(os.path.join(directory, PROGRESS_FILE), "w") as f:
+                    json.dump({"step": steps, "final": True, "loss": loss_value}, f)
+        metrics = {
+            "step": steps,
+            "loss": loss_value,
+            "final": True,
+            "train_seconds": seconds,
+            "train_tokens_rank0": tokens,
+            "resumed_from_step": start_step,
+        }
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+        )

@@ -1,0 +1,179 @@
+"""Many tasks at once: one Ray Train `TorchTrainer` per task, run concurrently as Ray Tune trials.
+
+Each Tune trial is a light driver (`train_task`) that builds the task's TorchTrainer and waits for it;
+`max_concurrent_trials` keeps as many Train runs in flight as the cluster's CPUs (or GPUs) can hold.
+A Train run restarts its worker group from the last reported checkpoint when a worker dies
+(`FailureConfig`). A task whose pointer file `<run>/checkpoints/<task>.json` exists is done and is
+not trained again; the pointer is written last, atomically, after the final checkpoint is stored:
+
+    <run>/checkpoints/<task>.json   {"task", "method", "model_path", "adapter_path", "loss", "steps", ...}
+    <run>/train/<task>/...          Ray Train's storage for the task (checkpoints, run state)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from forgetray import storage
+from forgetray.config import FinetuneConfig
+from forgetray.models import ModelRef
+
+DRIVER_CPUS = 0.01
+"""A Tune trial here only waits on its TorchTrainer: it must not hold a CPU a worker could use."""
+
+
+def pointer_path(run_dir: str, task: str) -> str:
+    return os.path.join(run_dir, "checkpoints", f"{task}.json")
+
+
+def finetuned_model(base: ModelRef, pointer: dict[str, Any]) -> ModelRef:
+    """The fine-tuned model a pointer file describes, as something the scorer can load."""
+    if pointer["adapter_path"] is not None:
+        return dataclasses.replace(base, adapter_path=pointer["adapter_path"])
+    return dataclasses.replace(base, path=pointer["model_path"], revision=None, adapter_path=None)
+
+
+def concurrent_tasks(config: FinetuneConfig, n_tasks: int) -> int:
+    import ray
+
+    if config.max_concurrent_tasks is not None:
+        return min(config.max_concurrent_tasks, n_tasks)
+    resources = ray.cluster_resources()
+    by_cpu = int(resources.get("CPU", 1) // (config.cpus_per_worker * config.num_workers))
+    by_gpu = by_cpu
+    if config.gpus_per_worker > 0:
+        by_gpu = int(resources.get("GPU", 0) // (config.gpus_per_worker * config.num_workers))
+    return max(1, min(by_cpu, by_gpu, n_tasks))
+
+
+def check_task_encodings(base: ModelRef, task_paths: dict[str, str], config: FinetuneConfig) -> None:
+    """Encode every task once in the driver: an example that cannot be trained on fails here, named,
+    instead of failing (and being retried) inside every worker."""
+    import pyarrow.parquet as pq
+
+    from forgetray.data.encoding import encode_examples
+    from forgetray.models import context_length, load_model_config, load_tokenizer
+
+    tokenizer = load_tokenizer(base)
+    max_length = min(config.max_length, context_length(load_model_config(base)) or config.max_length)
+    for task, path in task_paths.items():
+        table = pq.read_table(path)
+        rows = zip(
+            (f"{task}/{i}" for i in range(table.num_rows)),
+            table.column("prompt").to_pylist(),
+            table.column("response").to_pylist(),
+        )
+        encode_examples(tokenizer, rows, max_length, append_eos=True)
+
+
+def train_task(tune_config: dict[str, Any]) -> None:
+    """Tune trial body: fine-tune one task with a TorchTrainer, then write its pointer file."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+
+    from forgetray.config import config_from_dict
+    from forgetray.finetune.loop import MODEL_DIR, train_loop_per_worker
+
+    trial = tune_config["trial"]
+    config = config_from_dict(trial["loop"]["finetune"], "finetune", FinetuneConfig)
+    task = trial["loop"]["task"]
+    started = time.perf_counter()
+    resources = {"CPU": config.cpus_per_worker}
+    if config.gpus_per_worker > 0:
+        resources["GPU"] = config.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=trial["loop"],
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=task,
+            storage_path=trial["storage_path"],
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None or not (result.metrics or {}).get("final"):
+        raise RuntimeError(f"task {task!r}: training ended without a final checkpoint ({result.error})")
+    model_dir = os.path.join(result.checkpoint.path, MODEL_DIR)
+    metrics = result.metrics
+    pointer = {
+        "task": task,
+        "method": config.method,
+        "model_path": model_dir if config.method == "full" else trial["loop"]["model"]["path"],
+        "adapter_path": model_dir if config.method == "lora" else None,
+        "loss": metrics["loss"],
+        "steps": metrics["step"],
+        "train_seconds": metrics["train_seconds"],
+        "wall_seconds": time.perf_counter() - started,
+        "resumed_from_step": metrics["resumed_from_step"],
+    }
+    storage.write_json(trial["pointer_path"], pointer)
+    print(
+        f"finetune {task}: {pointer['steps']} steps, final loss {pointer['loss']:.4f}, "
+        f"{pointer['wall_seconds']:.1f} s",
+        flush=True,
+    )
+    ray.tune.report({"loss": pointer["loss"], "steps": pointer["steps"]})
+
+
+def finetune_tasks(
+    run_dir: str,
+    tasks: Sequence[str],
+    task_paths: dict[str, str],
+    base: ModelRef,
+    config: FinetuneConfig,
+    torch_extensions_dir: str | None = None,
+    log: Callable[[str], None] = print,
+    extra_loop_config: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Fine-tune every task without a pointer file; returns every task's pointer."""
+    import ray.tune
+
+    todo = [t for t in tasks if not os.path.exists(pointer_path(run_dir, t))]
+    for task in tasks:
+        if task not in todo:
+            log(f"finetune {task}: final checkpoint exists, skipped")
+    if todo:
+        check_task_encodings(base, {t: task_paths[t] for t in todo}, config)
+        concurrent = concurrent_tasks(config, len(todo))
+        log(f"finetune: {len(todo)} task(s), {concurrent} at a time, {config.method} fine-tuning")
+        storage_path = os.path.abspath(os.path.join(run_dir, "train"))
+        trials = [
+            {
+                "loop": {
+                    "task": task,
+                    "task_path": os.path.abspath(task_paths[task]),
+                    "model": dataclasses.asdict(base),
+                    "finetune": dataclasses.asdict(config),
+                    "torch_extensions_dir": torch_extensions_dir,
+                    **(extra_loop_config or {}),
+                },
+                "storage_path": storage_path,
+                "pointer_path": os.path.abspath(pointer_path(run_dir, task)),
+            }
+            for task in todo
+        ]
+        tuner = ray.tune.Tuner(
+            ray.tune.with_resources(train_task, {"cpu": DRIVER_CPUS}),
+            param_space={"trial": ray.tune.grid_search(trials)},
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent),
+            run_config=ray.tune.RunConfig(
+                name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=os.path.abspath(os.path.join(run_dir, "tune")),
+                verbose=0,
+            ),
+        )
+        results = tuner.fit()
+        failed = [r for r in results if r.error is not None]
+        if failed:
+            raise RuntimeError(f"finetune: {len(failed)} task(s) failed; first error: {failed[0].error}")
+    pointers = {t: storage.read_json(pointer_path(run_dir, t)) for t in tasks}
+    return pointers
