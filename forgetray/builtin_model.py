@@ -199,6 +199,9 @@ def _train(
     # model construction happened to draw.
     generator = torch.Generator().manual_seed(config.seed)
     offsets = torch.arange(window)  # (window,)
+    # The windows hold <|endoftext|> separators, which share their id with padding: the mask says
+    # every token is real (and keeps transformers from warning about padding).
+    attention_mask = torch.ones(config.batch_size, window, dtype=torch.long)  # (batch, window)
     log_every = max(1, config.pretrain_steps // 10)
     model.train()
     start = time.perf_counter()
@@ -206,7 +209,7 @@ def _train(
     for step in range(config.pretrain_steps):
         starts = torch.randint(0, len(stream) - window + 1, (config.batch_size, 1), generator=generator)
         input_ids = stream[starts + offsets]  # (batch, window)
-        logits = model(input_ids=input_ids).logits  # (batch, window, vocab)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (batch, window, vocab)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

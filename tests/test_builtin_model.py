@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -55,6 +56,17 @@ def _corpus() -> list[str]:
 
 def _quiet(_: str) -> None:
     pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Models this small gain nothing from a second thread, and on a busy CI machine two spinning
+    OpenMP threads per process can make a one-second test take minutes. Module scope, so the shared
+    `tiny_pretrained` model is trained with the same thread count as the tests that compare with it
+    (weights are bit-identical only for equal thread counts)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -126,19 +138,24 @@ def test_pretraining_is_deterministic_from_seed(tiny_pretrained: tuple[Any, Any,
     assert not all(torch.equal(reference[k], v) for k, v in other_seed.state_dict().items())
 
 
-def test_threads_are_restored() -> None:
+def test_threads_follow_omp_num_threads_and_are_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OMP_NUM_THREADS is how Ray tells an actor its CPU share; the caller's setting comes back after."""
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(3)
     try:
-        pretrain_builtin(dataclasses.replace(TINY, pretrain_steps=2), _corpus(), _corpus()[:2], log=_quiet)
-        assert torch.get_num_threads() == 1
+        _, _, report = pretrain_builtin(
+            dataclasses.replace(TINY, pretrain_steps=2), _corpus(), _corpus()[:2], log=_quiet
+        )
+        assert report["threads"] == 1
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(previous)
 
 
-def test_ensure_builtin_model_caches_and_loads_with_auto_classes(tmp_path: Any) -> None:
+def test_ensure_builtin_model_caches_and_loads_with_auto_classes(tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,6 +196,55 @@ def test_ensure_builtin_model_caches_and_loads_with_auto_classes(tmp_path: Any) 
     assert generated.shape[1] > 1
 
 
+def test_concurrent_callers_pretrain_once(tmp_path: Path) -> None:
+    """The second caller finds the lock held, waits, and returns the first caller's model."""
+    import threading
+
+    calls = 0
+    first_pretraining = threading.Event()
+    second_waiting = threading.Event()
+
+    def texts_fn() -> tuple[Sequence[str], Sequence[str]]:
+        nonlocal calls
+        calls += 1
+        first_pretraining.set()
+        assert second_waiting.wait(timeout=30), "the second caller never waited for the lock"
+        return _corpus(), _corpus()[:4]
+
+    def second_log(message: str) -> None:
+        if "waiting" in message:
+            second_waiting.set()
+
+    results: dict[str, str] = {}
+
+    def call(name: str, log: Any) -> None:
+        results[name] = ensure_builtin_model(TINY, str(tmp_path), "corpus-v1", texts_fn, log=log)
+
+    first = threading.Thread(target=call, args=("first", _quiet))
+    first.start()
+    assert first_pretraining.wait(timeout=30)
+    second = threading.Thread(target=call, args=("second", second_log))
+    second.start()
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert calls == 1
+    assert results["first"] == results["second"] == builtin_model_dir(TINY, str(tmp_path), "corpus-v1")
+
+
+def test_failed_pretraining_leaves_no_directory(tmp_path: Path) -> None:
+    def failing_texts_fn() -> tuple[Sequence[str], Sequence[str]]:
+        raise RuntimeError("corpus unavailable")
+
+    with pytest.raises(RuntimeError, match="corpus unavailable"):
+        ensure_builtin_model(TINY, str(tmp_path), "corpus-v1", failing_texts_fn, log=_quiet)
+    assert all(name.endswith(".lock") for name in os.listdir(tmp_path / "builtin"))
+    # The lock was released: the next caller pretrains.
+    model_dir = ensure_builtin_model(
+        TINY, str(tmp_path), "corpus-v1", lambda: (_corpus(), _corpus()), log=_quiet
+    )
+    assert os.path.isfile(os.path.join(model_dir, REPORT_FILE))
+
+
 HASH_CHANGES = [
     {"vocab_size": 301},
     {"n_layer": 3},
@@ -199,13 +265,13 @@ def test_hash_changes_cover_every_config_field() -> None:
 
 
 @pytest.mark.parametrize("change", HASH_CHANGES, ids=lambda change: next(iter(change)))
-def test_model_dir_hash_changes_with_each_config_field(change: dict[str, Any], tmp_path: Any) -> None:
+def test_model_dir_hash_changes_with_each_config_field(change: dict[str, Any], tmp_path: Path) -> None:
     base = builtin_model_dir(TINY, str(tmp_path), "corpus-v1")
     assert builtin_model_dir(dataclasses.replace(TINY, **change), str(tmp_path), "corpus-v1") != base
     assert os.path.dirname(base) == os.path.join(str(tmp_path), "builtin")
 
 
-def test_model_dir_hash_covers_fingerprint_and_is_stable(tmp_path: Any) -> None:
+def test_model_dir_hash_covers_fingerprint_and_is_stable(tmp_path: Path) -> None:
     base = builtin_model_dir(TINY, str(tmp_path), "corpus-v1")
     assert builtin_model_dir(TINY, str(tmp_path), "corpus-v2") != base
     assert builtin_model_dir(dataclasses.replace(TINY), str(tmp_path), "corpus-v1") == base

@@ -22,8 +22,10 @@ from forgetray import storage
 from forgetray.config import FinetuneConfig
 from forgetray.models import ModelRef
 
-DRIVER_CPUS = 0.01
-"""A Tune trial here only waits on its TorchTrainer: it must not hold a CPU a worker could use."""
+DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 1024**2}
+"""A Tune trial here only waits on its TorchTrainer, which places its own workers: the trial must not
+hold a CPU a worker could use (even 0.01 CPU leaves a 2-CPU machine unable to start 2 workers), and
+Tune refuses an empty request, so it asks for memory only."""
 
 
 def pointer_path(run_dir: str, task: str) -> str:
@@ -162,7 +164,7 @@ def finetune_tasks(
             for task in todo
         ]
         tuner = ray.tune.Tuner(
-            ray.tune.with_resources(train_task, {"cpu": DRIVER_CPUS}),
+            ray.tune.with_resources(train_task, DRIVER_RESOURCES),
             param_space={"trial": ray.tune.grid_search(trials)},
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent),
             run_config=ray.tune.RunConfig(

@@ -13,6 +13,7 @@ from forgetray.stats.completion import (
     KNNBaseline,
     LogisticMF,
     evaluate_completion,
+    fit_logistic_mf,
     split_tasks,
 )
 from forgetray.stats.fits import (
@@ -40,6 +41,7 @@ __all__ = [
     "column_subsample",
     "evaluate_completion",
     "fit_als",
+    "fit_logistic_mf",
     "forgetting_statistics",
     "multiplicative_fit",
     "r2",

@@ -165,7 +165,7 @@ def init_row_factors(n_rows: int, rank: int, seed: int) -> tuple[np.ndarray, np.
     return rng.normal(0.0, 1.0 / np.sqrt(rank), size=(n_rows, rank)), np.zeros(n_rows)
 
 
-def _outer_rows(x: np.ndarray) -> np.ndarray:
+def outer_rows(x: np.ndarray) -> np.ndarray:
     """(n, d) -> (n, d*d): each row's outer product flattened, so Gram sums become one matmul."""
     return (x[:, :, None] * x[:, None, :]).reshape(x.shape[0], -1)
 
@@ -216,7 +216,7 @@ def column_block_step(
         solution[~touched] = np.linalg.solve(shared_gram + ridge, rhs[~touched].T).T
     if touched.any():
         touched_observed = partial_observed[:, touched].T.astype(np.float64)  # (touched, partial rows)
-        extra = touched_observed @ _outer_rows(task_features[partial_rows])  # (touched, d * d)
+        extra = touched_observed @ outer_rows(task_features[partial_rows])  # (touched, d * d)
         counts = len(full_rows) + touched_observed.sum(axis=1)  # (touched,)
         grams = shared_gram + extra.reshape(-1, d, d) + reg * counts[:, None, None] * eye  # (touched, d, d)
         solution[touched] = _solve_many(grams, rhs[touched])
@@ -230,7 +230,7 @@ def column_block_step(
     share = RowSolveShare(
         gram=example_features.T @ example_features,
         rhs=target @ example_features,
-        partial_gram=(partial_observed.astype(np.float64) @ _outer_rows(example_features)).reshape(-1, d, d),
+        partial_gram=(partial_observed.astype(np.float64) @ outer_rows(example_features)).reshape(-1, d, d),
         count=np.full(m, float(nb)) if observed is None else observed.sum(axis=1).astype(np.float64),
     )
     return ColumnBlockResult(Q=Q, col_bias=col_bias, share=share)

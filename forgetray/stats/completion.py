@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import scipy.optimize
 import scipy.special
 import scipy.stats
 
-from forgetray.stats.als import fit_als
+from forgetray.stats.als import fit_als, init_row_factors, outer_rows
 
 
 @runtime_checkable
@@ -54,6 +53,8 @@ def _validate(z_train: np.ndarray, revealed_idx: np.ndarray, revealed_values: np
         raise ValueError(
             f"revealed_idx {revealed_idx.shape} and revealed_values {revealed_values.shape} must be equal 1-D"
         )
+    if len(np.unique(revealed_idx)) != len(revealed_idx):
+        raise ValueError("revealed_idx has repeated columns: reveal each column at most once")
 
 
 @dataclass(frozen=True)
@@ -221,88 +222,157 @@ class ALSMF:
         return scale * factors.predict(rows=np.array([m]))[0]
 
 
-def _logistic_loss_and_grad(
-    theta: np.ndarray, y: np.ndarray, weight: np.ndarray, shapes: tuple[int, int, int], reg: float
-) -> tuple[float, np.ndarray]:
-    """Weighted logistic loss + reg/2 * |factors and biases|^2 and its gradient, theta flattened."""
-    P, Q, row_bias, col_bias, mu = _unpack(theta, shapes)
-    logits = mu + row_bias[:, None] + col_bias[None, :] + P @ Q.T  # (tasks, examples)
-    # softplus(x) - y x is the negative log-likelihood of y in {0, 1} under sigmoid(x).
-    loss = float((weight * (np.logaddexp(0.0, logits) - y * logits)).sum())
-    loss += 0.5 * reg * float(np.square(theta[:-1]).sum())
-    g = weight * (scipy.special.expit(logits) - y)  # (tasks, examples)
-    grad = np.concatenate(
-        [
-            (g @ Q + reg * P).ravel(),
-            (g.T @ P + reg * Q).ravel(),
-            g.sum(axis=1) + reg * row_bias,
-            g.sum(axis=0) + reg * col_bias,
-            [g.sum()],
-        ]
-    )
-    return loss, grad
+@dataclass(frozen=True)
+class LogisticFactors:
+    """P(y_ij = 1) = sigmoid(mu + row_bias[i] + col_bias[j] + P[i] . Q[j])."""
+
+    mu: float
+    row_bias: np.ndarray  # (tasks,)
+    col_bias: np.ndarray  # (examples,)
+    P: np.ndarray  # (tasks, rank)
+    Q: np.ndarray  # (examples, rank)
+
+    def logits(self) -> np.ndarray:
+        """(tasks, examples) float64 logits."""
+        return self.mu + self.row_bias[:, None] + self.col_bias[None, :] + self.P @ self.Q.T
 
 
-def _unpack(
-    theta: np.ndarray, shapes: tuple[int, int, int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    m, n, rank = shapes
-    sizes = np.cumsum([m * rank, n * rank, m, n])
-    P = theta[: sizes[0]].reshape(m, rank)
-    Q = theta[sizes[0] : sizes[1]].reshape(n, rank)
-    return P, Q, theta[sizes[1] : sizes[2]], theta[sizes[2] : sizes[3]], float(theta[-1])
-
-
-def _fit_logistic(
-    y: np.ndarray, weight: np.ndarray, rank: int, reg: float, max_iter: int, theta0: np.ndarray
+def _side_objective(
+    y: np.ndarray,
+    weight: np.ndarray,
+    logits: np.ndarray,
+    unknowns: np.ndarray,
+    counts: np.ndarray,
+    reg: float,
 ) -> np.ndarray:
+    """(rows,) each row's weighted logistic loss + reg/2 * count * |unknowns|^2 (rows are separable)."""
+    # softplus(x) - y x is the negative log-likelihood of y in {0, 1} under sigmoid(x).
+    loss = (weight * (np.logaddexp(0.0, logits) - y * logits)).sum(axis=1)
+    return loss + 0.5 * reg * counts * np.square(unknowns).sum(axis=1)
+
+
+def _newton_half_step(
+    y: np.ndarray,
+    weight: np.ndarray,
+    unknowns: np.ndarray,
+    features: np.ndarray,
+    offset: np.ndarray,
+    counts: np.ndarray,
+    reg: float,
+) -> np.ndarray:
+    """One Newton step on every row's convex logistic ridge problem, halved where it would not descend.
+
+    y, weight (rows, cols); unknowns (rows, d) = [factors, bias] of this side; features (cols, d) =
+    [factors, 1] of the other side; offset (cols,) = mu + the other side's bias; counts (rows,).
+    """
+    d = unknowns.shape[1]
+    logits = unknowns @ features.T + offset[None, :]  # (rows, cols)
+    prob = scipy.special.expit(logits)
+    grad = (weight * (prob - y)) @ features + reg * counts[:, None] * unknowns  # (rows, d)
+    curvature = weight * prob * (1.0 - prob)  # (rows, cols)
+    hessian = (curvature @ outer_rows(features)).reshape(-1, d, d) + reg * counts[:, None, None] * np.eye(d)
+    step = np.linalg.solve(hessian, grad[:, :, None])[:, :, 0]  # (rows, d)
+    before = _side_objective(y, weight, logits, unknowns, counts, reg)
+    scale = np.ones(len(unknowns))  # (rows,)
+    for _ in range(10):
+        candidate = unknowns - scale[:, None] * step
+        after = _side_objective(y, weight, candidate @ features.T + offset[None, :], candidate, counts, reg)
+        worse = after > before
+        if not worse.any():
+            break
+        scale[worse] *= 0.5
+    return np.where(worse[:, None], unknowns, candidate)
+
+
+def logistic_objective(y: np.ndarray, weight: np.ndarray, factors: LogisticFactors, reg: float) -> float:
+    """Weighted logistic loss + reg/2 * count-weighted squared norms (as `fit_logistic_mf` minimises)."""
+    row_counts = np.maximum(weight.sum(axis=1), 1.0)  # (tasks,)
+    col_counts = np.maximum(weight.sum(axis=0), 1.0)  # (examples,)
+    rows = np.hstack([factors.P, factors.row_bias[:, None]])
+    cols = np.hstack([factors.Q, factors.col_bias[:, None]])
+    total = _side_objective(y, weight, factors.logits(), rows, row_counts, reg).sum()
+    return float(total + 0.5 * reg * col_counts @ np.square(cols).sum(axis=1))
+
+
+def fit_logistic_mf(
+    y: np.ndarray,
+    weight: np.ndarray,
+    rank: int = 5,
+    reg: float = 0.1,
+    iterations: int = 30,
+    seed: int = 0,
+    tol: float = 1e-6,
+    init: LogisticFactors | None = None,
+) -> LogisticFactors:
+    """Logistic MF of binary y (tasks, examples) with 0/1 `weight` marking known entries.
+
+    Minimises sum_known logistic loss + reg/2 * (sum_i n_i |[P_i, b_i]|^2 + sum_j n_j |[Q_j, c_j]|^2),
+    n the known entries of the row / column (count-weighted, as `fit_als`, so a 30-entry row is
+    shrunk like a full one), mu fixed at the logit of the known mean. Fitted by alternating Newton
+    steps: with one side fixed, each row's (column's) problem is a convex (rank + 1)-dimensional
+    logistic ridge regression, and one Newton step on all of them at once is a batch of small
+    solves. This converges in tens of sweeps where L-BFGS on all parameters jointly took over 400
+    iterations (10 s on 85 x 3,000). Stops when a sweep improves the objective by less than `tol`
+    (relative). `init` gives starting factors (its mu is ignored); otherwise P ~ N(0, 1/rank).
+    """
+    if reg <= 0:
+        raise ValueError(
+            f"fit_logistic_mf: reg must be > 0 (it keeps every Newton system solvable), got {reg}"
+        )
+    y = np.asarray(y, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
     m, n = y.shape
-    result = scipy.optimize.minimize(
-        _logistic_loss_and_grad,
-        theta0,
-        args=(y, weight, (m, n, rank), reg),
-        jac=True,
-        method="L-BFGS-B",
-        options={"maxiter": max_iter},
-    )
-    return result.x
+    mean = float((weight * y).sum() / max(weight.sum(), 1.0))
+    mean = min(max(mean, 1e-3), 1 - 1e-3)
+    mu = float(np.log(mean / (1 - mean)))
+    row_counts = np.maximum(weight.sum(axis=1), 1.0)  # (tasks,)
+    col_counts = np.maximum(weight.sum(axis=0), 1.0)  # (examples,)
+    if init is None:
+        P, row_bias = init_row_factors(m, rank, seed)
+        rows = np.hstack([P, row_bias[:, None]])  # (tasks, rank + 1)
+        cols = np.zeros((n, rank + 1))  # (examples, rank + 1)
+    else:
+        rows = np.hstack([init.P, init.row_bias[:, None]])
+        cols = np.hstack([init.Q, init.col_bias[:, None]])
+    previous = np.inf
+    for _ in range(iterations):
+        row_features = np.hstack([rows[:, :rank], np.ones((m, 1))])  # (tasks, rank + 1)
+        cols = _newton_half_step(y.T, weight.T, cols, row_features, mu + rows[:, rank], col_counts, reg)
+        col_features = np.hstack([cols[:, :rank], np.ones((n, 1))])  # (examples, rank + 1)
+        rows = _newton_half_step(y, weight, rows, col_features, mu + cols[:, rank], row_counts, reg)
+        factors = LogisticFactors(mu, rows[:, rank], cols[:, rank], rows[:, :rank], cols[:, :rank])
+        objective = logistic_objective(y, weight, factors, reg)
+        if previous - objective <= tol * abs(objective):
+            break
+        previous = objective
+    return LogisticFactors(mu, rows[:, rank], cols[:, rank], rows[:, :rank], cols[:, :rank])
 
 
 @dataclass
 class LogisticMF:
-    """Logistic MF of binary forgetting y = z > threshold: P(y_ij = 1) = sigmoid(mu + b_i + b_j + p_i . q_j).
-
-    Minimises the logistic loss over known entries + reg/2 * squared norms of factors and biases
-    (mu free) with scipy's L-BFGS, from a seeded N(0, 0.1^2) start. Predicts probabilities.
+    """Logistic MF of binary forgetting y = z > threshold (`fit_logistic_mf`); predicts probabilities.
 
     warm_start: the train rows are the same for every test task and seed of an evaluation, so the
     fit on the train rows alone is made once (cached by the train matrix's bytes) and the joint fit on
-    train rows + the new row starts from it, with the new row's parameters at 0. Same objective,
-    about ten times fewer iterations; a deterministic function of the inputs either way.
+    train rows + the new row starts from it, the new row's parameters at 0: same objective, a few
+    sweeps instead of tens, and still a deterministic function of the inputs. reg = 0.03 was the best
+    of {0.003, 0.01, 0.03, 0.1, 0.3, 1} (F1 and AUC) on a planted 85 x 3,000 binary matrix.
     """
 
     rank: int = 5
-    reg: float = 1.0
+    reg: float = 0.03
     threshold: float = 0.0
-    max_iter: int = 500
+    iterations: int = 30
     seed: int = 0
     warm_start: bool = True
-    _cache: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _cache: dict[str, LogisticFactors] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def _start(self, y: np.ndarray) -> np.ndarray:
-        m, n = y.shape
-        rng = np.random.default_rng(self.seed)
-        p = np.clip(y.mean(), 1e-3, 1 - 1e-3)
-        return np.concatenate(
-            [rng.normal(0, 0.1, (m + n) * self.rank), np.zeros(m + n), [np.log(p / (1 - p))]]
-        )
-
-    def _train_fit(self, y_train: np.ndarray) -> np.ndarray:
+    def _train_fit(self, y_train: np.ndarray) -> LogisticFactors:
         key = hashlib.sha1(y_train.tobytes()).hexdigest() + f"{y_train.shape}"
         if key not in self._cache:
             self._cache.clear()
-            self._cache[key] = _fit_logistic(
-                y_train, np.ones_like(y_train), self.rank, self.reg, self.max_iter, self._start(y_train)
+            self._cache[key] = fit_logistic_mf(
+                y_train, np.ones_like(y_train), self.rank, self.reg, self.iterations, self.seed
             )
         return self._cache[key]
 
@@ -311,29 +381,26 @@ class LogisticMF:
     ) -> np.ndarray:
         _validate(z_train, revealed_idx, revealed_values)
         m, n = z_train.shape
-        r = self.rank
         y = np.zeros((m + 1, n))  # (train tasks + new task, examples)
         y[:m] = np.asarray(z_train) > self.threshold
         y[m, revealed_idx] = np.asarray(revealed_values) > self.threshold
-        weight = np.ones((m + 1, n))
-        weight[m] = 0.0
+        weight = np.zeros((m + 1, n))
+        weight[:m] = 1.0
         weight[m, revealed_idx] = 1.0
+        init = None
         if self.warm_start:
-            P, Q, row_bias, col_bias, mu = _unpack(self._train_fit(y[:m]), (m, n, r))
-            theta0 = np.concatenate(
-                [
-                    np.vstack([P, np.zeros((1, r))]).ravel(),
-                    Q.ravel(),
-                    np.append(row_bias, 0.0),
-                    col_bias,
-                    [mu],
-                ]
+            train = self._train_fit(y[:m])
+            init = LogisticFactors(
+                train.mu,
+                np.append(train.row_bias, 0.0),
+                train.col_bias,
+                np.vstack([train.P, np.zeros((1, self.rank))]),
+                train.Q,
             )
-        else:
-            theta0 = self._start(y)
-        theta = _fit_logistic(y, weight, r, self.reg, self.max_iter, theta0)
-        P, Q, row_bias, col_bias, mu = _unpack(theta, (m + 1, n, r))
-        return scipy.special.expit(mu + row_bias[m] + col_bias + Q @ P[m])
+        factors = fit_logistic_mf(y, weight, self.rank, self.reg, self.iterations, self.seed, init=init)
+        return scipy.special.expit(
+            factors.mu + factors.row_bias[m] + factors.col_bias + factors.Q @ factors.P[m]
+        )
 
 
 def split_tasks(n_tasks: int, n_test: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -24,14 +24,15 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
 
-# Columns converted to float64 at a time: 100 tasks x 65,536 columns is 50 MB.
-_BLOCK_COLUMNS = 65_536
+# Entries converted to float64 at a time (64 MB): 100 tasks x 83,886 columns, 1,000 x 8,388.
+_BLOCK_ENTRIES = 8 << 20
 # Up to this smaller side the Gram matrix (at most 4096^2 float64 = 128 MB) is exact and fastest.
 _GRAM_MAX_SIDE = 4096
 
 
-def _column_blocks(z: np.ndarray, block: int = _BLOCK_COLUMNS) -> Iterator[np.ndarray]:
-    """(rows, <=block) float64 copies of consecutive column blocks of `z`."""
+def _column_blocks(z: np.ndarray) -> Iterator[np.ndarray]:
+    """(rows, block) float64 copies of consecutive column blocks of `z`, about 64 MB each."""
+    block = max(1, _BLOCK_ENTRIES // max(z.shape[0], 1))
     for start in range(0, z.shape[1], block):
         yield np.asarray(z[:, start : start + block], dtype=np.float64)
 
@@ -137,6 +138,8 @@ def truncated_svd(z: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.
             # More tasks than examples: decompose the transpose (a view), whose Gram is the smaller one.
             v, s, ut = truncated_svd(z.T, rank)
             u, vt = ut.T, v.T
+    elif rank >= min(m, n):  # svds cannot return every singular triple
+        u, s, vt = np.linalg.svd(np.asarray(z, dtype=np.float64), full_matrices=False)
     else:
         u, s, vt = scipy.sparse.linalg.svds(np.asarray(z, dtype=np.float64), k=rank, random_state=0)
         order = np.argsort(s)[::-1]
