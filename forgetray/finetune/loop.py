@@ -47,11 +47,16 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
 
 
 def _maybe_fail(loop_config: dict[str, Any], step: int) -> None:
-    """Test hook: kill this worker process once at a given step, to exercise restart from checkpoint."""
+    """Test hook: kill this worker process once at a given step, to exercise restart from checkpoint.
+
+    It waits a few seconds first: Ray Train's controller registers a reported checkpoint when it next
+    polls the worker, and a crash within milliseconds of a report can lose that report.
+    """
     marker = loop_config.get("fail_once_marker")
     if marker and step == loop_config.get("fail_at_step") and not os.path.exists(marker):
         with open(marker, "w") as f:
             f.write(str(step))
+        time.sleep(5)
         os._exit(1)
 
 
