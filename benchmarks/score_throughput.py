@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
     upstream = load_upstream(config.upstream)
     max_length = min(config.score.max_length, context_length(model.config) or config.score.max_length)
     ids = upstream.column("example_id").to_pylist()
-    rows = list(zip(ids, upstream.column("prompt").to_pylist(), upstream.column("response").to_pylist()))
+    rows = list(
+        zip(ids, upstream.column("prompt").to_pylist(), upstream.column("response").to_pylist(), strict=True)
+    )
     examples = encode_examples(tokenizer, rows, max_length)
     n_tokens = sum(e.n_targets for e in examples)
     threads = os.cpu_count() or 1
@@ -95,11 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
         results["methods"]["ray"] = {"seconds": time.perf_counter() - start}
         table = read_scores(os.path.join(tmp, "bench"))
         ray.shutdown()
-    by_id = dict(zip(table.column("example_id").to_pylist(), table.column("nll").to_pylist()))
+    by_id = dict(zip(table.column("example_id").to_pylist(), table.column("nll").to_pylist(), strict=True))
     ray_nll = np.array([by_id[i] for i in ids])
 
     base = results["methods"]["naive"]["seconds"]
-    for name, values in results["methods"].items():
+    for values in results["methods"].values():
         values["tokens_per_second"] = n_tokens / values["seconds"]
         values["speedup_vs_naive"] = base / values["seconds"]
     results["max_abs_diff_nats"] = {
@@ -114,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(f"{'method':<10}{'seconds':>10}{'tokens/s':>12}{'x naive':>10}")
     for name, values in results["methods"].items():
-        print(f"{name:<10}{values['seconds']:>10.2f}{values['tokens_per_second']:>12.0f}{values['speedup_vs_naive']:>10.2f}")
+        print(
+            f"{name:<10}{values['seconds']:>10.2f}{values['tokens_per_second']:>12.0f}{values['speedup_vs_naive']:>10.2f}"
+        )
     print(f"max |NLL difference| vs naive: {results['max_abs_diff_nats']}")
     if options.json:
         with open(options.json, "w") as f:

@@ -1,8 +1,11 @@
 """`forgetray` command line: parse, build the config, call one library function.
 
-    forgetray run [CONFIG] [--out DIR] [--dry-run] [key.sub=value ...]
-    forgetray score RUN --model PATH_OR_ID [--adapter DIR] --name NAME
-    forgetray matrix RUN
+forgetray run [CONFIG] [--out DIR] [--dry-run] [key.sub=value ...]
+forgetray score RUN --model PATH_OR_ID [--adapter DIR] --name NAME
+forgetray matrix RUN
+forgetray analyse RUN [key.sub=value ...]
+forgetray complete RUN [key.sub=value ...]
+forgetray report RUN
 """
 
 from __future__ import annotations
@@ -50,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-progress", action="store_true")
     matrix = sub.add_parser("matrix", help="assemble the forgetting matrix from a run's scores")
     matrix.add_argument("run_dir")
+    for name, text in (
+        ("analyse", "additive, multiplicative and SVD fits of the matrix; heatmaps"),
+        ("complete", "predict held-out tasks' forgetting from revealed_k entries (paper's protocol)"),
+    ):
+        stage = sub.add_parser(name, help=text)
+        stage.add_argument("run_dir")
+        stage.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {name}.seed=1")
+    report = sub.add_parser("report", help="write <RUN>/report.html with every table and plot of the run")
+    report.add_argument("run_dir")
     return parser
 
 
@@ -78,6 +90,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not assemble_matrix(paths, load_run_config(args.run_dir), setup_logging(paths)):
                 print(f"{args.run_dir}: no scored fine-tuned model yet; nothing to assemble", file=sys.stderr)
                 return 1
+        elif args.command in ("analyse", "complete"):
+            from forgetray.pipeline import RunPaths, setup_logging
+            from forgetray.study import analyse_run, complete_run
+
+            paths = RunPaths(args.run_dir)
+            config = load_config(paths.config, args.overrides)
+            log = setup_logging(paths)
+            if args.command == "analyse":
+                analyse_run(args.run_dir, config.analyse, log)
+            else:
+                complete_run(args.run_dir, config.complete, log)
+        elif args.command == "report":
+            from forgetray.report.html import build_report
+
+            print(build_report(args.run_dir))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"forgetray: error: {e}", file=sys.stderr)
         return 2

@@ -112,7 +112,9 @@ class SourceConfig:
     def __post_init__(self) -> None:
         _require(bool(self.path), "path", "must not be empty")
         _require(self.limit is None or self.limit > 0, "limit", "must be a positive integer or null")
-        _require(self.path != "builtin" or self.format == "text", "format", "the builtin corpus is plain text")
+        _require(
+            self.path != "builtin" or self.format == "text", "format", "the builtin corpus is plain text"
+        )
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,13 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_length", "num_workers"):
+        for name in (
+            "max_steps",
+            "micro_batch_size",
+            "gradient_accumulation_steps",
+            "max_length",
+            "num_workers",
+        ):
             _require(getattr(self, name) > 0, name, "must be a positive integer")
         _require(self.learning_rate > 0, "learning_rate", "must be > 0")
         _require(self.max_epochs > 0, "max_epochs", "must be > 0")
@@ -282,6 +290,56 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class AnalyseConfig:
+    """The paper's fits of the forgetting matrix (additive, multiplicative, SVD rank 1..max_rank)."""
+
+    max_rank: int = 10
+    max_columns: int | None = 10000
+    """Fits use a deterministic column subsample of at most this many examples (the paper: 10,000)."""
+    heatmap_rank: int = 3
+    """Rank of the reconstruction drawn beside Z (and of the residual heatmap)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.max_rank > 0, "max_rank", "must be a positive integer")
+        _require(self.max_columns is None or self.max_columns > 0, "max_columns", "must be positive or null")
+        _require(self.heatmap_rank > 0, "heatmap_rank", "must be a positive integer")
+
+
+COMPLETION_METHODS = ("global_mean", "additive", "knn", "als_mf")
+
+
+@dataclass(frozen=True)
+class CompleteConfig:
+    """Predicting held-out tasks' rows from `revealed_k` measured entries (the paper's protocol)."""
+
+    revealed_k: int = 30
+    n_seeds: int = 10
+    n_test_tasks: int | None = None
+    """Held-out tasks; default a quarter of the tasks (at least 1)."""
+    split_seed: int = 0
+    methods: tuple[str, ...] = COMPLETION_METHODS
+    rank: int = 5
+    """Rank of the matrix factorisations (ALS MF and logistic MF)."""
+    reg: float = 0.03
+    knn_k: int = 40
+    binary: bool = True
+    """Also run the binary protocol (forgotten = Z > binary_threshold) with logistic MF added."""
+    binary_threshold: float | None = None
+    """Null: the 75th percentile of the training rows' Z, so a quarter of entries count as forgotten."""
+
+    def __post_init__(self) -> None:
+        _require(self.revealed_k > 0, "revealed_k", "must be a positive integer")
+        _require(self.n_seeds > 0, "n_seeds", "must be a positive integer")
+        _require(
+            self.n_test_tasks is None or self.n_test_tasks > 0, "n_test_tasks", "must be positive or null"
+        )
+        unknown = [m for m in self.methods if m not in COMPLETION_METHODS]
+        _require(not unknown, "methods", f"unknown {unknown}; choose from {', '.join(COMPLETION_METHODS)}")
+        _require(self.rank > 0 and self.knn_k > 0, "rank", "rank and knn_k must be positive integers")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """Everything one forgetray run needs; the resolved copy is saved as `<run>/config.yaml`."""
 
@@ -292,6 +350,8 @@ class SweepConfig:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    analyse: AnalyseConfig = field(default_factory=AnalyseConfig)
+    complete: CompleteConfig = field(default_factory=CompleteConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -385,7 +445,10 @@ def _build(cls: type[T], raw: Any, prefix: str) -> T:
     for name in fields:
         if name in raw:
             kwargs[name] = _convert(raw[name], hints[name], f"{where}{name}")
-        elif fields[name].default is dataclasses.MISSING and fields[name].default_factory is dataclasses.MISSING:
+        elif (
+            fields[name].default is dataclasses.MISSING
+            and fields[name].default_factory is dataclasses.MISSING
+        ):
             raise ConfigError(f"{where}{name}: required key is missing")
     try:
         return cls(**kwargs)

@@ -40,7 +40,8 @@ def aligned_nll(scores: pa.Table, example_ids: Sequence[str], model: str) -> np.
     if (positions < 0).any():
         missing = [example_ids[j] for j in np.flatnonzero(positions < 0)[:5]]
         raise MatrixError(
-            f"scores of {model!r}: {int((positions < 0).sum())} upstream examples have no score, e.g. {missing}"
+            f"scores of {model!r}: {int((positions < 0).sum())} upstream examples have no score, "
+            f"e.g. {missing}"
         )
     if len(ids) != len(example_ids):
         raise MatrixError(
@@ -80,7 +81,9 @@ def assemble_forgetting_matrix(
     storage.save_npy(os.path.join(out_dir, BEFORE_FILE), before)
     storage.write_json(index_path, index)
     with storage.atomic_path(matrix_path) as tmp:
-        matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(tasks), len(example_ids)))
+        matrix = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.float32, shape=(len(tasks), len(example_ids))
+        )
         for row, (name, load) in enumerate(task_scores):
             matrix[row] = forgetting_row(before, aligned_nll(load(), example_ids, name))  # (examples,)
         matrix.flush()

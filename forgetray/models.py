@@ -79,7 +79,9 @@ def load_tokenizer(ref: ModelRef) -> Any:
 def load_model_config(ref: ModelRef) -> Any:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(ref.path, revision=ref.revision, trust_remote_code=ref.trust_remote_code)
+    return AutoConfig.from_pretrained(
+        ref.path, revision=ref.revision, trust_remote_code=ref.trust_remote_code
+    )
 
 
 def load_model(ref: ModelRef, device: Any = "cpu") -> tuple[Any, Any]:

@@ -1,15 +1,17 @@
 """The stages of a forgetray run over one run directory; each skips when its outputs exist.
 
-    <run>/config.yaml                 the resolved config (a re-run must match it)
-    <run>/logs/forgetray.log          everything the run logged
-    <run>/data/upstream.parquet       example_id, kind, prompt, response   (matrix columns)
-    <run>/data/tasks/<task>.parquet   prompt, response                     (matrix rows)
-    <run>/models/base.json            the base model reference (+ built-in pretraining report)
-    <run>/checkpoints/<task>.json     where each task's fine-tuned model is (see forgetray.finetune.sweep)
-    <run>/train/<task>/, <run>/tune/  Ray Train and Ray Tune storage (checkpoints, run state)
-    <run>/scores/<model>/...          per-example NLL parts (see forgetray.score.driver)
-    <run>/matrix/...                  the forgetting matrix (see forgetray.matrix)
-    <run>/timings.json                wall time per stage, one entry per `run` call
+<run>/config.yaml                 the resolved config (a re-run must match it)
+<run>/logs/forgetray.log          everything the run logged
+<run>/data/upstream.parquet       example_id, kind, prompt, response   (matrix columns)
+<run>/data/tasks/<task>.parquet   prompt, response                     (matrix rows)
+<run>/models/base.json            the base model reference (+ built-in pretraining report)
+<run>/checkpoints/<task>.json     where each task's fine-tuned model is (see forgetray.finetune.sweep)
+<run>/train/<task>/, <run>/tune/  Ray Train and Ray Tune storage (checkpoints, run state)
+<run>/scores/<model>/...          per-example NLL parts (see forgetray.score.driver)
+<run>/matrix/...                  the forgetting matrix (see forgetray.matrix)
+<run>/analysis/, <run>/completion/ fits, heatmaps, completion results (see forgetray.study)
+<run>/report.html                 every table and plot of the run, one self-contained file
+<run>/timings.json                wall time per stage, one entry per `run` call
 """
 
 from __future__ import annotations
@@ -72,7 +74,10 @@ def setup_logging(paths: RunPaths | None) -> Callable[[str], None]:
     logger.setLevel(logging.INFO)
     logger.propagate = False
     fmt = logging.Formatter("%(asctime)s forgetray %(message)s", "%H:%M:%S")
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in logger.handlers):
+    if not any(
+        isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        for h in logger.handlers
+    ):
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(fmt)
         logger.addHandler(stream)
@@ -96,7 +101,13 @@ def ensure_ray() -> None:
 
 _RESUME_SECTIONS = ("seed", "model", "upstream", "tasks", "finetune")
 """Config sections that decide a run's results; a re-run in the same directory must not change them."""
-_PLACEMENT_FIELDS = ("cpus_per_worker", "gpus_per_worker", "max_concurrent_tasks", "max_failures", "checkpoint_every")
+_PLACEMENT_FIELDS = (
+    "cpus_per_worker",
+    "gpus_per_worker",
+    "max_concurrent_tasks",
+    "max_failures",
+    "checkpoint_every",
+)
 """Finetune fields that only decide where and how robustly training runs, not its results."""
 
 
@@ -114,10 +125,13 @@ def write_run_config(paths: RunPaths, config: SweepConfig) -> None:
 
         with open(paths.config, encoding="utf-8") as f:
             previous = config_from_dict(yaml.safe_load(f), paths.config)
-        changed = [k for k in _RESUME_SECTIONS if _result_settings(previous, k) != _result_settings(config, k)]
+        changed = [
+            k for k in _RESUME_SECTIONS if _result_settings(previous, k) != _result_settings(config, k)
+        ]
         if changed:
             raise ConfigError(
-                f"{paths.config}: this run directory holds a run with different {', '.join(changed)} settings; "
+                f"{paths.config}: this run directory holds a run with different "
+                f"{', '.join(changed)} settings; "
                 "use another --out, or delete the directory to start over"
             )
     storage.write_text(paths.config, config.to_yaml())
@@ -130,7 +144,10 @@ def prepare_data(paths: RunPaths, config: SweepConfig, log: Callable[[str], None
         upstream = load_upstream(config.upstream)
         storage.write_parquet(paths.upstream, upstream)
         kinds = Counter(upstream.column("kind").to_pylist())
-        log(f"data: {upstream.num_rows} upstream examples ({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))})")
+        log(
+            f"data: {upstream.num_rows} upstream examples "
+            f"({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))})"
+        )
     task_names = [name for name in _task_names(config) if not os.path.exists(paths.task(name))]
     if task_names:
         for name, table in load_tasks(config.tasks).items():
@@ -214,7 +231,9 @@ class StageTimer:
 def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
     """Every stage of a run, each skipped when its outputs are already there."""
     from forgetray.finetune.sweep import finetune_tasks, finetuned_model
+    from forgetray.report.html import build_report
     from forgetray.score.driver import score_models
+    from forgetray.study import analyse_run, complete_run
 
     paths = RunPaths(config.run_dir)
     log = setup_logging(paths)
@@ -243,6 +262,13 @@ def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
         summaries = score_models(models, paths.upstream, paths.scores, config.score, log, progress)
     with timer.stage("matrix"):
         assemble_matrix(paths, config, log)
+    with timer.stage("analyse"):
+        analyse_run(paths.root, config.analyse, log)
+    if len(tasks) >= 3:
+        with timer.stage("complete"):
+            complete_run(paths.root, config.complete, log)
+    with timer.stage("report"):
+        log(f"report: {build_report(paths.root)}")
     timer.save()
     return {"run_dir": paths.root, "scores": summaries, "finetune": pointers, "seconds": timer.stages}
 
@@ -268,4 +294,3 @@ def score_checkpoint(run_dir: str, name: str, ref: ModelRef, progress: bool = Tr
         raise ConfigError(f"{paths.upstream}: missing; run `forgetray run` for this directory first")
     ensure_ray()
     return score_model(name, ref, paths.upstream, paths.scores, config.score, log, progress)
-

@@ -19,7 +19,9 @@ def test_yaml_file_and_overrides(tmp_path):
         "upstream:\n  sources:\n    - {path: a.jsonl, format: instruction}\n    - {path: b.parquet}\n"
         "score: {shard_size: 32}\n"
     )
-    config = load_config(path, ["score.max_batch_tokens=4096", "upstream.sources.1.limit=10", "tasks.builtin=[addition]"])
+    config = load_config(
+        path, ["score.max_batch_tokens=4096", "upstream.sources.1.limit=10", "tasks.builtin=[addition]"]
+    )
     assert config.run_dir == "runs/x"
     assert config.score.shard_size == 32 and config.score.max_batch_tokens == 4096
     assert config.upstream.sources[0].format == "instruction"
@@ -38,7 +40,11 @@ def test_round_trip_through_yaml(tmp_path):
 @pytest.mark.parametrize(
     ("text", "overrides", "message"),
     [
-        ("score:\n  shard_sise: 3\n", [], "c.yaml: score.shard_sise: unknown key; accepted keys here: max_length"),
+        (
+            "score:\n  shard_sise: 3\n",
+            [],
+            "c.yaml: score.shard_sise: unknown key; accepted keys here: max_length",
+        ),
         ("score:\n  shard_size: many\n", [], "c.yaml: score.shard_size: expected int, got 'many'"),
         ("score:\n  shard_size: 0\n", [], "c.yaml: score.shard_size: must be a positive integer"),
         ("model:\n  dtype: float8\n", [], "model.dtype: expected one of 'float32', 'bfloat16', 'float16'"),
@@ -68,7 +74,7 @@ def test_missing_file_is_named(tmp_path):
 def test_int_accepted_as_float_but_not_bool_as_int():
     config = config_from_dict({"score": {"cpus_per_actor": 2}})
     assert config.score.cpus_per_actor == 2.0 and isinstance(config.score.cpus_per_actor, float)
-    with pytest.raises(ConfigError, match="score.shard_size: expected int, got True"):
+    with pytest.raises(ConfigError, match=r"score\.shard_size: expected int, got True"):
         config_from_dict({"score": {"shard_size": True}})
 
 

@@ -66,7 +66,9 @@ def test_truncation_keeps_the_start(tiny_tokenizer):
 
 def test_example_with_nothing_to_score_is_named(tiny_tokenizer):
     with pytest.raises(EncodingError, match=r"example 'doc/long-prompt': no token left to score"):
-        encode_examples(tiny_tokenizer, [("ok", "", "fine text"), ("doc/long-prompt", "word " * 50, " x")], 16)
+        encode_examples(
+            tiny_tokenizer, [("ok", "", "fine text"), ("doc/long-prompt", "word " * 50, " x")], 16
+        )
 
 
 def test_encode_examples_keeps_order(tiny_tokenizer):

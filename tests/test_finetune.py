@@ -14,8 +14,16 @@ from forgetray.finetune.deepspeed_config import build_deepspeed_config
 
 
 def test_deepspeed_config_follows_the_finetune_config():
-    config = FinetuneConfig(micro_batch_size=4, gradient_accumulation_steps=2, zero_stage=3, precision="bf16",
-                            warmup_steps=10, lr_scheduler="linear", learning_rate=2e-6, max_grad_norm=0.5)
+    config = FinetuneConfig(
+        micro_batch_size=4,
+        gradient_accumulation_steps=2,
+        zero_stage=3,
+        precision="bf16",
+        warmup_steps=10,
+        lr_scheduler="linear",
+        learning_rate=2e-6,
+        max_grad_norm=0.5,
+    )
     ds = build_deepspeed_config(config, world_size=2, total_steps=100)
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
@@ -23,8 +31,13 @@ def test_deepspeed_config_follows_the_finetune_config():
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
     assert ds["scheduler"] == {
         "type": "WarmupDecayLR",
-        "params": {"warmup_num_steps": 10, "warmup_type": "linear", "warmup_min_lr": 0.0,
-                   "warmup_max_lr": 2e-6, "total_num_steps": 100},
+        "params": {
+            "warmup_num_steps": 10,
+            "warmup_type": "linear",
+            "warmup_min_lr": 0.0,
+            "warmup_max_lr": 2e-6,
+            "total_num_steps": 100,
+        },
     }
     assert ds["zero_allow_untested_optimizer"] and "optimizer" not in ds
     own = build_deepspeed_config(FinetuneConfig(optimizer="deepspeed_adamw", lr_scheduler="cosine"), 1, 50)
@@ -33,7 +46,14 @@ def test_deepspeed_config_follows_the_finetune_config():
 
 def test_user_deepspeed_json_passes_through_but_batch_sizes_must_agree(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2, "overlap_comm": True}}))
+    path.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": "auto",
+                "zero_optimization": {"stage": 2, "overlap_comm": True},
+            }
+        )
+    )
     ds = build_deepspeed_config(FinetuneConfig(deepspeed_config=str(path), micro_batch_size=2), 2, 10)
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["train_batch_size"] == 4
@@ -57,21 +77,27 @@ def test_ranks_split_each_global_batch_and_epochs_cover_every_example():
         assert all(len(r) == 6 for r in ranks) and not set(ranks[0]) & set(ranks[1])
         epoch += [*ranks[0], *ranks[1]]
     assert sorted(epoch) == list(range(n))
-    assert [m.tolist() for m in micro_batches(n, 1, config, 2, 1)] == [m.tolist() for m in micro_batches(n, 1, config, 2, 1)]
+    assert [m.tolist() for m in micro_batches(n, 1, config, 2, 1)] == [
+        m.tolist() for m in micro_batches(n, 1, config, 2, 1)
+    ]
     assert micro_batches(n, 2, config, 2, 0)[0].tolist() != micro_batches(n, 0, config, 2, 0)[0].tolist()
 
 
 def test_collate_masks_prompt_and_padding(tiny_tokenizer):
     from forgetray.data.encoding import encode_examples
 
-    examples = encode_examples(tiny_tokenizer, [("a", "Q: 1+1\nAnswer:", " 2"), ("b", "Q:", " yes it is")], 64, append_eos=True)
+    examples = encode_examples(
+        tiny_tokenizer, [("a", "Q: 1+1\nAnswer:", " 2"), ("b", "Q:", " yes it is")], 64, append_eos=True
+    )
     batch = collate(examples, pad_id=0)
     labels, ids = batch["labels"].numpy(), batch["input_ids"].numpy()
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         assert (labels[row, :n][example.loss_mask] == example.input_ids[example.loss_mask]).all()
         assert (labels[row, :n][~example.loss_mask] == IGNORE_INDEX).all()
-        assert (labels[row, n:] == IGNORE_INDEX).all() and (batch["attention_mask"].numpy()[row, n:] == 0).all()
+        assert (labels[row, n:] == IGNORE_INDEX).all() and (
+            batch["attention_mask"].numpy()[row, n:] == 0
+        ).all()
         assert (ids[row, :n] == example.input_ids).all()
 
 
@@ -95,9 +121,19 @@ def finetune(run_dir, tasks, task_paths, model_dir, **overrides):
     from forgetray.models import ModelRef
 
     extra = overrides.pop("extra", None)
-    config = FinetuneConfig(**{"max_steps": 4, "learning_rate": 1e-2, "micro_batch_size": 4, "warmup_steps": 1} | overrides)
-    return finetune_tasks(str(run_dir), tasks, task_paths, ModelRef(model_dir), config, log=lambda m: None,
-                          torch_extensions_dir=os.environ["TORCH_EXTENSIONS_DIR"], extra_loop_config=extra)
+    config = FinetuneConfig(
+        **{"max_steps": 4, "learning_rate": 1e-2, "micro_batch_size": 4, "warmup_steps": 1} | overrides
+    )
+    return finetune_tasks(
+        str(run_dir),
+        tasks,
+        task_paths,
+        ModelRef(model_dir),
+        config,
+        log=lambda m: None,
+        torch_extensions_dir=os.environ["TORCH_EXTENSIONS_DIR"],
+        extra_loop_config=extra,
+    )
 
 
 def state_dict(path):
@@ -107,11 +143,17 @@ def state_dict(path):
 
 
 @pytest.mark.slow
-def test_zero_0_and_2_on_two_workers_train_the_same_weights(ray_session, tmp_path, task_paths, tiny_model_dir):
+def test_zero_0_and_2_on_two_workers_train_the_same_weights(
+    ray_session, tmp_path, task_paths, tiny_model_dir
+):
     """ZeRO-2 partitions optimizer state and gradients across the 2 gloo ranks; the update is the same maths."""
     zero0 = finetune(tmp_path / "z0", ["addition"], task_paths, tiny_model_dir, zero_stage=0, num_workers=2)
     zero2 = finetune(tmp_path / "z2", ["addition"], task_paths, tiny_model_dir, zero_stage=2, num_workers=2)
-    a, b, base = state_dict(zero0["addition"]["model_path"]), state_dict(zero2["addition"]["model_path"]), state_dict(tiny_model_dir)
+    a, b, base = (
+        state_dict(zero0["addition"]["model_path"]),
+        state_dict(zero2["addition"]["model_path"]),
+        state_dict(tiny_model_dir),
+    )
     assert set(a) == set(b) == set(base)
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
@@ -120,7 +162,9 @@ def test_zero_0_and_2_on_two_workers_train_the_same_weights(ray_session, tmp_pat
 
 
 @pytest.mark.slow
-def test_zero3_gathers_full_weights_and_lora_saves_an_adapter(ray_session, tmp_path, task_paths, tiny_model_dir):
+def test_zero3_gathers_full_weights_and_lora_saves_an_adapter(
+    ray_session, tmp_path, task_paths, tiny_model_dir
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -128,13 +172,23 @@ def test_zero3_gathers_full_weights_and_lora_saves_an_adapter(ray_session, tmp_p
     gathered, base = state_dict(zero3["snake_case"]["model_path"]), state_dict(tiny_model_dir)
     assert {k: v.shape for k, v in gathered.items()} == {k: v.shape for k, v in base.items()}
 
-    lora = finetune(tmp_path / "lora", ["snake_case"], task_paths, tiny_model_dir, zero_stage=2, num_workers=2,
-                    method="lora", lora=LoraConfig(rank=4, alpha=8.0, target_modules=("c_attn",)))
+    lora = finetune(
+        tmp_path / "lora",
+        ["snake_case"],
+        task_paths,
+        tiny_model_dir,
+        zero_stage=2,
+        num_workers=2,
+        method="lora",
+        lora=LoraConfig(rank=4, alpha=8.0, target_modules=("c_attn",)),
+    )
     pointer = lora["snake_case"]
     assert pointer["model_path"] == tiny_model_dir and pointer["adapter_path"].endswith("model")
     assert os.path.exists(os.path.join(pointer["adapter_path"], "adapter_model.safetensors"))
     assert not os.path.exists(os.path.join(pointer["adapter_path"], "model.safetensors"))
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), pointer["adapter_path"])
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), pointer["adapter_path"]
+    )
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and max(float(p.abs().max()) for p in lora_b) > 0  # B starts at zero: it was trained
 
@@ -142,8 +196,16 @@ def test_zero3_gathers_full_weights_and_lora_saves_an_adapter(ray_session, tmp_p
 @pytest.mark.slow
 def test_worker_failure_restarts_from_the_last_checkpoint(ray_session, tmp_path, task_paths, tiny_model_dir):
     marker = tmp_path / "failed-once"
-    pointers = finetune(tmp_path / "run", ["addition"], task_paths, tiny_model_dir, max_steps=6, checkpoint_every=2,
-                        max_failures=1, extra={"fail_once_marker": str(marker), "fail_at_step": 3})
+    pointers = finetune(
+        tmp_path / "run",
+        ["addition"],
+        task_paths,
+        tiny_model_dir,
+        max_steps=6,
+        checkpoint_every=2,
+        max_failures=1,
+        extra={"fail_once_marker": str(marker), "fail_at_step": 3},
+    )
     assert marker.read_text() == "3"  # the worker really died at step 3
     assert pointers["addition"]["resumed_from_step"] == 2 and pointers["addition"]["steps"] == 6
 

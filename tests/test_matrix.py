@@ -58,9 +58,14 @@ def test_rerun_skips_and_new_task_rebuilds(tmp_path):
 
 def test_missing_scores_name_the_model_and_leave_no_matrix(tmp_path):
     partial = scores(AFTER["rot13"]).slice(0, 3)
-    with pytest.raises(MatrixError, match=r"scores of 'rot13': 1 upstream examples have no score, e.g. \['code/y/C'\]"):
+    with pytest.raises(
+        MatrixError, match=r"scores of 'rot13': 1 upstream examples have no score, e.g. \['code/y/C'\]"
+    ):
         assemble_forgetting_matrix(
-            str(tmp_path), EXAMPLES, scores(BEFORE), [("addition", lambda: scores(AFTER["addition"])), ("rot13", lambda: partial)]
+            str(tmp_path),
+            EXAMPLES,
+            scores(BEFORE),
+            [("addition", lambda: scores(AFTER["addition"])), ("rot13", lambda: partial)],
         )
     assert not (tmp_path / "forgetting.npy").exists()
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".npy") and "tmp" in f]

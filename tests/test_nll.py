@@ -51,7 +51,9 @@ def test_independent_of_batching(tiny_model, tiny_tokenizer):
 
 def test_prompt_tokens_do_not_count(tiny_model, tiny_tokenizer):
     """Only response tokens count: the same response after two prompts is scored on response tokens only."""
-    a, b = encode_examples(tiny_tokenizer, [("a", "Q: one\nAnswer:", " yes"), ("b", "Q: other words here\nA:", " yes")], 64)
+    a, b = encode_examples(
+        tiny_tokenizer, [("a", "Q: one\nAnswer:", " yes"), ("b", "Q: other words here\nA:", " yes")], 64
+    )
     _, n_tokens = per_example_nll(tiny_model, [a, b])
     assert n_tokens[0] == n_tokens[1] == len(tiny_tokenizer(" yes")["input_ids"])
 

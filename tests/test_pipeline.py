@@ -46,9 +46,12 @@ def read(run_dir, path):
 def test_run_end_to_end(ray_session, run_args):
     run_dir, overrides = run_args
     assert main(["run", "--out", run_dir, "--no-progress", *overrides]) == 0
-    for path in ["config.yaml", "data/upstream.parquet", "scores/base/_SUCCESS.json", "logs/forgetray.log"] + [
-        f"data/tasks/{t}.parquet" for t in TASKS
-    ]:
+    for path in [
+        "config.yaml",
+        "data/upstream.parquet",
+        "scores/base/_SUCCESS.json",
+        "logs/forgetray.log",
+    ] + [f"data/tasks/{t}.parquet" for t in TASKS]:
         assert os.path.exists(os.path.join(run_dir, path)), path
     report = read(run_dir, "models/base.json")["pretrain_report"]
     assert report["steps"] == 20 and report["upstream_nll_after"] < report["upstream_nll_before"]
@@ -61,7 +64,9 @@ def test_run_end_to_end(ray_session, run_args):
     z = np.load(os.path.join(run_dir, "matrix/forgetting.npy"), allow_pickle=False)
     index = read(run_dir, "matrix/index.json")
     assert z.shape == (2, 40) and z.dtype == np.float32 and index["tasks"] == TASKS
-    upstream_ids = pq.read_table(os.path.join(run_dir, "data/upstream.parquet")).column("example_id").to_pylist()
+    upstream_ids = (
+        pq.read_table(os.path.join(run_dir, "data/upstream.parquet")).column("example_id").to_pylist()
+    )
     assert index["examples"] == upstream_ids
     from forgetray.score.driver import read_scores
 
@@ -69,14 +74,23 @@ def test_run_end_to_end(ray_session, run_args):
     after = read_scores(os.path.join(run_dir, "scores/addition")).to_pandas().set_index("example_id")["nll"]
     np.testing.assert_allclose(z[0], (after[upstream_ids] - base[upstream_ids]).to_numpy(), atol=1e-6)
     assert not np.allclose(z[0], z[1])
-    assert set(read(run_dir, "timings.json")[-1]["seconds"]) == {"data", "base_model", "ray_init", "finetune", "score", "matrix"}
+    assert set(read(run_dir, "timings.json")[-1]["seconds"]) == {
+        "data",
+        "base_model",
+        "ray_init",
+        "finetune",
+        "score",
+        "matrix",
+    }
 
 
 def test_rerun_skips_every_stage(ray_session, run_args):
     run_dir, overrides = run_args
     stamp = os.stat(os.path.join(run_dir, "scores/base/part-00000.parquet")).st_mtime_ns
     matrix_stamp = os.stat(os.path.join(run_dir, "matrix/forgetting.npy")).st_mtime_ns
-    assert main(["run", "--out", run_dir, "--no-progress", *overrides, "finetune.max_concurrent_tasks=1"]) == 0
+    assert (
+        main(["run", "--out", run_dir, "--no-progress", *overrides, "finetune.max_concurrent_tasks=1"]) == 0
+    )
     assert os.stat(os.path.join(run_dir, "scores/base/part-00000.parquet")).st_mtime_ns == stamp
     assert os.stat(os.path.join(run_dir, "matrix/forgetting.npy")).st_mtime_ns == matrix_stamp
     log = open(os.path.join(run_dir, "logs/forgetray.log")).read()
@@ -104,7 +118,9 @@ def test_hand_scored_checkpoint_becomes_a_matrix_row(ray_session, run_args, tmp_
     model.save_pretrained(tmp_path / "tuned")
     AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp_path / "tuned")
 
-    assert main(["score", run_dir, "--model", str(tmp_path / "tuned"), "--name", "noisy", "--no-progress"]) == 0
+    assert (
+        main(["score", run_dir, "--model", str(tmp_path / "tuned"), "--name", "noisy", "--no-progress"]) == 0
+    )
     assert main(["matrix", run_dir]) == 0
     z = np.load(os.path.join(run_dir, "matrix/forgetting.npy"), allow_pickle=False)
     assert read(run_dir, "matrix/index.json")["tasks"] == [*TASKS, "noisy"]

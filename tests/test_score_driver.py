@@ -19,10 +19,19 @@ def upstream_path(tmp_path_factory):
     rows = []
     for i in range(24):
         if i % 3 == 0:
-            rows.append({"example_id": f"inst/{i}", "kind": "instruction", "prompt": f"What is {i} + {i}?\nAnswer:", "response": f" {2 * i}"})
+            rows.append(
+                {
+                    "example_id": f"inst/{i}",
+                    "kind": "instruction",
+                    "prompt": f"What is {i} + {i}?\nAnswer:",
+                    "response": f" {2 * i}",
+                }
+            )
         else:
             body = "def add(a, b):\n    return a + b\n" if i % 2 else "Lists are mutable sequences. "
-            rows.append({"example_id": f"text/{i}", "kind": "text", "prompt": "", "response": body * (1 + i % 5)})
+            rows.append(
+                {"example_id": f"text/{i}", "kind": "text", "prompt": "", "response": body * (1 + i % 5)}
+            )
     path = str(tmp_path_factory.mktemp("upstream") / "upstream.parquet")
     pq.write_table(pa.Table.from_pylist(rows, schema=UPSTREAM_SCHEMA), path)
     return path
@@ -32,7 +41,11 @@ def scored(out_dir):
     from forgetray.score.driver import read_scores
 
     table = read_scores(out_dir).sort_by("example_id")
-    return table.column("example_id").to_pylist(), table.column("nll").to_numpy(), table.column("n_tokens").to_numpy()
+    return (
+        table.column("example_id").to_pylist(),
+        table.column("nll").to_numpy(),
+        table.column("n_tokens").to_numpy(),
+    )
 
 
 def test_one_shard_equals_four_and_the_direct_function(ray_session, tmp_path, tiny_model_dir, upstream_path):
@@ -42,8 +55,22 @@ def test_one_shard_equals_four_and_the_direct_function(ray_session, tmp_path, ti
     from forgetray.score.nll import per_example_nll
 
     ref = ModelRef(tiny_model_dir)
-    one = score_model("base", ref, upstream_path, str(tmp_path / "one"), ScoreConfig(shard_size=24, max_length=64), progress=False)
-    four = score_model("base", ref, upstream_path, str(tmp_path / "four"), ScoreConfig(shard_size=6, max_length=64), progress=False)
+    one = score_model(
+        "base",
+        ref,
+        upstream_path,
+        str(tmp_path / "one"),
+        ScoreConfig(shard_size=24, max_length=64),
+        progress=False,
+    )
+    four = score_model(
+        "base",
+        ref,
+        upstream_path,
+        str(tmp_path / "four"),
+        ScoreConfig(shard_size=6, max_length=64),
+        progress=False,
+    )
     assert len([f for f in os.listdir(tmp_path / "one" / "base") if f.startswith("part-")]) == 1
     assert len([f for f in os.listdir(tmp_path / "four" / "base") if f.startswith("part-")]) == 4
     ids_1, nll_1, tok_1 = scored(tmp_path / "one" / "base")
@@ -55,7 +82,11 @@ def test_one_shard_equals_four_and_the_direct_function(ray_session, tmp_path, ti
 
     model, tokenizer = load_model(ref)
     table = pq.read_table(upstream_path).sort_by("example_id")
-    encoded = encode_examples(tokenizer, zip(*(table.column(c).to_pylist() for c in ("example_id", "prompt", "response"))), 64)
+    encoded = encode_examples(
+        tokenizer,
+        zip(*(table.column(c).to_pylist() for c in ("example_id", "prompt", "response")), strict=True),
+        64,
+    )
     direct, counts = per_example_nll(model, encoded)
     np.testing.assert_allclose(nll_1, direct, atol=1e-6)
     np.testing.assert_array_equal(tok_1, counts)
@@ -88,8 +119,12 @@ def test_resume_scores_only_missing_shards(ray_session, tmp_path, tiny_model_dir
     assert messages == ["scores/m: already complete, skipped"]
 
     os.unlink(out / "_SUCCESS.json")
-    with pytest.raises(ScoreError, match=r"partial scores were cut from a different plan \(changed: shard_size\)"):
-        score_model("m", ref, upstream_path, str(tmp_path), ScoreConfig(shard_size=5, max_length=64), progress=False)
+    with pytest.raises(
+        ScoreError, match=r"partial scores were cut from a different plan \(changed: shard_size\)"
+    ):
+        score_model(
+            "m", ref, upstream_path, str(tmp_path), ScoreConfig(shard_size=5, max_length=64), progress=False
+        )
 
 
 def test_many_models_share_one_pool(ray_session, tmp_path, tiny_model_dir, upstream_path):
@@ -106,9 +141,17 @@ def test_many_models_share_one_pool(ray_session, tmp_path, tiny_model_dir, upstr
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "other")
     config = ScoreConfig(shard_size=8, max_length=64)
     refs = {"base": ModelRef(tiny_model_dir), "other": ModelRef(str(tmp_path / "other"))}
-    summaries = score_models(refs, upstream_path, str(tmp_path / "together"), config, log=lambda m: None, progress=False)
+    summaries = score_models(
+        refs, upstream_path, str(tmp_path / "together"), config, log=lambda m: None, progress=False
+    )
     assert set(summaries) == {"base", "other"}
-    alone = score_models({"other": refs["other"]}, upstream_path, str(tmp_path / "alone"), config, progress=False)
-    np.testing.assert_allclose(scored(tmp_path / "together" / "other")[1], scored(tmp_path / "alone" / "other")[1], atol=1e-6)
-    assert not np.allclose(scored(tmp_path / "together" / "base")[1], scored(tmp_path / "together" / "other")[1])
+    alone = score_models(
+        {"other": refs["other"]}, upstream_path, str(tmp_path / "alone"), config, progress=False
+    )
+    np.testing.assert_allclose(
+        scored(tmp_path / "together" / "other")[1], scored(tmp_path / "alone" / "other")[1], atol=1e-6
+    )
+    assert not np.allclose(
+        scored(tmp_path / "together" / "base")[1], scored(tmp_path / "together" / "other")[1]
+    )
     assert summaries["other"]["n_tokens"] == alone["other"]["n_tokens"]

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from forgetray.config import SourceConfig, TaskSourceConfig, TasksConfig, UpstreamConfig
+from forgetray.config import SourceConfig, TasksConfig, TaskSourceConfig, UpstreamConfig
 from forgetray.data.sources import DataError, load_tasks, load_upstream
 
 
@@ -15,7 +15,9 @@ def write_jsonl(path, rows):
 
 @pytest.fixture
 def files(tmp_path):
-    text = write_jsonl(tmp_path / "wiki.jsonl", [{"text": f"Paragraph number {i}.", "id": f"w{i}"} for i in range(6)])
+    text = write_jsonl(
+        tmp_path / "wiki.jsonl", [{"text": f"Paragraph number {i}.", "id": f"w{i}"} for i in range(6)]
+    )
     inst = write_jsonl(
         tmp_path / "flan.jsonl", [{"prompt": f"Q{i}?", "response": f" A{i}"} for i in range(4)]
     )
@@ -38,17 +40,27 @@ def test_mixed_sources_normalise_to_one_schema(files):
     assert table.num_rows == 12
     rows = table.to_pylist()
     assert rows[0] == {"example_id": "w0", "kind": "text", "prompt": "", "response": "Paragraph number 0."}
-    assert rows[6] == {"example_id": "flan.jsonl/0", "kind": "instruction", "prompt": "Q0?", "response": " A0"}
+    assert rows[6] == {
+        "example_id": "flan.jsonl/0",
+        "kind": "instruction",
+        "prompt": "Q0?",
+        "response": " A0",
+    }
     assert rows[10]["example_id"] == "code.parquet/0" and rows[10]["response"].startswith("def f")
 
 
 def test_sample_is_seeded_and_keeps_source_order(files):
-    sources = (SourceConfig(path=files["text"], id_field="id"), SourceConfig(path=files["instruction"], format="instruction"))
+    sources = (
+        SourceConfig(path=files["text"], id_field="id"),
+        SourceConfig(path=files["instruction"], format="instruction"),
+    )
     a = load_upstream(UpstreamConfig(sources=sources, n_examples=5, seed=1)).column("example_id").to_pylist()
     b = load_upstream(UpstreamConfig(sources=sources, n_examples=5, seed=1)).column("example_id").to_pylist()
     c = load_upstream(UpstreamConfig(sources=sources, n_examples=5, seed=2)).column("example_id").to_pylist()
     assert a == b and a != c and len(a) == 5
-    everything = load_upstream(UpstreamConfig(sources=sources, n_examples=None)).column("example_id").to_pylist()
+    everything = (
+        load_upstream(UpstreamConfig(sources=sources, n_examples=None)).column("example_id").to_pylist()
+    )
     assert a == [i for i in everything if i in a]
 
 
@@ -56,8 +68,14 @@ def test_sample_is_seeded_and_keeps_source_order(files):
     ("source", "message"),
     [
         (SourceConfig(path="missing.jsonl"), r"upstream.sources.0.path: file not found: missing.jsonl"),
-        (SourceConfig(path="{text}", text_field="body"), r"upstream.sources.0.text_field: .*wiki.jsonl: no field 'body'; the data has fields \['text', 'id'\]"),
-        (SourceConfig(path="{instruction}", format="instruction", response_field="answer"), r"response_field: .*no field 'answer'"),
+        (
+            SourceConfig(path="{text}", text_field="body"),
+            r"upstream.sources.0.text_field: .*wiki.jsonl: no field 'body'; the data has fields \['text', 'id'\]",
+        ),
+        (
+            SourceConfig(path="{instruction}", format="instruction", response_field="answer"),
+            r"response_field: .*no field 'answer'",
+        ),
         (SourceConfig(path="{text}", id_field="uid"), r"upstream.sources.0.id_field: .*no field 'uid'"),
     ],
 )
@@ -85,7 +103,9 @@ def test_duplicate_ids_and_oversized_sample_are_errors(files):
 
 def test_hub_ids_go_to_the_hub_and_fail_clearly_offline():
     """conftest sets HF_HUB_OFFLINE: the hub branch runs for real and fails with the source named."""
-    with pytest.raises(DataError, match=r"upstream.sources.0.path: could not load hub dataset 'allenai/no-such-set'"):
+    with pytest.raises(
+        DataError, match=r"upstream.sources.0.path: could not load hub dataset 'allenai/no-such-set'"
+    ):
         load_upstream(UpstreamConfig(sources=(SourceConfig(path="allenai/no-such-set"),), n_examples=None))
 
 
@@ -93,7 +113,9 @@ def test_saved_dataset_directory_loads(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"text": ["one two", "three four"]}).save_to_disk(str(tmp_path / "saved"))
-    table = load_upstream(UpstreamConfig(sources=(SourceConfig(path=str(tmp_path / "saved")),), n_examples=None))
+    table = load_upstream(
+        UpstreamConfig(sources=(SourceConfig(path=str(tmp_path / "saved")),), n_examples=None)
+    )
     assert table.column("response").to_pylist() == ["one two", "three four"]
 
 
@@ -125,5 +147,7 @@ def test_all_builtin_tasks_and_unknown_name():
     from forgetray.data.builtin_tasks import BUILTIN_TASKS
 
     assert list(load_tasks(TasksConfig(n_examples=3))) == list(BUILTIN_TASKS)
-    with pytest.raises(DataError, match=r"tasks.builtin.1: unknown built-in task 'poetry'; built-in tasks: addition"):
+    with pytest.raises(
+        DataError, match=r"tasks.builtin.1: unknown built-in task 'poetry'; built-in tasks: addition"
+    ):
         load_tasks(TasksConfig(builtin=("addition", "poetry")))

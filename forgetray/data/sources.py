@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from forgetray.config import SourceConfig, TaskSourceConfig, TasksConfig, UpstreamConfig
+from forgetray.config import SourceConfig, TasksConfig, TaskSourceConfig, UpstreamConfig
 
 UPSTREAM_SCHEMA = pa.schema(
     [("example_id", pa.string()), ("kind", pa.string()), ("prompt", pa.string()), ("response", pa.string())]
@@ -92,7 +92,8 @@ def _string_column(
         if not isinstance(value, str) or not value.strip():
             label = ids[row] if ids is not None else f"row {row}"
             raise DataError(
-                f"{key}: {source}: example {label!r}: field {field!r} must be a non-empty string, got {value!r}"
+                f"{key}: {source}: example {label!r}: field {field!r} must be a non-empty string, "
+                f"got {value!r}"
             )
     return values
 
@@ -165,7 +166,8 @@ def load_tasks(config: TasksConfig) -> dict[str, pa.Table]:
     for i, name in enumerate(names):
         if name not in BUILTIN_TASKS:
             raise DataError(
-                f"tasks.builtin.{i}: unknown built-in task {name!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}"
+                f"tasks.builtin.{i}: unknown built-in task {name!r}; "
+                f"built-in tasks: {', '.join(BUILTIN_TASKS)}"
             )
         rows = builtin_task_examples(name, config.n_examples, seed=config.seed)
         tasks[name] = pa.Table.from_pylist(rows, schema=TASK_SCHEMA)

@@ -53,6 +53,20 @@ def micro_batches(
     return [mine[k : k + config.micro_batch_size] for k in range(0, per_rank, config.micro_batch_size)]
 
 
+def encode_task(tokenizer: Any, task: str, table: Any, max_length: int) -> list[EncodedExample]:
+    """A task's (prompt, response) table as training examples (EOS appended and trained on, so the
+    model learns to stop); examples are named `<task>/<row>` in errors."""
+    from forgetray.data.encoding import encode_examples
+
+    rows = zip(
+        (f"{task}/{i}" for i in range(table.num_rows)),
+        table.column("prompt").to_pylist(),
+        table.column("response").to_pylist(),
+        strict=True,
+    )
+    return encode_examples(tokenizer, rows, max_length, append_eos=True)
+
+
 def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, Any]:
     """Right-padded tensors; labels are the input ids where the loss mask is set, IGNORE_INDEX elsewhere."""
     import torch

@@ -72,7 +72,11 @@ def build_deepspeed_config(config: FinetuneConfig, world_size: int, total_steps:
     if config.optimizer == "deepspeed_adamw":
         ds["optimizer"] = {
             "type": "AdamW",
-            "params": {"lr": config.learning_rate, "weight_decay": config.weight_decay, "betas": [0.9, 0.999]},
+            "params": {
+                "lr": config.learning_rate,
+                "weight_decay": config.weight_decay,
+                "betas": [0.9, 0.999],
+            },
         }
     else:
         # torch's AdamW as the client optimizer: DeepSpeed accepts it with ZeRO when told to.

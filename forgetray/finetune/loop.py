@@ -34,7 +34,9 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    targets: Any = lora.target_modules[0] if lora.target_modules == ("all-linear",) else list(lora.target_modules)
+    targets: Any = (
+        lora.target_modules[0] if lora.target_modules == ("all-linear",) else list(lora.target_modules)
+    )
     peft_config = PeftLoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -72,8 +74,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", loop_config["torch_extensions_dir"])
     import deepspeed
 
-    from forgetray.data.encoding import encode_examples
-    from forgetray.finetune.batches import collate, micro_batches, total_steps
+    from forgetray.finetune.batches import collate, encode_task, micro_batches, total_steps
     from forgetray.finetune.deepspeed_config import build_deepspeed_config
     from forgetray.models import context_length, load_model
 
@@ -89,12 +90,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     task = pq.read_table(loop_config["task_path"])
     max_length = min(config.max_length, context_length(model.config) or config.max_length)
-    rows = zip(
-        (f"{loop_config['task']}/{i}" for i in range(task.num_rows)),
-        task.column("prompt").to_pylist(),
-        task.column("response").to_pylist(),
-    )
-    examples = encode_examples(tokenizer, rows, max_length, append_eos=True)
+    examples = encode_task(tokenizer, loop_config["task"], task, max_length)
     steps = total_steps(config, len(examples), world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (
@@ -113,7 +109,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            progress = json.load(open(os.path.join(directory, PROGRESS_FILE)))
+            with open(os.path.join(directory, PROGRESS_FILE)) as f:
+                progress = json.load(f)
             if os.path.isdir(os.path.join(directory, STATE_DIR)):
                 engine.load_checkpoint(directory, tag=STATE_DIR)
                 start_step = int(progress["step"])
@@ -152,7 +149,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     zero3 = engine.zero_optimization_stage() == 3
     with tempfile.TemporaryDirectory() as directory:
         # Under ZeRO-3 every rank holds a shard: gather the full parameters for rank 0 to save.
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None, enabled=zero3):
+        with deepspeed.zero.GatheredParameters(
+            list(engine.module.parameters()), modifier_rank=None, enabled=zero3
+        ):
             if rank == 0:
                 engine.module.save_pretrained(os.path.join(directory, MODEL_DIR), safe_serialization=True)
                 if config.method == "full":

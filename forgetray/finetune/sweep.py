@@ -57,19 +57,13 @@ def check_task_encodings(base: ModelRef, task_paths: dict[str, str], config: Fin
     instead of failing (and being retried) inside every worker."""
     import pyarrow.parquet as pq
 
-    from forgetray.data.encoding import encode_examples
+    from forgetray.finetune.batches import encode_task
     from forgetray.models import context_length, load_model_config, load_tokenizer
 
     tokenizer = load_tokenizer(base)
     max_length = min(config.max_length, context_length(load_model_config(base)) or config.max_length)
     for task, path in task_paths.items():
-        table = pq.read_table(path)
-        rows = zip(
-            (f"{task}/{i}" for i in range(table.num_rows)),
-            table.column("prompt").to_pylist(),
-            table.column("response").to_pylist(),
-        )
-        encode_examples(tokenizer, rows, max_length, append_eos=True)
+        encode_task(tokenizer, task, pq.read_table(path), max_length)
 
 
 def train_task(tune_config: dict[str, Any]) -> None:

@@ -63,7 +63,9 @@ def score_shard(
     part = upstream.take(pa.array(rows))
     ids = part.column("example_id").to_pylist()
     encoded = encode_examples(
-        tokenizer, zip(ids, part.column("prompt").to_pylist(), part.column("response").to_pylist()), max_length
+        tokenizer,
+        zip(ids, part.column("prompt").to_pylist(), part.column("response").to_pylist(), strict=True),
+        max_length,
     )
     nll, n_tokens = per_example_nll(model, encoded, max_batch_tokens)
     return pa.table({"example_id": ids, "nll": nll, "n_tokens": n_tokens}, schema=SCORES_SCHEMA)
@@ -105,7 +107,7 @@ class ShardScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         done: dict[str, list[Any]] = {"model": [], "shard": [], "n_examples": [], "n_tokens": []}
-        for name, shard in zip(batch["model"].tolist(), batch["shard"].tolist()):
+        for name, shard in zip(batch["model"].tolist(), batch["shard"].tolist(), strict=True):
             model, tokenizer, max_length = self._model(name)
             table = score_shard(
                 model, tokenizer, self.upstream, self.shards[shard], max_length, self.config.max_batch_tokens
@@ -185,7 +187,11 @@ def score_models(
             summaries[name] = storage.read_json(success)
             continue
         _check_plan(out_dir, _plan_record(upstream, ref, config))
-        todo += [{"model": name, "shard": k} for k in range(len(shards)) if not os.path.exists(part_path(out_dir, k))]
+        todo += [
+            {"model": name, "shard": k}
+            for k in range(len(shards))
+            if not os.path.exists(part_path(out_dir, k))
+        ]
     pending = [name for name in models if name not in summaries]
     if not pending:
         return summaries
@@ -240,7 +246,10 @@ def score_models(
         storage.write_json(os.path.join(out_dir, "_SUCCESS.json"), summaries[name])
         log(f"scores/{name}: {scores.num_rows} examples, mean NLL {summaries[name]['mean_nll']:.4f}")
     if rate:
-        log(f"scores: {sum(tokens.values())} tokens in {seconds:.1f} s ({rate:.0f} tokens/s, actor start-up included)")
+        log(
+            f"scores: {sum(tokens.values())} tokens in {seconds:.1f} s "
+            f"({rate:.0f} tokens/s, actor start-up included)"
+        )
     return summaries
 
 

@@ -71,7 +71,9 @@ def per_example_nll(
                 logits = model(input_ids=ids, attention_mask=attention).logits  # (batch, width, vocab)
                 # Position k-1 predicts token k; targets are the masked tokens 1..width-1.
                 token_nll = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                    ids[:, 1:].reshape(-1),
+                    reduction="none",
                 ).view(len(batch), width - 1)
                 target = mask[:, 1:]
                 sums = (token_nll.double() * target).sum(dim=1)
