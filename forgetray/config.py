@@ -46,15 +46,16 @@ class BuiltinModelConfig:
 
     vocab_size: int = 2048
     """Byte-level BPE vocabulary trained on the corpus."""
-    n_layer: int = 4
+    n_layer: int = 2
     n_head: int = 4
     n_embd: int = 128
     context_length: int = 256
-    pretrain_steps: int = 1500
-    batch_size: int = 16
+    """Also caps the scoring length of the built-in default (examples scored on their first 256 tokens)."""
+    pretrain_steps: int = 600
+    batch_size: int = 8
     """Sequences of `context_length` tokens per step."""
-    learning_rate: float = 2e-3
-    warmup_steps: int = 50
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
     seed: int = 0
 
     def __post_init__(self) -> None:

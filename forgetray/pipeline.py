@@ -231,7 +231,6 @@ class StageTimer:
 def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
     """Every stage of a run, each skipped when its outputs are already there."""
     from forgetray.finetune.sweep import finetune_tasks, finetuned_model
-    from forgetray.report.html import build_report
     from forgetray.score.driver import score_models
     from forgetray.study import analyse_run, complete_run
 
@@ -268,6 +267,8 @@ def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
         with timer.stage("complete"):
             complete_run(paths.root, config.complete, log)
     with timer.stage("report"):
+        from forgetray.report.html import build_report
+
         log(f"report: {build_report(paths.root)}")
     timer.save()
     return {"run_dir": paths.root, "scores": summaries, "finetune": pointers, "seconds": timer.stages}

@@ -1,0 +1,690 @@
+"""The run report: one self-contained HTML file with every table and figure of a run directory.
+
+    forgetray report runs/demo      # writes runs/demo/report.html and prints its path
+
+The file is readable offline and can be mailed on its own: figures are embedded as base64 PNG data
+URIs, the CSS is inline, there is no script and no external reference. Every input is optional; a
+section whose inputs are missing says which command produces them, and a section whose inputs cannot
+be read says why, without stopping the rest of the report. Every text from the run (task names,
+example ids, config values) is HTML-escaped.
+
+Figures that need only files already on disk (mean forgetting per task, completion bars, and the R^2
+curve when the analyse stage did not draw one) are (re)drawn into `<run>/report_figures/`; the
+heatmaps come from the analyse stage (`forgetray.report.plots.analysis_figures`) and are embedded as
+found in `<run>/analysis/`.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import json
+import math
+import os
+import shlex
+import time
+from collections.abc import Callable, Mapping, Sequence
+from html import escape
+from typing import Any
+
+import numpy as np
+
+from forgetray import __version__, storage
+from forgetray.report import plots
+
+REPORT_FILE = "report.html"
+FIGURES_DIR = "report_figures"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Rows shown of long tables (tasks causing most forgetting, most-forgotten examples, log lines).
+TOP = 10
+LOG_TAIL_LINES = 60
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1100px; padding: 0 1em; color: #1b1b1b; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em;
+margin-top: 2em; } h3 { margin-bottom: 0.3em; }
+table { border-collapse: collapse; margin: 0.6em 0 1em; font-size: 0.92em; }
+th, td { border: 1px solid #d4d4d4; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.total td { font-weight: 600; }
+p.note { color: #7a4b00; background: #fff6e0; border-left: 3px solid #e0a100; padding: 0.3em 0.7em; }
+p.meta, .caption { color: #555; font-size: 0.9em; }
+figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+pre { background: #f7f7f7; border: 1px solid #e2e2e2; padding: 0.7em; overflow-x: auto; font-size: 0.85em; }
+nav a { margin-right: 0.9em; } code { background: #f3f3f3; padding: 0 0.2em; }
+"""
+
+
+class _Markup(str):
+    """Trusted HTML built by this module: inserted as is, never escaped again."""
+
+
+class _Num(str):
+    """An already formatted number: escaped like any text, but right-aligned in tables."""
+
+
+# Formatting ------------------------------------------------------------------------------------
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    """A number for people: thousands separators for counts, `digits` significant digits otherwise."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | np.integer):
+        return f"{int(value):,}"
+    x = float(value)
+    if not math.isfinite(x):
+        return str(x)
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e5:
+        return f"{x:,.0f}"
+    if abs(x) >= 100:
+        return f"{x:,.1f}"
+    if abs(x) < 1e-3:
+        return f"{x:.2e}"
+    return f"{x:.{digits}g}"
+
+
+def _pm(mean: Any, std: Any, scale: float = 1.0, decimals: int = 4) -> str:
+    """'mean ± std' (times `scale`), '–' for an undefined metric."""
+    if mean is None:
+        return "–"
+    text = f"{float(mean) * scale:.{decimals}f}"
+    return text if std is None else f"{text} ± {float(std) * scale:.{decimals}f}"
+
+
+def _fixed(value: Any, decimals: int = 4) -> _Num:
+    """A number with fixed decimals, so a column of comparable values lines up ('–' if missing)."""
+    return _Num("–" if value is None else f"{float(value):.{decimals}f}")
+
+
+def _compact(value: Any, limit: int = 120) -> str:
+    """Compact JSON of a nested value, cut at `limit` characters."""
+    text = json.dumps(value, separators=(", ", ": "), default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, _Markup):
+        return f"<td>{value}</td>"
+    if isinstance(value, _Num):
+        return f'<td class="num">{escape(value)}</td>'
+    if value is None or isinstance(value, bool | int | float | np.integer | np.floating):
+        return f'<td class="num">{escape(_num(value))}</td>'
+    if isinstance(value, str):
+        return f"<td>{escape(value)}</td>"
+    return f"<td>{escape(_compact(value))}</td>"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], total: Sequence[Any] | None = None) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join(f"<tr>{''.join(_cell(v) for v in row)}</tr>" for row in rows)
+    if total is not None:
+        body += f'<tr class="total">{"".join(_cell(v) for v in total)}</tr>'
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _kv_table(pairs: Sequence[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{escape(k)}</th>{_cell(v)}</tr>" for k, v in pairs)
+    return f"<table><tbody>{body}</tbody></table>"
+
+
+def _p(text: str, css: str = "") -> str:
+    return f'<p class="{css}">{escape(text)}</p>' if css else f"<p>{escape(text)}</p>"
+
+
+def _note(text: str) -> str:
+    return _p(text, "note")
+
+
+def _image(path: str, caption: str) -> str:
+    """`path` embedded as a base64 PNG data URI in a <figure>; a note if it is not a PNG."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(PNG_MAGIC):
+        return _note(f"{os.path.basename(path)}: not a PNG file, not embedded")
+    encoded = base64.b64encode(data).decode("ascii")
+    return (
+        f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{encoded}">'
+        f'<figcaption class="caption">{escape(caption)}</figcaption></figure>'
+    )
+
+
+# Inputs ----------------------------------------------------------------------------------------
+
+
+class _Run:
+    """A run directory's inputs, each read at most once; a missing file reads as None."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._json: dict[str, Any] = {}
+        self._matrix: tuple[np.ndarray, list[str], list[str]] | None = None
+        self._matrix_read = False
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return os.path.exists(self.path(*parts))
+
+    def json(self, *parts: str) -> Any:
+        key = "/".join(parts)
+        if key not in self._json:
+            path = self.path(*parts)
+            self._json[key] = storage.read_json(path) if os.path.exists(path) else None
+        return self._json[key]
+
+    def command(self, name: str) -> str:
+        return f"forgetray {name} {shlex.quote(self.root)}"
+
+    def matrix(self) -> tuple[np.ndarray, list[str], list[str]] | None:
+        """(Z (tasks, examples) memory-mapped, task names, example ids), or None without a matrix.
+        Without index.json rows and columns are named by their index."""
+        if not self._matrix_read:
+            path = self.path("matrix", "forgetting.npy")
+            if os.path.exists(path):
+                z = np.load(path, allow_pickle=False, mmap_mode="r")
+                if z.ndim != 2:
+                    raise ValueError(f"{path}: expected a 2-D (tasks, examples) array, got shape {z.shape}")
+                index = self.json("matrix", "index.json") or {}
+                tasks = [str(t) for t in index.get("tasks", range(z.shape[0]))]
+                examples = [str(e) for e in index.get("examples", range(z.shape[1]))]
+                if (len(tasks), len(examples)) != z.shape:
+                    raise ValueError(
+                        f"{self.path('matrix', 'index.json')}: {len(tasks)} tasks and "
+                        f"{len(examples)} examples for a matrix of shape {z.shape}"
+                    )
+                self._matrix = (z, tasks, examples)
+            self._matrix_read = True
+        return self._matrix
+
+    def config(self) -> dict[str, Any] | None:
+        import yaml
+
+        if not self.exists("config.yaml"):
+            return None
+        with open(self.path("config.yaml"), encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+        return loaded if isinstance(loaded, dict) else None
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """The fine-tuning pointer files, in the matrix's task order when there is one, else by name."""
+        pointers = [storage.read_json(p) for p in sorted(glob.glob(self.path("checkpoints", "*.json")))]
+        index = self.json("matrix", "index.json")
+        if index and "tasks" in index:
+            order = {str(t): i for i, t in enumerate(index["tasks"])}
+            pointers.sort(key=lambda p: (order.get(str(p.get("task")), len(order)), str(p.get("task"))))
+        return pointers
+
+
+def _completion_methods(results: Mapping[str, Any]) -> list[str]:
+    return [name for name, value in results.items() if isinstance(value, Mapping) and "rmse_mean" in value]
+
+
+# Figures ---------------------------------------------------------------------------------------
+
+
+def _per_task_figure(run: _Run) -> str | None:
+    loaded = run.matrix()
+    if loaded is None:
+        return None
+    z, tasks, _ = loaded
+    means = np.mean(z, axis=1, dtype=np.float64)  # (tasks,)
+    return plots.per_task_bars(tasks, means, run.path(FIGURES_DIR, "per_task.png"))
+
+
+def _r2_figure(run: _Run) -> str | None:
+    """The R^2 curve, only when fits exist and the analyse stage did not draw it."""
+    fits = run.json("analysis", "fits.json")
+    if fits is None or run.exists("analysis", "r2_curve.png"):
+        return None
+    return plots.r2_curve(
+        fits["r2_svd"],
+        fits["r2_additive"],
+        fits["r2_multiplicative"],
+        run.path(FIGURES_DIR, "r2_curve.png"),
+        reference={"Jin & Ren 2024, OLMo-7B": plots.PAPER_R2_OLMO7B},
+    )
+
+
+_COMPLETION_FILES = {"results": "completion_rmse", "binary": "completion_binary"}
+
+
+def _completion_figures(run: _Run, name: str) -> list[str]:
+    """Bars for completion/<name>.json: RMSE, and F1 when the result has it (binary forgetting)."""
+    results = run.json("completion", f"{name}.json")
+    if results is None or not _completion_methods(results):
+        return []
+    stem = _COMPLETION_FILES[name]
+    paths = [plots.completion_bars(results, run.path(FIGURES_DIR, f"{stem}.png"), "rmse")]
+    if any(results[m].get("f1_mean") is not None for m in _completion_methods(results)):
+        paths.append(plots.completion_bars(results, run.path(FIGURES_DIR, f"{stem}_f1.png"), "f1"))
+    return paths
+
+
+def write_report_figures(run_dir: str) -> list[str]:
+    """(Re)draws into `<run>/report_figures/` the figures whose inputs are on disk: mean forgetting per
+    task (from the matrix), completion bars (from completion/*.json) and the R^2 curve if the analyse
+    stage left none. Returns the paths written."""
+    run = _Run(run_dir)
+    paths = [_per_task_figure(run), _r2_figure(run)]
+    for name in _COMPLETION_FILES:
+        paths += _completion_figures(run, name)
+    return [p for p in paths if p is not None]
+
+
+# Sections --------------------------------------------------------------------------------------
+
+
+def _summary(run: _Run) -> str:
+    config = run.config() or {}
+    base = run.json("models", "base.json")
+    index = run.json("matrix", "index.json")
+    base_scores = run.json("scores", "base", "_SUCCESS.json")
+    checkpoints = glob.glob(run.path("checkpoints", "*.json"))
+    model_config = config.get("model") if isinstance(config.get("model"), dict) else {}
+    if base is not None:
+        model = base.get("model") or {}
+        model_text = str(model.get("path", "?"))
+        if model.get("adapter_path"):
+            model_text += f" + adapter {model['adapter_path']}"
+        if model.get("dtype"):
+            model_text += f" ({model['dtype']})"
+    elif model_config:
+        model_text = f"{model_config.get('name_or_path', '?')} (configured; no models/base.json yet)"
+    else:
+        model_text = "unknown (no models/base.json)"
+    if index is not None:
+        n_examples: Any = len(index.get("examples", []))
+        n_tasks: Any = len(index.get("tasks", []))
+        source = "matrix/index.json"
+    else:
+        n_examples = base_scores.get("n_examples") if base_scores else None
+        n_tasks = len(checkpoints) if checkpoints else None
+        source = "base scores and checkpoints (no matrix yet)"
+    pairs: list[tuple[str, Any]] = [
+        ("run directory", os.path.abspath(run.root)),
+        ("model", model_text),
+        ("upstream examples N", n_examples),
+        ("fine-tuning tasks M", n_tasks),
+        ("counted from", source),
+    ]
+    parts = [_kv_table(pairs)]
+
+    parts.append("<h3>Base model pretraining</h3>")
+    if base is None:
+        parts.append(_note(f"not run yet: {run.command('run')}"))
+    elif not base.get("pretrain_report"):
+        parts.append(_p("No pretraining report: the base model was not pretrained by forgetray."))
+    else:
+        report = base["pretrain_report"]
+        pairs = [(key, value) for key, value in report.items()]
+        before, after = report.get("upstream_nll_before"), report.get("upstream_nll_after")
+        if isinstance(before, int | float) and isinstance(after, int | float):
+            pairs.insert(2, ("upstream NLL change", after - before))
+        parts.append(_kv_table(pairs))
+
+    parts.append("<h3>Stage timings (seconds)</h3>")
+    timings = run.json("timings.json")
+    if not timings:
+        parts.append(_note(f"no timings.json yet: {run.command('run')}"))
+    else:
+        stages: list[str] = []
+        for entry in timings:
+            stages += [s for s in entry.get("seconds", {}) if s not in stages]
+        rows = [
+            [
+                str(entry.get("finished", "?")),
+                *[entry["seconds"].get(s) for s in stages],
+                float(sum(entry["seconds"].values())),
+            ]
+            for entry in timings
+        ]
+        parts.append(_table(["finished", *stages, "total"], rows))
+    return "".join(parts)
+
+
+def _finetune(run: _Run) -> str:
+    pointers = run.checkpoints()
+    if not pointers:
+        return _note(f"not run yet: {run.command('run')}")
+    rows = [
+        [
+            str(p.get("task", "?")),
+            str(p.get("method", "?")),
+            p.get("steps"),
+            p.get("loss"),
+            p.get("train_seconds"),
+            p.get("wall_seconds"),
+            p.get("resumed_from_step"),
+        ]
+        for p in pointers
+    ]
+    wall = [p.get("wall_seconds") for p in pointers]
+    total = None
+    if len(pointers) > 1 and all(isinstance(w, int | float) for w in wall):
+        train = [p.get("train_seconds") or 0.0 for p in pointers]
+        total = ["total", "", None, None, float(sum(train)), float(sum(wall)), None]
+    headers = ["task", "method", "steps", "final loss", "train seconds", "wall seconds", "resumed from step"]
+    return _table(headers, rows, total)
+
+
+def _scores(run: _Run) -> str:
+    directories = sorted(d for d in glob.glob(run.path("scores", "*")) if os.path.isdir(d))
+    if not directories:
+        return _note(f"not run yet: {run.command('run')}")
+    names = [os.path.basename(d) for d in directories]
+    names.sort(key=lambda n: (n != "base", n))
+    base = run.json("scores", "base", "_SUCCESS.json")
+    base_nll = base.get("mean_nll") if base else None
+    rows, pending = [], []
+    for name in names:
+        summary = run.json("scores", name, "_SUCCESS.json")
+        if summary is None:
+            parts = len(glob.glob(run.path("scores", name, "part-*.parquet")))
+            pending.append(f"{name} ({parts} part file(s), not complete)")
+            continue
+        nll = summary.get("mean_nll")
+        delta = nll - base_nll if name != "base" and None not in (nll, base_nll) else None
+        rows.append([name, summary.get("n_examples"), summary.get("n_tokens"), nll, delta])
+    out = _table(["model", "examples", "tokens", "mean NLL (nats)", "mean NLL - base"], rows) if rows else ""
+    if pending:
+        out += _note("scoring in progress: " + ", ".join(pending) + f"; resume with {run.command('run')}")
+    return out
+
+
+def _matrix(run: _Run) -> str:
+    loaded = run.matrix()
+    if loaded is None:
+        return _note(f"not run yet: {run.command('matrix')}")
+    z, tasks, examples = loaded
+    fits = run.json("analysis", "fits.json")
+    if fits is not None and "statistics" in fits:
+        statistics, source = fits["statistics"], "from analysis/fits.json"
+    else:
+        from forgetray.stats.fits import forgetting_statistics
+
+        statistics, source = forgetting_statistics(z, tasks, examples, top=TOP), "computed for this report"
+    parts = [
+        _kv_table(
+            [
+                ("shape (tasks x examples)", f"{z.shape[0]:,} x {z.shape[1]:,} ({z.dtype})"),
+                ("mean forgetting (nats)", statistics["mean"]),
+                ("std", statistics["std"]),
+                ("fraction of entries > 0", statistics["fraction_positive"]),
+            ]
+        ),
+        _p(f"Statistics {source}.", "meta"),
+    ]
+    per_task = {row["task"]: row for row in statistics.get("per_task", [])}
+    top_tasks = statistics.get("most_forgetting_tasks", [])[:TOP]
+    if top_tasks:
+        parts.append("<h3>Tasks that cause the most forgetting</h3>")
+        rows = [
+            [
+                t["task"],
+                _fixed(t["mean"]),
+                _fixed(per_task.get(t["task"], {}).get("std")),
+                _fixed(per_task.get(t["task"], {}).get("fraction_positive"), 3),
+            ]
+            for t in top_tasks
+        ]
+        parts.append(_table(["task", "mean", "std", "fraction > 0"], rows))
+    top_examples = statistics.get("most_forgotten_examples", [])[:TOP]
+    if top_examples:
+        parts.append("<h3>Most-forgotten upstream examples (mean over tasks)</h3>")
+        parts.append(
+            _table(["example", "mean forgetting"], [[e["example"], _fixed(e["mean"])] for e in top_examples])
+        )
+    figure = _per_task_figure(run)
+    if figure is not None:
+        parts.append(_image(figure, "Mean forgetting per task (nats); red: forgetting, blue: improvement"))
+    return "".join(parts)
+
+
+def _analysis_images(run: _Run) -> list[str]:
+    """analysis/*.png in reading order: Z, its reconstruction, the residual, the R^2 curve, the rest."""
+
+    def rank(path: str) -> tuple[int, str]:
+        name = os.path.basename(path)
+        for i, prefix in enumerate(("heatmap.png", "heatmap_rank", "heatmap_residual", "r2_curve")):
+            if name.startswith(prefix):
+                return i, name
+        return 4, name
+
+    return sorted(glob.glob(run.path("analysis", "*.png")), key=rank)
+
+
+_ANALYSIS_CAPTIONS = {
+    "heatmap.png": "Forgetting matrix Z, rows and columns sorted by mean",
+    "heatmap_residual.png": "Residual of the low-rank reconstruction, same order and colour scale",
+    "r2_curve.png": "R^2 of the truncated SVD by rank, with the additive and multiplicative fits",
+}
+
+
+def _analysis(run: _Run) -> str:
+    fits = run.json("analysis", "fits.json")
+    images = _analysis_images(run)
+    parts = []
+    if fits is None:
+        parts.append(_note(f"not run yet: {run.command('analyse')}"))
+    else:
+        paper = plots.PAPER_R2_OLMO7B
+        rows: list[list[Any]] = [
+            ["additive (mu + a_i + b_j)", _Num(f"{fits['r2_additive']:.3f}"), None],
+            ["multiplicative (a_i * b_j, = SVD rank 1)", _Num(f"{fits['r2_multiplicative']:.3f}"), None],
+        ]
+        rows += [
+            [f"SVD rank {k}", _Num(f"{value:.3f}"), _Num(f"{paper[k - 1]:.3f}") if k <= len(paper) else None]
+            for k, value in enumerate(fits["r2_svd"], start=1)
+        ]
+        parts.append(_table(["fit", "R^2 (this run)", "R^2 OLMo-7B (Jin & Ren 2024)"], rows))
+        n, used = fits.get("n_examples"), fits.get("columns_used")
+        if fits.get("subsampled"):
+            text = (
+                f"Fits on a seeded column subsample: {_num(used)} of {_num(n)} examples "
+                f"(seed {fits.get('column_seed', '?')}); statistics use every column."
+            )
+        else:
+            text = f"Fits on all {_num(n)} examples (no column subsample)."
+        parts.append(_p(f"{_num(fits.get('n_tasks'))} tasks. {text}", "meta"))
+    extra = _r2_figure(run)
+    for path in [*images, *([extra] if extra else [])]:
+        name = os.path.basename(path)
+        caption = _ANALYSIS_CAPTIONS.get(name, name)
+        if name.startswith("heatmap_rank"):
+            rank = name[len("heatmap_rank") : -len(".png")]
+            caption = f"Rank-{rank} SVD reconstruction of Z, same order and colours"
+        parts.append(_image(path, caption))
+    if fits is None and images:
+        parts.append(_p("Figures above are from an earlier analyse run.", "meta"))
+    return "".join(parts)
+
+
+_BINARY_METRICS = {"f1": "F1", "precision": "precision", "recall": "recall", "auc": "AUC"}
+
+
+def _completion_table(run: _Run, name: str, results: Mapping[str, Any]) -> str:
+    methods = _completion_methods(results)
+    split = results.get("split") or {}
+    train, test = split.get("train_rows", []), split.get("test_rows", [])
+    test_tasks = split.get("test_tasks")
+    if test_tasks is None and test:
+        index = run.json("matrix", "index.json")
+        if index and "tasks" in index:
+            test_tasks = [index["tasks"][i] for i in test if i < len(index["tasks"])]
+    seeds = results.get("seeds") or []
+    pairs: list[tuple[str, Any]] = [
+        ("revealed entries per held-out task (k)", results.get("revealed_k")),
+        ("seeds", f"{len(seeds)}: {_compact(seeds, 60)}"),
+        ("training tasks", len(train)),
+        ("held-out (test) tasks", len(test)),
+    ]
+    if test_tasks:
+        pairs.append(("held-out task names", ", ".join(str(t) for t in test_tasks)))
+    if results.get("binary_threshold") is not None:
+        pairs.append(("binary threshold (forgotten: Z > threshold)", results["binary_threshold"]))
+    binary_metrics = [m for m in _BINARY_METRICS if any(f"{m}_mean" in results[x] for x in methods)]
+    headers = [
+        "method",
+        "RMSE mean ± std",
+        "RMSE x100",
+        *[f"{_BINARY_METRICS[m]} mean ± std" for m in binary_metrics],
+    ]
+    rows = [
+        [
+            method,
+            _Num(_pm(results[method]["rmse_mean"], results[method].get("rmse_std"))),
+            _Num(_pm(results[method]["rmse_mean"], results[method].get("rmse_std"), 100.0, 2)),
+            *[
+                _Num(_pm(results[method].get(f"{m}_mean"), results[method].get(f"{m}_std"), decimals=3))
+                for m in binary_metrics
+            ],
+            results[method].get("seconds"),
+        ]
+        for method in methods
+    ]
+    parts = [_kv_table(pairs), _table([*headers, "seconds"], rows)]
+    for path in _completion_figures(run, name):
+        metric = "F1" if path.endswith("_f1.png") else "RMSE"
+        parts.append(
+            _image(path, f"{metric} of each method on the unrevealed entries, mean ± std over seeds")
+        )
+    return "".join(parts)
+
+
+def _completion(run: _Run) -> str:
+    results = run.json("completion", "results.json")
+    binary = run.json("completion", "binary.json")
+    parts = []
+    if results is None:
+        parts.append(_note(f"not run yet: {run.command('complete')}"))
+    else:
+        parts += ["<h3>Forgetting (real-valued)</h3>", _completion_table(run, "results", results)]
+    if binary is not None:
+        parts += ["<h3>Binary forgetting</h3>", _completion_table(run, "binary", binary)]
+    return "".join(parts)
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _generic(value: Any, depth: int = 0) -> str:
+    """Any JSON value as HTML: a dict of flat dicts as one table (a row each), other dicts as
+    key/value tables (nested up to 3 deep), lists of scalars inline, anything deeper as JSON."""
+    if _is_scalar(value):
+        return f"<p>{escape(_num(value) if not isinstance(value, str) else value)}</p>"
+    if isinstance(value, list):
+        if all(_is_scalar(v) for v in value):
+            return f"<p>{escape(_compact(value, 400))}</p>"
+        if all(isinstance(v, dict) and all(_is_scalar(x) for x in v.values()) for v in value):
+            columns = list(dict.fromkeys(k for v in value for k in v))
+            return _table(columns, [[v.get(c) for c in columns] for v in value])
+        return f"<pre>{escape(_compact(value, 2000))}</pre>"
+    if not isinstance(value, dict):
+        return f"<p>{escape(str(value))}</p>"
+    records = {k: v for k, v in value.items() if isinstance(v, dict) and all(_is_flat(x) for x in v.values())}
+    parts = []
+    if len(records) > 1:
+        columns = list(dict.fromkeys(c for v in records.values() for c in v))
+        parts.append(
+            _table(["", *columns], [[k, *[_flat(v.get(c)) for c in columns]] for k, v in records.items()])
+        )
+    else:
+        records = {}
+    pairs: list[tuple[str, Any]] = []
+    for key, item in value.items():
+        if key in records:
+            continue
+        if _is_scalar(item) or depth >= 2:
+            pairs.append((str(key), item if _is_scalar(item) else _compact(item)))
+        else:
+            pairs.append((str(key), _Markup(_generic(item, depth + 1))))
+    if pairs:
+        parts.append(_kv_table(pairs))
+    return "".join(parts)
+
+
+def _is_flat(value: Any) -> bool:
+    return _is_scalar(value) or (isinstance(value, list) and all(_is_scalar(v) for v in value))
+
+
+def _flat(value: Any) -> Any:
+    return _compact(value, 80) if isinstance(value, list) else value
+
+
+def _replay(run: _Run) -> str:
+    results = run.json("replay", "results.json")
+    if results is None:
+        return _note(f"not run yet: {run.command('replay')}")
+    return _generic(results)
+
+
+def _config(run: _Run) -> str:
+    if not run.exists("config.yaml"):
+        return _note("no config.yaml: is this a forgetray run directory?")
+    with open(run.path("config.yaml"), encoding="utf-8") as f:
+        return f"<pre>{escape(f.read())}</pre>"
+
+
+def _log(run: _Run) -> str:
+    if not run.exists("logs", "forgetray.log"):
+        return _note("no logs/forgetray.log yet")
+    with open(run.path("logs", "forgetray.log"), encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    tail = "".join(lines[-LOG_TAIL_LINES:])
+    return (
+        f"<details><summary>last {min(len(lines), LOG_TAIL_LINES)} of {len(lines)} lines</summary>"
+        f"<pre>{escape(tail)}</pre></details>"
+    )
+
+
+_SECTIONS: list[tuple[str, str, Callable[[_Run], str]]] = [
+    ("summary", "Run summary", _summary),
+    ("finetune", "Fine-tuning", _finetune),
+    ("scores", "Scores", _scores),
+    ("matrix", "Forgetting matrix", _matrix),
+    ("analysis", "Analysis: how much simple structure explains", _analysis),
+    ("completion", "Completion: predicting held-out tasks' forgetting", _completion),
+    ("replay", "Replay", _replay),
+    ("config", "Resolved config", _config),
+    ("log", "Log", _log),
+]
+
+
+def _render(run: _Run) -> str:
+    sections = []
+    for anchor, title, render in _SECTIONS:
+        try:
+            body = render(run)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+            # One unreadable input must not hide the rest of the run.
+            body = _note(f"could not be rendered: {type(error).__name__}: {error}")
+        sections.append(f'<section id="{anchor}"><h2>{escape(title)}</h2>{body}</section>')
+    nav = "".join(f'<a href="#{anchor}">{escape(title.split(":")[0])}</a>' for anchor, title, _ in _SECTIONS)
+    name = os.path.basename(os.path.abspath(run.root))
+    generated = time.strftime("%Y-%m-%d %H:%M:%S")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>forgetray report: {escape(name)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>forgetray report: {escape(name)}</h1>"
+        f'<p class="meta">generated {escape(generated)} by forgetray {escape(__version__)}</p>'
+        f"<nav>{nav}</nav>{''.join(sections)}</body></html>\n"
+    )
+
+
+def build_report(run_dir: str) -> str:
+    """Writes `<run_dir>/report.html` (atomically) from whatever the run directory holds; returns its
+    path. Redraws the report figures (`write_report_figures`) on the way."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    path = os.path.join(run_dir, REPORT_FILE)
+    storage.write_text(path, _render(_Run(run_dir)))
+    return path
