@@ -77,3 +77,10 @@ def test_duplicate_and_extra_scores_are_errors(tmp_path):
         assemble_forgetting_matrix(str(tmp_path), EXAMPLES, doubled, [])
     with pytest.raises(MatrixError, match=r"scores of 'base': 4 scored examples but the upstream set has 3"):
         assemble_forgetting_matrix(str(tmp_path), EXAMPLES[:3], scores(BEFORE), [])
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    assemble(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "forgetting.npy").st_mode & 0o777 == 0o666 & ~umask
