@@ -9,7 +9,7 @@ def test_defaults_are_the_builtin_run():
     assert config == SweepConfig()
     assert config.model.is_builtin
     assert config.upstream.sources[0].path == "builtin"
-    assert config.tasks.builtin == ("all",)
+    assert len(config.tasks.builtin) == 12
 
 
 def test_yaml_file_and_overrides(tmp_path):

@@ -146,7 +146,7 @@ def test_tasks_builtin_and_from_files(files):
 def test_all_builtin_tasks_and_unknown_name():
     from forgetray.data.builtin_tasks import BUILTIN_TASKS
 
-    assert list(load_tasks(TasksConfig(n_examples=3))) == list(BUILTIN_TASKS)
+    assert list(load_tasks(TasksConfig(builtin=("all",), n_examples=3))) == list(BUILTIN_TASKS)
     with pytest.raises(
         DataError, match=r"tasks.builtin.1: unknown built-in task 'poetry'; built-in tasks: addition"
     ):
