@@ -21,8 +21,8 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -347,7 +347,9 @@ def ensure_builtin_model(
         log(f"builtin model: pretraining into {target}")
         train_texts, eval_texts = texts_fn()
         model, tokenizer, report = pretrain_builtin(config, train_texts, eval_texts, log=log)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+        # Not tempfile.mkdtemp: its mode 0700 would survive the rename and lock other users out.
+        tmp = os.path.join(parent, f".{os.path.basename(target)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.mkdir(tmp)
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

@@ -177,6 +177,9 @@ def test_ensure_builtin_model_caches_and_loads_with_auto_classes(tmp_path: Path)
         [os.path.basename(first), f"{os.path.basename(first)}.lock"]
     )
     assert any(name.endswith(".safetensors") for name in os.listdir(first))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(first).st_mode & 0o777 == 0o777 & ~umask, "the cache directory follows the umask"
 
     with open(os.path.join(first, REPORT_FILE), encoding="utf-8") as f:
         report = json.load(f)
