@@ -74,7 +74,10 @@ def test_run_end_to_end(ray_session, run_args):
     after = read_scores(os.path.join(run_dir, "scores/addition")).to_pandas().set_index("example_id")["nll"]
     np.testing.assert_allclose(z[0], (after[upstream_ids] - base[upstream_ids]).to_numpy(), atol=1e-6)
     assert not np.allclose(z[0], z[1])
+    # Two tasks are too few to hold one out: the completion stage is skipped, the others all ran.
     assert set(read(run_dir, "timings.json")[-1]["seconds"]) == {
+        "analyse",
+        "report",
         "data",
         "base_model",
         "ray_init",
@@ -126,3 +129,11 @@ def test_hand_scored_checkpoint_becomes_a_matrix_row(ray_session, run_args, tmp_
     assert read(run_dir, "matrix/index.json")["tasks"] == [*TASKS, "noisy"]
     # Noise of this size on a trained layer makes nearly every example worse.
     assert z.shape == (3, 40) and np.mean(z[2] > 0) > 0.8
+
+
+def test_run_leaves_analysis_and_report(run_args):
+    run_dir, _ = run_args
+    fits = read(run_dir, "analysis/fits.json")
+    assert len(fits["r2_svd"]) == 2 and fits["r2_svd"][-1] == pytest.approx(1.0)  # rank 2 of a 2-row matrix
+    html = open(os.path.join(run_dir, "report.html")).read()
+    assert "addition" in html and "data:image/png;base64," in html
