@@ -250,52 +250,23 @@ def upstream_nll(
     tokens added; tokens 1..L-1 are scored given the ones before them (token 0 has no context).
     Texts of fewer than two tokens contribute nothing. Returns nan when nothing is scored.
     """
-    import torch
+    import numpy as np
+
+    from forgetray.data.encoding import EncodedExample
+    from forgetray.score.nll import per_example_nll
 
     encoded = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=context_length)[
         "input_ids"
     ]
-    sequences = sorted((ids for ids in encoded if len(ids) >= 2), key=len)
-    total_nll = 0.0
-    total_tokens = 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        batch: list[list[int]] = []
-        # Sorted by length, so a batch is padded only up to its last (longest) member.
-        for i, ids in enumerate(sequences):
-            batch.append(ids)
-            last = i + 1 == len(sequences)
-            if last or (len(batch) + 1) * len(sequences[i + 1]) > _EVAL_BATCH_TOKENS:
-                nll, count = _batch_nll(model, batch)
-                total_nll += nll
-                total_tokens += count
-                batch = []
-    model.train(was_training)
-    return total_nll / total_tokens if total_tokens else float("nan")
-
-
-def _batch_nll(model: GPT2LMHeadModel, batch: list[list[int]]) -> tuple[float, int]:
-    """Summed NLL and scored-token count of right-padded sequences.
-
-    Right padding keeps position ids starting at 0 in every row, and with causal attention a real
-    token never sees the padding after it; the mask only tells transformers the padding is intended.
-    """
-    import torch
-
-    length = max(len(ids) for ids in batch)
-    input_ids = torch.zeros(len(batch), length, dtype=torch.long)  # (batch, length)
-    attention_mask = torch.zeros(len(batch), length, dtype=torch.long)  # (batch, length)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-    scored = attention_mask[:, 1:].bool()  # (batch, length - 1): tokens 1..L-1 of each row
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    # logits: (batch, length - 1, vocab)
-    nll = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), input_ids[:, 1:], reduction="none"
-    )  # (batch, length - 1)
-    return float(nll[scored].double().sum()), int(scored.sum())
+    examples = [
+        EncodedExample(np.asarray(ids, dtype=np.int64), np.arange(len(ids)) > 0)
+        for ids in encoded
+        if len(ids) >= 2
+    ]
+    if not examples:
+        return float("nan")
+    nll, n_tokens = per_example_nll(model, examples, _EVAL_BATCH_TOKENS)  # per-example means and counts
+    return float(np.sum(nll * n_tokens) / np.sum(n_tokens))
 
 
 def builtin_model_dir(config: BuiltinModelConfig, cache_dir: str, corpus_fingerprint: str) -> str:
