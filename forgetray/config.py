@@ -300,6 +300,11 @@ class ScoreConfig:
     """Scoring actors per model; default: as many as the cluster's CPUs (or GPUs) allow."""
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    packing: bool = True
+    """Score examples packed into rows with no padding, attention kept within each example
+    (`forgetray.score.packed`); false: length-bucketed padded batches (`forgetray.score.nll`).
+    Packing also interleaves the shards (each holds the whole length mix), so the two settings cut
+    different shards and a partial run resumes only under the setting it started with."""
 
     def __post_init__(self) -> None:
         for name in ("max_length", "max_batch_tokens", "shard_size"):

@@ -28,24 +28,35 @@ import pyarrow as pa
 from forgetray import storage
 from forgetray.config import ScoreConfig
 from forgetray.models import ModelRef
+from forgetray.score.loaded import ModelCache
 
 SCORES_SCHEMA = pa.schema([("example_id", pa.string()), ("nll", pa.float64()), ("n_tokens", pa.int64())])
+
+
+def packing_tolerance(dtype: str) -> float:
+    """Largest packed-vs-padded per-example difference (nats) still read as the same computation."""
+    return 1e-3 if dtype == "float32" else 5e-2
 
 
 class ScoreError(RuntimeError):
     """Scoring cannot go on (a stale plan, missing parts); the message names the directory."""
 
 
-def shard_plan(upstream: pa.Table, shard_size: int) -> list[np.ndarray]:
+def shard_plan(upstream: pa.Table, shard_size: int, interleave: bool = False) -> list[np.ndarray]:
     """Row indices of each shard: examples sorted by character length, longest first, cut in runs.
 
     Sorting before cutting puts examples of similar length in one shard, so the length-bucketed
-    batches inside a shard waste little on padding.
+    batches inside a shard waste little on padding. With `interleave` (packed scoring) shard k takes
+    every n_shards-th example of that order instead: each shard then holds the whole length mix,
+    which is what lets packing fill rows (long examples beside short ones).
     """
     import pyarrow.compute as pc
 
     lengths = pc.add(pc.utf8_length(upstream.column("prompt")), pc.utf8_length(upstream.column("response")))
     order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    if interleave:
+        n_shards = -(-len(order) // shard_size)
+        return [order[k::n_shards] for k in range(n_shards)]
     return [order[start : start + shard_size] for start in range(0, len(order), shard_size)]
 
 
@@ -54,11 +65,18 @@ def part_path(out_dir: str, shard: int) -> str:
 
 
 def score_shard(
-    model: Any, tokenizer: Any, upstream: pa.Table, rows: np.ndarray, max_length: int, max_batch_tokens: int
+    model: Any,
+    tokenizer: Any,
+    upstream: pa.Table,
+    rows: np.ndarray,
+    max_length: int,
+    max_batch_tokens: int,
+    packing: bool = False,
 ) -> pa.Table:
     """The scores of one shard's examples as a SCORES_SCHEMA table (rows in shard order)."""
     from forgetray.data.encoding import encode_examples
     from forgetray.score.nll import per_example_nll
+    from forgetray.score.packed import packed_nll
 
     part = upstream.take(pa.array(rows))
     ids = part.column("example_id").to_pylist()
@@ -67,15 +85,18 @@ def score_shard(
         zip(ids, part.column("prompt").to_pylist(), part.column("response").to_pylist(), strict=True),
         max_length,
     )
-    nll, n_tokens = per_example_nll(model, encoded, max_batch_tokens)
+    scorer = packed_nll if packing else per_example_nll
+    nll, n_tokens = scorer(model, encoded, max_batch_tokens)
     return pa.table({"example_id": ids, "nll": nll, "n_tokens": n_tokens}, schema=SCORES_SCHEMA)
 
 
 class ShardScorer:
-    """Ray Data actor: scores (model, shard) items, keeping the last model loaded.
+    """Ray Data actor: scores (model, shard) items, keeping the last base model loaded.
 
     Items arrive model by model, so an actor loads each model about once however many shards
-    stream through it.
+    stream through it; LoRA checkpoints of one base swap adapters on it (`ModelCache`). With
+    `score.packing` each newly loaded base is first checked to score packed rows as it scores
+    padded batches (`packing_error`); one that does not is scored with padded batches.
     """
 
     def __init__(
@@ -91,27 +112,45 @@ class ShardScorer:
         self.device = "cuda" if self.config.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         self.models = {name: ModelRef(**ref) for name, ref in models.items()}
         self.upstream = pq.read_table(upstream_path)
-        self.shards = shard_plan(self.upstream, self.config.shard_size)
+        self.shards = shard_plan(self.upstream, self.config.shard_size, interleave=self.config.packing)
         self.scores_root = scores_root
-        self.loaded: tuple[str, Any, Any, int] | None = None
+        self.cache = ModelCache(self.device)
+        self.packing_checked: dict[ModelRef, bool] = {}
 
-    def _model(self, name: str) -> tuple[Any, Any, int]:
-        from forgetray.models import context_length, load_model
+    def _packing(self, ref: ModelRef, model: Any, tokenizer: Any, max_length: int) -> bool:
+        """Whether to score `ref`'s base packed: once per base, packed vs padded on a few examples."""
+        from forgetray.score.packed import packing_error, probe_examples
 
-        if self.loaded is None or self.loaded[0] != name:
-            self.loaded = None  # drop the previous model before loading the next
-            model, tokenizer = load_model(self.models[name], self.device)
-            max_length = min(self.config.max_length, context_length(model.config) or self.config.max_length)
-            self.loaded = (name, model, tokenizer, max_length)
-        return self.loaded[1:]
+        base = dataclasses.replace(ref, adapter_path=None)
+        if self.config.packing and base not in self.packing_checked:
+            error = packing_error(model, probe_examples(tokenizer, self.upstream, max_length))
+            self.packing_checked[base] = error <= packing_tolerance(ref.dtype)
+            if not self.packing_checked[base]:
+                logging.getLogger(__name__).warning(
+                    "%s: packed scoring differs from padded batches by %.2g nats; scoring with padded "
+                    "batches (does the model read packed position_ids?)",
+                    base.path,
+                    error,
+                )
+        return self.config.packing and self.packing_checked[base]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         done: dict[str, list[Any]] = {"model": [], "shard": [], "n_examples": [], "n_tokens": []}
         for name, shard in zip(batch["model"].tolist(), batch["shard"].tolist(), strict=True):
-            model, tokenizer, max_length = self._model(name)
-            table = score_shard(
-                model, tokenizer, self.upstream, self.shards[shard], max_length, self.config.max_batch_tokens
-            )
+            ref = self.models[name]
+            context = self.cache.context(ref)
+            max_length = min(self.config.max_length, context or self.config.max_length)
+            with self.cache.use(ref) as (model, tokenizer):
+                packing = self._packing(ref, model, tokenizer, max_length)
+                table = score_shard(
+                    model,
+                    tokenizer,
+                    self.upstream,
+                    self.shards[shard],
+                    max_length,
+                    self.config.max_batch_tokens,
+                    packing=packing,
+                )
             storage.write_parquet(part_path(os.path.join(self.scores_root, name), shard), table)
             done["model"].append(name)
             done["shard"].append(shard)
@@ -128,7 +167,7 @@ def _plan_record(upstream: pa.Table, ref: ModelRef, config: ScoreConfig) -> dict
         "example_ids_sha256": digest,
         "shard_size": config.shard_size,
         "max_length": config.max_length,
-    }
+    } | ({"shard_order": "interleaved"} if config.packing else {})
 
 
 def _actor_count(config: ScoreConfig, n_shards: int) -> int:
@@ -177,7 +216,7 @@ def score_models(
 
     summaries: dict[str, dict[str, Any]] = {}
     upstream = pq.read_table(upstream_path)
-    shards = shard_plan(upstream, config.shard_size)
+    shards = shard_plan(upstream, config.shard_size, interleave=config.packing)
     todo: list[dict[str, Any]] = []
     for name, ref in models.items():
         out_dir = os.path.join(scores_root, name)
