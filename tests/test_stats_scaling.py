@@ -60,7 +60,9 @@ def test_the_redundant_scale_gives_the_same_curve():
     p, n = _grid()
     k, alpha, beta, rho = 3.0, 0.4, 0.9, 0.7
     one = shifted_power_law(p, n, 2.0, 100.0, alpha, 5.0, beta, rho, 1.0)
-    other = shifted_power_law(p, n, 2.0 * k**-rho, 100.0 * k ** (1 / alpha), alpha, 5.0 * k ** (1 / beta), beta, rho, 1.0)
+    other = shifted_power_law(
+        p, n, 2.0 * k**-rho, 100.0 * k ** (1 / alpha), alpha, 5.0 * k ** (1 / beta), beta, rho, 1.0
+    )
     np.testing.assert_allclose(one, other, rtol=1e-12)
 
 

@@ -61,9 +61,13 @@ def fit_linear(l_ft: Sequence[float] | np.ndarray, l_f: Sequence[float] | np.nda
 
     x, y = np.asarray(l_ft, np.float64), np.asarray(l_f, np.float64)
     if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
-        raise ValueError(f"fit_linear: need two 1-D arrays of >= 3 paired points, got {x.shape} and {y.shape}")
+        raise ValueError(
+            f"fit_linear: need two 1-D arrays of >= 3 paired points, got {x.shape} and {y.shape}"
+        )
     result = linregress(x, y)
-    return LinearFit(c=-float(result.slope), s=float(result.intercept), r2=float(result.rvalue**2), n_points=len(x))
+    return LinearFit(
+        c=-float(result.slope), s=float(result.intercept), r2=float(result.rvalue**2), n_points=len(x)
+    )
 
 
 @dataclass(frozen=True)
@@ -144,8 +148,10 @@ def fit_shifted_power_law(
     """
     p_arr, n_arr, y = (np.asarray(v, np.float64) for v in (p, n, loss))
     if not (p_arr.shape == n_arr.shape == y.shape) or y.ndim != 1:
-        raise ValueError(f"fit_shifted_power_law: P, N and L must be 1-D of one length, got {p_arr.shape}, "
-                         f"{n_arr.shape}, {y.shape}")
+        raise ValueError(
+            f"fit_shifted_power_law: P, N and L must be 1-D of one length, got {p_arr.shape}, "
+            f"{n_arr.shape}, {y.shape}"
+        )
     if len(y) < 7:
         raise ValueError(f"fit_shifted_power_law: 6 constants need at least 7 points, got {len(y)}")
     if np.any(p_arr <= 0) or np.any(n_arr <= 0):
@@ -156,12 +162,16 @@ def fit_shifted_power_law(
     fits = [(s, *_fit_signed(p_arr, n_arr, y, s)) for s in signs]
     chosen, theta, _cost = min(fits, key=lambda f: f[2])
     log_a, alpha, log_b, beta, rho, shift = (float(v) for v in theta)
-    fit = PowerLawFit(chosen, float(np.exp(log_a)), alpha, float(np.exp(log_b)), beta, rho, shift, 0.0, len(y))
+    fit = PowerLawFit(
+        chosen, float(np.exp(log_a)), alpha, float(np.exp(log_b)), beta, rho, shift, 0.0, len(y)
+    )
     return dataclasses.replace(fit, r2=r_squared(y, fit.predict(p_arr, n_arr)))
 
 
 def r2_by_group(y: np.ndarray, predicted: np.ndarray, groups: np.ndarray) -> dict[Any, float]:
     """R^2 of `predicted` within each group (e.g. each LoRA rank): where a joint fit breaks."""
     y, predicted, groups = np.asarray(y), np.asarray(predicted), np.asarray(groups)
-    return {g.item() if hasattr(g, "item") else g: r_squared(y[groups == g], predicted[groups == g])
-            for g in np.unique(groups)}
+    return {
+        g.item() if hasattr(g, "item") else g: r_squared(y[groups == g], predicted[groups == g])
+        for g in np.unique(groups)
+    }
