@@ -104,3 +104,29 @@ def test_scaling_command_end_to_end(ray_session, tmp_path):
     assert main(["scaling", "--out", str(run_dir), *overrides]) == 0
     assert os.path.getmtime(out / "trials" / "rank-1.json") == mtime
     assert json.loads((out / "fits.json").read_text())["linear"] == fits["linear"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("scaling.ranks=[4]", "scaling.ranks: needs at least two LoRA ranks"),
+        ("scaling.ranks=[2, 2]", "scaling.ranks: must be distinct"),
+        ("scaling.min_step=0", "scaling.min_step: must be >= 1"),
+        ("score.metric=kl", "score.metric: expected one of 'nll', 'kl_ce'"),
+    ],
+)
+def test_bad_scaling_settings_name_the_key(override, message):
+    from forgetray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_scaling_yaml_loads_and_asks_for_a_task_of_the_run():
+    from forgetray.config import ConfigError, load_config
+    from forgetray.scaling.sweep import run_scaling
+
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "scaling.yaml"))
+    assert config.finetune.method == "lora" and config.scaling.ranks == (1, 2, 4, 8)
+    with pytest.raises(ConfigError, match=r"scaling\.task: 'rot13' is not one of the run's tasks"):
+        run_scaling(load_config(None, ["tasks.builtin=[addition]", "scaling.task=rot13"]), log=lambda m: None)
