@@ -51,7 +51,8 @@ def test_power_law_fit_recovers_planted_constants(planted):
         assert getattr(fit, name) == pytest.approx(planted[name], rel=2e-2), name
     for name in ("a", "b"):
         assert getattr(fit, name) == pytest.approx(planted[name], rel=1e-1), name
-    assert fit.r2 > 0.9999
+    assert fit.r2 > 0.9999 and fit.at_bounds == ()
+    assert 0.01 < fit.p_term_share < 0.99  # both P and N matter in the planted laws
     np.testing.assert_allclose(fit.predict(p, n), shifted_power_law(p, n, **planted), atol=1e-4)
 
 
@@ -64,6 +65,15 @@ def test_the_redundant_scale_gives_the_same_curve():
         p, n, 2.0 * k**-rho, 100.0 * k ** (1 / alpha), alpha, 5.0 * k ** (1 / beta), beta, rho, 1.0
     )
     np.testing.assert_allclose(one, other, rtol=1e-12)
+
+
+def test_a_law_without_dependence_on_p_is_flagged():
+    """With no dependence on P at all, the fit switches the P term off: its share of the bracket is ~0."""
+    p, n = _grid()
+    y = 2.0 + 3.0 / n**0.5
+    fit = fit_shifted_power_law(p, n, y, sign=1)
+    assert fit.r2 > 0.999
+    assert fit.p_term_share < 1e-3
 
 
 def test_r2_by_group_and_bad_inputs():

@@ -628,11 +628,13 @@ def _replay(run: _Run) -> str:
 
 def _power_law_row(name: str, fit: Mapping[str, Any]) -> list[Any]:
     if "error" in fit:
-        return [name, _Markup(escape(str(fit["error"]))), "", "", "", "", "", "", ""]
+        return [name, _Markup(escape(str(fit["error"]))), *[""] * 9]
     return [
         name,
         *(_fixed(fit[k], 4) for k in ("c", "a", "alpha", "b", "beta", "rho", "s")),
         _fixed(fit["r2"], 3),
+        _fixed(fit.get("p_term_share"), 3),
+        ", ".join(fit.get("at_bounds", [])) or "none",
     ]
 
 
@@ -657,9 +659,13 @@ def _scaling(run: _Run) -> str:
             [("c", _fixed(linear["c"])), ("s", _fixed(linear["s"])), ("R²", _fixed(linear["r2"], 3))]
         ),
         "<h3>(b) Shifted power laws L(P, N) = c · [(a / P)^α + (b / N)^β]^ρ + s</h3>",
-        _p("|c| is fixed to 1 (the form has one redundant scale, absorbed into a and b)."),
+        _p(
+            "|c| is fixed to 1 (the form has one redundant scale, absorbed into a and b). P-term share: "
+            "mean of (a/P)^α / [(a/P)^α + (b/N)^β] over the points (near 0: no dependence on P left). "
+            "Constants on a search bound are not determined by the data."
+        ),
         _table(
-            ["quantity", "c", "a", "α", "b", "β", "ρ", "s", "R²"],
+            ["quantity", "c", "a", "α", "b", "β", "ρ", "s", "R²", "P-term share", "on a bound"],
             [
                 _power_law_row("L_ft (fine-tuning loss)", fits["power_law_l_ft"]),
                 _power_law_row("L_f (forgetting)", fits["power_law_l_f"]),

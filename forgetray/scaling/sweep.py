@@ -282,5 +282,6 @@ def _log_fits(fits: dict[str, Any], log: Callable[[str], None]) -> None:
             continue
         log(
             f"scaling: {key}: {fit['c']:+.0f} * [({fit['a']:.4g}/P)^{fit['alpha']:.3f} + "
-            f"({fit['b']:.4g}/N)^{fit['beta']:.3f}]^{fit['rho']:.3f} + {fit['s']:.4f}, R^2 {fit['r2']:.3f}"
+            f"({fit['b']:.4g}/N)^{fit['beta']:.3f}]^{fit['rho']:.3f} + {fit['s']:.4f}, R^2 {fit['r2']:.3f}, "
+            f"P-term share {fit['p_term_share']:.3f}, on a bound: {', '.join(fit['at_bounds']) or 'none'}"
         )

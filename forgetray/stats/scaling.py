@@ -83,6 +83,12 @@ class PowerLawFit:
     s: float
     r2: float
     n_points: int
+    at_bounds: tuple[str, ...] = ()
+    """Constants that ended on a search bound (exponents in [0.001, 5], a and b within e^25 of the
+    data's P and N): the data do not pin them down, and the law is degenerate there."""
+    p_term_share: float = float("nan")
+    """Mean over the fitted points of (a/P)^alpha / [(a/P)^alpha + (b/N)^beta]: near 0 the law has
+    no P dependence left (N alone explains the data), near 1 no N dependence."""
 
     def predict(self, p: Any, n: Any) -> np.ndarray:
         return shifted_power_law(p, n, self.c, self.a, self.alpha, self.b, self.beta, self.rho, self.s)
@@ -102,8 +108,15 @@ def shifted_power_law(
     return c * np.exp(rho * log_x) + s
 
 
-def _fit_signed(p: np.ndarray, n: np.ndarray, y: np.ndarray, sign: float) -> tuple[np.ndarray, float]:
-    """Best (log a, alpha, log b, beta, rho, s) for one sign of c, over a small grid of starts."""
+_THETA = ("a", "alpha", "b", "beta", "rho", "s")
+"""Names of the searched constants, in the order of the search vector (a and b as logs)."""
+
+
+def _fit_signed(
+    p: np.ndarray, n: np.ndarray, y: np.ndarray, sign: float
+) -> tuple[np.ndarray, float, tuple[str, ...]]:
+    """Best (log a, alpha, log b, beta, rho, s) for one sign of c over a small grid of starts, its
+    cost, and the names of constants that ended on a bound."""
     from scipy.optimize import least_squares
 
     log_p, log_n = np.log(p), np.log(n)
@@ -116,7 +129,7 @@ def _fit_signed(p: np.ndarray, n: np.ndarray, y: np.ndarray, sign: float) -> tup
     span = float(np.ptp(y)) or 1.0
     lower = [log_p.min() - 25, 1e-3, log_n.min() - 25, 1e-3, 1e-3, -np.inf]
     upper = [log_p.max() + 25, 5.0, log_n.max() + 25, 5.0, 5.0, np.inf]
-    best: tuple[np.ndarray, float] | None = None
+    best: tuple[np.ndarray, float, tuple[str, ...]] | None = None
     # Starts: the shift just beyond the data's extreme in the direction the curve tends to, the
     # scales a and b at the data's geometric middle, and a few exponents.
     s0 = float(y.min() - 0.1 * span) if sign > 0 else float(y.max() + 0.1 * span)
@@ -130,7 +143,10 @@ def _fit_signed(p: np.ndarray, n: np.ndarray, y: np.ndarray, sign: float) -> tup
             continue
         cost = float(np.sum(result.fun**2))
         if best is None or cost < best[1]:
-            best = (result.x, cost)
+            on_bound = np.isclose(result.x, lower, rtol=1e-6, atol=1e-6) | np.isclose(
+                result.x, upper, rtol=1e-6, atol=1e-6
+            )
+            best = (result.x, cost, tuple(name for name, hit in zip(_THETA, on_bound, strict=True) if hit))
     if best is None:
         raise ValueError("fit_shifted_power_law: no start converged to finite residuals")
     return best
@@ -160,12 +176,14 @@ def fit_shifted_power_law(
         raise ValueError("fit_shifted_power_law: L has non-finite values")
     signs = (1.0, -1.0) if sign is None else (float(np.sign(sign)),)
     fits = [(s, *_fit_signed(p_arr, n_arr, y, s)) for s in signs]
-    chosen, theta, _cost = min(fits, key=lambda f: f[2])
+    chosen, theta, _cost, at_bounds = min(fits, key=lambda f: f[2])
     log_a, alpha, log_b, beta, rho, shift = (float(v) for v in theta)
     fit = PowerLawFit(
-        chosen, float(np.exp(log_a)), alpha, float(np.exp(log_b)), beta, rho, shift, 0.0, len(y)
+        chosen, float(np.exp(log_a)), alpha, float(np.exp(log_b)), beta, rho, shift, 0.0, len(y), at_bounds
     )
-    return dataclasses.replace(fit, r2=r_squared(y, fit.predict(p_arr, n_arr)))
+    p_term = alpha * (log_a - np.log(p_arr))
+    share = float(np.mean(np.exp(p_term - np.logaddexp(p_term, beta * (log_b - np.log(n_arr))))))
+    return dataclasses.replace(fit, r2=r_squared(y, fit.predict(p_arr, n_arr)), p_term_share=share)
 
 
 def r2_by_group(y: np.ndarray, predicted: np.ndarray, groups: np.ndarray) -> dict[Any, float]:
