@@ -56,7 +56,6 @@ def run_scaling(config: SweepConfig, log: Callable[[str], None] | None = None) -
     from forgetray.pipeline import (
         RunPaths,
         _task_names,
-        ensure_ray,
         prepare_base_model,
         prepare_data,
         setup_logging,
@@ -80,7 +79,6 @@ def run_scaling(config: SweepConfig, log: Callable[[str], None] | None = None) -
     started = time.perf_counter()
     prepare_data(paths, config, log)
     base = prepare_base_model(paths, config, log)
-    ensure_ray()
     train_trials(config, base, paths.upstream, paths.task(scaling.task), out, torch_extensions_dir(), log)
     points = collect_points(out, scaling.ranks)
     write_points(os.path.join(out, "points.csv"), points)
@@ -153,6 +151,9 @@ def train_trials(
         )
     if not trials:
         return
+    from forgetray.pipeline import ensure_ray
+
+    ensure_ray()
     check_task_encodings(base, {scaling.task: task_path}, config.finetune)
     concurrent = concurrent_tasks(config.finetune, len(trials))
     log(f"scaling: {len(trials)} trial(s), {concurrent} at a time, {config.finetune.max_steps} steps each")
@@ -235,7 +236,8 @@ def fit_scaling_laws(points: list[dict[str, Any]], min_step: int) -> dict[str, A
         result["l_f_via_linear"] = {"r2": r_squared(l_f, via)}
         by_rank["l_f_via_linear"] = r2_by_group(l_f, via, data["rank"])
     result["r2_by_rank"] = {k: {str(int(r)): v for r, v in d.items()} for k, d in by_rank.items()}
-    result["r2_by_min_step"] = _r2_by_min_step(points, arrays)
+    signs = {k: result[k].get("c") for k in ("power_law_l_ft", "power_law_l_f")}
+    result["r2_by_min_step"] = _r2_by_min_step(points, arrays, signs)
     return result
 
 
@@ -246,8 +248,11 @@ def _predict(fit: dict[str, Any], p: np.ndarray, n: np.ndarray) -> np.ndarray:
     return shifted_power_law(p, n, *(fit[k] for k in keys))
 
 
-def _r2_by_min_step(points: list[dict[str, Any]], arrays: Any) -> list[dict[str, Any]]:
-    """Refit with the earliest kept step moving up: where early steps stop or start fitting."""
+def _r2_by_min_step(
+    points: list[dict[str, Any]], arrays: Any, signs: dict[str, float | None]
+) -> list[dict[str, Any]]:
+    """Refit with the earliest kept step moving up: where early steps stop or start fitting. The
+    power laws keep the sign of c found at `min_step` (half the work of trying both)."""
     from forgetray.stats.scaling import fit_linear, fit_shifted_power_law
 
     rows = []
@@ -258,8 +263,12 @@ def _r2_by_min_step(points: list[dict[str, Any]], arrays: Any) -> list[dict[str,
         row: dict[str, Any] = {"min_step": first, "n_points": len(d["l_f"])}
         fits = {
             "linear": lambda d=d: fit_linear(d["l_ft"], d["l_f"]),
-            "power_law_l_ft": lambda d=d: fit_shifted_power_law(d["n_params"], d["step"], d["l_ft"]),
-            "power_law_l_f": lambda d=d: fit_shifted_power_law(d["n_params"], d["step"], d["l_f"]),
+            "power_law_l_ft": lambda d=d: fit_shifted_power_law(
+                d["n_params"], d["step"], d["l_ft"], signs["power_law_l_ft"]
+            ),
+            "power_law_l_f": lambda d=d: fit_shifted_power_law(
+                d["n_params"], d["step"], d["l_f"], signs["power_law_l_f"]
+            ),
         }
         for key, fit in fits.items():
             fitted = _try(fit)

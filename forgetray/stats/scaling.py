@@ -133,10 +133,10 @@ def _fit_signed(
     # Starts: the shift just beyond the data's extreme in the direction the curve tends to, the
     # scales a and b at the data's geometric middle, and a few exponents.
     s0 = float(y.min() - 0.1 * span) if sign > 0 else float(y.max() + 0.1 * span)
-    for alpha, beta, rho in itertools.product((0.3, 1.0), (0.3, 1.0), (0.5, 1.5)):
+    for alpha, beta, rho in itertools.product((0.3, 1.0), (0.3, 1.0), (1.0,)):
         start = np.array([np.median(log_p), alpha, np.median(log_n), beta, rho, s0])
         try:
-            result = least_squares(residuals, start, bounds=(lower, upper), method="trf", max_nfev=4000)
+            result = least_squares(residuals, start, bounds=(lower, upper), method="trf", max_nfev=1000)
         except (ValueError, FloatingPointError):
             continue
         if not np.all(np.isfinite(result.fun)):
