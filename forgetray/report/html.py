@@ -631,7 +631,7 @@ def _power_law_row(name: str, fit: Mapping[str, Any]) -> list[Any]:
         return [name, _Markup(escape(str(fit["error"]))), *[""] * 9]
     return [
         name,
-        *(_fixed(fit[k], 4) for k in ("c", "a", "alpha", "b", "beta", "rho", "s")),
+        *(_Num(_num(fit[k])) for k in ("c", "a", "alpha", "b", "beta", "rho", "s")),
         _fixed(fit["r2"], 3),
         _fixed(fit.get("p_term_share"), 3),
         ", ".join(fit.get("at_bounds", [])) or "none",
