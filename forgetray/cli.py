@@ -6,6 +6,7 @@ forgetray matrix RUN
 forgetray analyse RUN [key.sub=value ...]
 forgetray complete RUN [key.sub=value ...]
 forgetray report RUN
+forgetray scaling [CONFIG] [--out DIR] [--dry-run] [key.sub=value ...]
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {name}.seed=1")
     report = sub.add_parser("report", help="write <RUN>/report.html with every table and plot of the run")
     report.add_argument("run_dir")
+    _add_config_args(
+        sub.add_parser("scaling", help="LoRA-rank x step sweep and Kalajdzievski's scaling-law fits")
+    )
     return parser
 
 
@@ -105,6 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from forgetray.report.html import build_report
 
             print(build_report(args.run_dir))
+        elif args.command == "scaling":
+            config = resolve_config(args.args, args.out)
+            if args.dry_run:
+                sys.stdout.write(config.to_yaml())
+                return 0
+            from forgetray.report.html import build_report
+            from forgetray.scaling.sweep import run_scaling
+
+            run_scaling(config)
+            print(build_report(config.run_dir))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"forgetray: error: {e}", file=sys.stderr)
         return 2

@@ -305,6 +305,11 @@ class ScoreConfig:
     (`forgetray.score.packed`); false: length-bucketed padded batches (`forgetray.score.nll`).
     Packing also interleaves the shards (each holds the whole length mix), so the two settings cut
     different shards and a partial run resumes only under the setting it started with."""
+    metric: Literal["nll", "kl_ce"] = "nll"
+    """`nll`: mean token NLL, Z = NLL_after - NLL_before (Jin & Ren's log-perplexity increase).
+    `kl_ce`: cross-entropy against the base model's next-token distribution (Kalajdzievski 2024,
+    `forgetray.score.soft_ce`); score parts then hold that CE in their `nll` column (the base
+    model's own entry is its entropy), so Z = CE_after - H_base = KL(p_base || p_ft) per token."""
 
     def __post_init__(self) -> None:
         for name in ("max_length", "max_batch_tokens", "shard_size"):
@@ -330,6 +335,42 @@ class AnalyseConfig:
         _require(self.max_rank > 0, "max_rank", "must be a positive integer")
         _require(self.max_columns is None or self.max_columns > 0, "max_columns", "must be positive or null")
         _require(self.heatmap_rank > 0, "heatmap_rank", "must be a positive integer")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """`forgetray scaling CONFIG`: Kalajdzievski 2024's scaling laws for forgetting on one task.
+
+    One LoRA fine-tune per rank (Ray Tune trials through the finetune stage's TorchTrainer path, the
+    `finetune` section's settings with `method: lora` and `lora.rank` set per trial); every
+    `eval_every` steps each trial scores a fixed upstream sample (forgetting L_f, soft cross-entropy
+    against the base) and a fixed sample of the task (fine-tuning loss L_ft). Outputs in
+    `<run>/scaling/`.
+    """
+
+    task: str = "addition"
+    """The task fine-tuned (a built-in task name or a `tasks.sources` name)."""
+    ranks: tuple[int, ...] = (1, 2, 4, 8)
+    """LoRA ranks of the grid; P (parameters fine-tuned) is counted from each peft model."""
+    eval_every: int = 5
+    """Steps between evaluations (also at step 0 and at the last step)."""
+    n_upstream: int = 200
+    """Upstream examples scored at every evaluation (the first of the run's upstream sample)."""
+    n_task_eval: int = 64
+    """Task examples (the first of the task's training set) on which L_ft is measured."""
+    min_step: int = 10
+    """Fits use steps >= min_step (Kalajdzievski excluded the first 50 of 260)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.task), "task", "must name a task")
+        _require(len(self.ranks) >= 2, "ranks", "needs at least two LoRA ranks to fit a law in P")
+        _require(all(r > 0 for r in self.ranks), "ranks", "must be positive integers")
+        _require(
+            len(set(self.ranks)) == len(self.ranks), "ranks", f"must be distinct, got {list(self.ranks)}"
+        )
+        for name in ("eval_every", "n_upstream", "n_task_eval"):
+            _require(getattr(self, name) > 0, name, "must be a positive integer")
+        _require(self.min_step >= 1, "min_step", "must be >= 1 (the power law needs N > 0)")
 
 
 COMPLETION_METHODS = ("global_mean", "additive", "knn", "als_mf")
@@ -378,6 +419,7 @@ class SweepConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     analyse: AnalyseConfig = field(default_factory=AnalyseConfig)
     complete: CompleteConfig = field(default_factory=CompleteConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

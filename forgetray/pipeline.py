@@ -258,7 +258,9 @@ def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
         )
     models = {BASE: base} | {t: finetuned_model(base, pointers[t]) for t in tasks}
     with timer.stage("score"):
-        summaries = score_models(models, paths.upstream, paths.scores, config.score, log, progress)
+        summaries = score_models(
+            models, paths.upstream, paths.scores, config.score, log, progress, reference=base
+        )
     with timer.stage("matrix"):
         assemble_matrix(paths, config, log)
     with timer.stage("analyse"):
@@ -294,4 +296,7 @@ def score_checkpoint(run_dir: str, name: str, ref: ModelRef, progress: bool = Tr
     if not os.path.exists(paths.upstream):
         raise ConfigError(f"{paths.upstream}: missing; run `forgetray run` for this directory first")
     ensure_ray()
-    return score_model(name, ref, paths.upstream, paths.scores, config.score, log, progress)
+    reference = None
+    if config.score.metric != "nll":  # kl_ce scores against the run's base model
+        reference = ModelRef(**storage.read_json(paths.base_model)["model"])
+    return score_model(name, ref, paths.upstream, paths.scores, config.score, log, progress, reference)

@@ -62,6 +62,20 @@ def _maybe_fail(loop_config: dict[str, Any], step: int) -> None:
         os._exit(1)
 
 
+def _step_hook(loop_config: dict[str, Any], **context: Any) -> Any:
+    """The optional per-step hook named by `loop_config["step_hook"]` = {"factory": "module:function",
+    "config": {...}}: `factory(config, **context)` returns a callable `hook(step, loss)` run after
+    every optimizer step (and once with loss None before the first). It lets a caller measure the
+    model along training (e.g. `forgetray.scaling.probe`) without a checkpoint per measurement."""
+    spec = loop_config.get("step_hook")
+    if not spec:
+        return None
+    import importlib
+
+    module, _, name = spec["factory"].partition(":")
+    return getattr(importlib.import_module(module), name)(spec.get("config", {}), **context)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Fine-tune one task. `loop_config`: finetune (dict), model (ModelRef dict), task_path, task."""
     import pyarrow.parquet as pq
@@ -116,6 +130,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 start_step = int(progress["step"])
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    hook = _step_hook(loop_config, model=engine.module, tokenizer=tokenizer, rank=rank, total_steps=steps)
+    if hook is not None:
+        hook(start_step, None)
     started = time.perf_counter()
     loss_value = float("nan")
     tokens = 0
@@ -135,6 +152,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step_loss /= world_size
         loss_value = float(step_loss)
         done = step + 1
+        if hook is not None:
+            hook(done, loss_value)
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
             with tempfile.TemporaryDirectory() as directory:
                 engine.save_checkpoint(directory, tag=STATE_DIR)

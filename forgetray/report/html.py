@@ -626,6 +626,94 @@ def _replay(run: _Run) -> str:
     return _generic(results)
 
 
+def _power_law_row(name: str, fit: Mapping[str, Any]) -> list[Any]:
+    if "error" in fit:
+        return [name, _Markup(escape(str(fit["error"]))), *[""] * 9]
+    return [
+        name,
+        *(_Num(_num(fit[k])) for k in ("c", "a", "alpha", "b", "beta", "rho", "s")),
+        _fixed(fit["r2"], 3),
+        _fixed(fit.get("p_term_share"), 3),
+        ", ".join(fit.get("at_bounds", [])) or "none",
+    ]
+
+
+def _scaling(run: _Run) -> str:
+    """Kalajdzievski 2024's laws from `forgetray scaling` (`<run>/scaling/`)."""
+    fits = run.json("scaling", "fits.json")
+    if fits is None:
+        return _note("not run: forgetray scaling CONFIG (e.g. configs/scaling.yaml)")
+    linear = fits["linear"]
+    parts = [
+        _p(
+            f"Task {fits.get('task')}: LoRA ranks {fits['ranks']} (parameters fine-tuned P: "
+            f"{', '.join(f'{int(v):,}' for v in fits['n_params'].values())}); {fits['n_points']} points "
+            f"with steps N >= {fits['min_step']}. L_f: mean cross-entropy of the fine-tuned model against "
+            "the base model's next-token distribution on the upstream sample; L_ft: mean token NLL on "
+            "a fixed sample of the task's training examples."
+        ),
+        "<h3>(a) Linear relation L_f = -c · L_ft + s</h3>",
+        _note(f"fit failed: {linear['error']}")
+        if "error" in linear
+        else _kv_table(
+            [("c", _fixed(linear["c"])), ("s", _fixed(linear["s"])), ("R²", _fixed(linear["r2"], 3))]
+        ),
+        "<h3>(b) Shifted power laws L(P, N) = c · [(a / P)^α + (b / N)^β]^ρ + s</h3>",
+        _p(
+            "|c| is fixed to 1 (the form has one redundant scale, absorbed into a and b). P-term share: "
+            "mean of (a/P)^α / [(a/P)^α + (b/N)^β] over the points (near 0: no dependence on P left). "
+            "Constants on a search bound are not determined by the data."
+        ),
+        _table(
+            ["quantity", "c", "a", "α", "b", "β", "ρ", "s", "R²", "P-term share", "on a bound"],
+            [
+                _power_law_row("L_ft (fine-tuning loss)", fits["power_law_l_ft"]),
+                _power_law_row("L_f (forgetting)", fits["power_law_l_f"]),
+            ],
+        ),
+    ]
+    if "l_f_via_linear" in fits:
+        parts.append(
+            _p(f"L_f from the L_ft law through the linear relation: R² {fits['l_f_via_linear']['r2']:.3f}.")
+        )
+    by_rank = fits.get("r2_by_rank", {})
+    if by_rank:
+        ranks = sorted({r for d in by_rank.values() for r in d}, key=int)
+        parts += [
+            "<h3>Where the fits break: R² within each rank</h3>",
+            _table(
+                ["fit", *[f"rank {r}" for r in ranks]],
+                [[k, *[d.get(r) for r in ranks]] for k, d in by_rank.items()],
+            ),
+        ]
+    rows = fits.get("r2_by_min_step", [])
+    if rows:
+        parts += [
+            "<h3>R² as early steps are excluded</h3>",
+            _table(
+                ["min step", "points", "linear", "L_ft law", "L_f law"],
+                [
+                    [
+                        r["min_step"],
+                        r["n_points"],
+                        r.get("r2_linear"),
+                        r.get("r2_power_law_l_ft"),
+                        r.get("r2_power_law_l_f"),
+                    ]
+                    for r in rows
+                ],
+            ),
+        ]
+    for name, caption in (
+        ("linear_relation.png", "L_f against L_ft, every rank and step"),
+        ("power_law_l_ft.png", "fine-tuning loss against steps, with the fitted law"),
+        ("power_law_l_f.png", "forgetting against steps, with the fitted law"),
+    ):
+        if run.exists("scaling", name):
+            parts.append(_image(run.path("scaling", name), caption))
+    return "".join(parts)
+
+
 def _config(run: _Run) -> str:
     if not run.exists("config.yaml"):
         return _note("no config.yaml: is this a forgetray run directory?")
@@ -653,6 +741,7 @@ _SECTIONS: list[tuple[str, str, Callable[[_Run], str]]] = [
     ("analysis", "Analysis: how much simple structure explains", _analysis),
     ("completion", "Completion: predicting held-out tasks' forgetting", _completion),
     ("replay", "Replay", _replay),
+    ("scaling", "Scaling laws for forgetting (Kalajdzievski 2024)", _scaling),
     ("config", "Resolved config", _config),
     ("log", "Log", _log),
 ]

@@ -161,13 +161,27 @@ class ShardScorer:
 
 def _plan_record(upstream: pa.Table, ref: ModelRef, config: ScoreConfig) -> dict[str, Any]:
     digest = hashlib.sha256("\n".join(upstream.column("example_id").to_pylist()).encode()).hexdigest()
-    return {
+    plan = {
         "model": dataclasses.asdict(ref),
         "n_examples": upstream.num_rows,
         "example_ids_sha256": digest,
         "shard_size": config.shard_size,
         "max_length": config.max_length,
     } | ({"shard_order": "interleaved"} if config.packing else {})
+    if config.metric != "nll":  # plans written before score.metric existed stay valid
+        plan["metric"] = config.metric
+    return plan
+
+
+def _scorer(config: ScoreConfig, reference: ModelRef | None) -> tuple[Any, dict[str, Any]]:
+    """The actor class for the run's metric and its extra constructor arguments."""
+    if config.metric == "nll":
+        return ShardScorer, {}
+    if reference is None:
+        raise ScoreError(f"score.metric {config.metric}: scoring needs the base model as `reference`")
+    from forgetray.score.soft_ce_scorer import SoftCEShardScorer
+
+    return SoftCEShardScorer, {"reference": dataclasses.asdict(reference)}
 
 
 def _actor_count(config: ScoreConfig, n_shards: int) -> int:
@@ -203,8 +217,12 @@ def score_models(
     config: ScoreConfig,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    reference: ModelRef | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score every upstream example under each named model into `<scores_root>/<name>/`.
+
+    `reference` is the base model, needed by `score.metric: kl_ce` (cross-entropy against its
+    distribution, `forgetray.score.soft_ce_scorer`).
 
     One actor pool serves all models (model start-up is paid once per actor, not once per model).
     A model whose `_SUCCESS.json` exists is skipped; a partial one scores only its missing shards.
@@ -222,8 +240,13 @@ def score_models(
         out_dir = os.path.join(scores_root, name)
         success = os.path.join(out_dir, "_SUCCESS.json")
         if os.path.exists(success):
-            log(f"scores/{name}: already complete, skipped")
             summaries[name] = storage.read_json(success)
+            if summaries[name].get("metric", "nll") != config.metric:
+                raise ScoreError(
+                    f"{out_dir}: scored with metric {summaries[name].get('metric', 'nll')}, "
+                    f"not score.metric {config.metric}; use another run directory"
+                )
+            log(f"scores/{name}: already complete, skipped")
             continue
         _check_plan(out_dir, _plan_record(upstream, ref, config))
         todo += [
@@ -246,13 +269,15 @@ def score_models(
         # Our bar counts examples across shards; Ray Data's own bars and notices would interleave with it.
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         ray.data.DataContext.get_current().enable_progress_bars = False
+        scorer, scorer_kwargs = _scorer(config, reference)
         results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            ShardScorer,
+            scorer,
             fn_constructor_kwargs={
                 "models": {name: dataclasses.asdict(models[name]) for name in pending},
                 "upstream_path": os.path.abspath(upstream_path),
                 "scores_root": os.path.abspath(scores_root),
                 "score": dataclasses.asdict(config),
+                **scorer_kwargs,
             },
             batch_size=1,
             concurrency=n_actors,
@@ -281,6 +306,7 @@ def score_models(
             "mean_nll": float(np.mean(scores.column("nll"))),
             "scored_tokens_this_call": tokens[name],
             "tokens_per_second_all_models": round(rate, 1) if rate else None,
+            "metric": config.metric,
         }
         storage.write_json(os.path.join(out_dir, "_SUCCESS.json"), summaries[name])
         log(f"scores/{name}: {scores.num_rows} examples, mean NLL {summaries[name]['mean_nll']:.4f}")
@@ -300,9 +326,10 @@ def score_model(
     config: ScoreConfig,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    reference: ModelRef | None = None,
 ) -> dict[str, Any]:
     """`score_models` for one model."""
-    return score_models({name: ref}, upstream_path, scores_root, config, log, progress)[name]
+    return score_models({name: ref}, upstream_path, scores_root, config, log, progress, reference)[name]
 
 
 def read_scores(out_dir: str) -> pa.Table:
