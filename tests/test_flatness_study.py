@@ -124,6 +124,10 @@ def test_flatness_stage_writes_figures_grids_plots_and_the_correlation(runs):
     assert json.load(open(os.path.join(out, "figures.json")))["settings"]["resolution"] == 3
     assert open(os.path.join(out, "figures.csv")).read().splitlines()[0].startswith("model,curvature")
     assert os.path.exists(os.path.join(out, "flatness_vs_forgetting.png"))
+    from forgetray.report.html import build_report
+
+    html = open(build_report(run), encoding="utf-8").read()
+    assert "Flatness vs forgetting across tasks (Spearman)" in html and "landscape: base" in html
     # A second call with the same settings reuses every model's results.
     logged.clear()
     assert flatness_run(run, config, logged.append)["models"] == summary["models"]

@@ -626,6 +626,53 @@ def _replay(run: _Run) -> str:
     return _generic(results)
 
 
+def _flatness(run: _Run) -> str:
+    """Sharpness figures per model (forgetray.flatness) and their rank correlation with forgetting."""
+    results = run.json("flatness", "figures.json")
+    if results is None:
+        return _note(f"not run yet: {run.command('flatness')}")
+    from forgetray.flatness import FIGURES
+
+    settings = results["settings"]
+    forgetting = results.get("mean_forgetting", {})
+    parts = [
+        _p(
+            f"Loss ({settings['data']} sample of {settings['n_examples']} examples) on a "
+            f"{settings['resolution']} x {settings['resolution']} grid over [-{settings['span']}, "
+            f"{settings['span']}]^2 of two filter-normalised random directions around each model; "
+            "definitions in forgetray/flatness.py. Smaller is flatter."
+        ),
+        _table(
+            ["model", *FIGURES, "task loss", "mean forgetting"],
+            [
+                [
+                    name,
+                    *[_fixed(row[f]) for f in FIGURES],
+                    _fixed(row.get("task_loss")),
+                    _fixed(forgetting.get(name)),
+                ]
+                for name, row in results["models"].items()
+            ],
+        ),
+        "<h3>Flatness vs forgetting across tasks (Spearman)</h3>",
+        _table(
+            ["figure", "rho", "p-value", "tasks"],
+            [
+                [name, _fixed(v["rho"], 3), _fixed(v["p_value"], 3), v["n"]]
+                for name, v in results["spearman_vs_mean_forgetting"].items()
+            ],
+        ),
+    ]
+    if run.exists("flatness", "flatness_vs_forgetting.png"):
+        parts.append(
+            _image(run.path("flatness", "flatness_vs_forgetting.png"), "sharpness figures vs mean forgetting")
+        )
+    for name in ("base", *[n for n in results["models"] if n != "base"][:1]):
+        if run.exists("flatness", f"landscape_{name}.png"):
+            parts.append(_image(run.path("flatness", f"landscape_{name}.png"), f"loss landscape: {name}"))
+    return "".join(parts)
+
+
 def _config(run: _Run) -> str:
     if not run.exists("config.yaml"):
         return _note("no config.yaml: is this a forgetray run directory?")
@@ -653,6 +700,7 @@ _SECTIONS: list[tuple[str, str, Callable[[_Run], str]]] = [
     ("analysis", "Analysis: how much simple structure explains", _analysis),
     ("completion", "Completion: predicting held-out tasks' forgetting", _completion),
     ("replay", "Replay", _replay),
+    ("flatness", "Flatness: loss landscape and forgetting", _flatness),
     ("config", "Resolved config", _config),
     ("log", "Log", _log),
 ]
