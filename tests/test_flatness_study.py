@@ -132,6 +132,11 @@ def test_flatness_stage_writes_figures_grids_plots_and_the_correlation(runs):
     logged.clear()
     assert flatness_run(run, config, logged.append)["models"] == summary["models"]
     assert all("skipped" in line for line in logged)
+    # On each model's own task, the centre of a fine-tuned model's grid is its task loss.
+    on_task = flatness_run(runs[1], dataclasses.replace(config, data="task"), lambda m: None)["models"]
+    for task in TASKS:
+        assert on_task[task]["centre_loss"] == pytest.approx(on_task[task]["task_loss"])
+        assert on_task[task]["task_loss"] == pytest.approx(summary["models"][task]["task_loss"])
 
 
 @pytest.mark.slow

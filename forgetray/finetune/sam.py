@@ -24,6 +24,10 @@ Restoring: the perturbed weights are written into the module's parameters (in Ze
 DeepSpeed's flat low-precision buffers) and put back, bit for bit from a saved copy, after the
 second backward has reduced its gradients and before `engine.step()` (the accumulation boundary).
 The master weights the optimizer updates are therefore the unperturbed ones in every stage 0-2.
+
+The first pass runs on the engine's module without DeepSpeed's loss scaling: with `precision: fp16`
+tiny gradient entries can underflow to zero in it (only e's direction is affected; bf16 and fp32
+have fp32's exponent range and are not).
 """
 
 from __future__ import annotations
