@@ -630,7 +630,8 @@ def _flatness(run: _Run) -> str:
     """Sharpness figures per model (forgetray.flatness) and their rank correlation with forgetting."""
     results = run.json("flatness", "figures.json")
     if results is None:
-        return _note(f"not run yet: {run.command('flatness')}")
+        # An optional stage (not part of `forgetray run`): say how to get it, not that it is missing.
+        return _p(f"optional; draw the loss landscapes with: {run.command('flatness')}", "meta")
     from forgetray.flatness import FIGURES
 
     settings = results["settings"]
