@@ -32,12 +32,12 @@ have fp32's exponent range and are not).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
+from forgetray import storage
 from forgetray.config import SamConfig
 
 EPSILON = 1e-12
@@ -119,8 +119,7 @@ class SharpnessAwareMinimisation:
             p.add_(e.to(p.dtype))
         self.norms.append(norm)
         if self.norm_log:
-            with open(self.norm_log, "w", encoding="utf-8") as f:
-                json.dump({"norms": self.norms}, f)
+            storage.write_json(self.norm_log, {"norms": self.norms})
         return norm
 
     def ascend(self, loss_of: Callable[[Any], torch.Tensor], batches: Sequence[Any]) -> float:
