@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(
         sub.add_parser("scaling", help="LoRA-rank x step sweep and Kalajdzievski's scaling-law fits")
     )
+    flatness = sub.add_parser(
+        "flatness", help="loss landscape and sharpness of the base and each fine-tuned model"
+    )
+    flatness.add_argument("run_dir")
+    flatness.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. flatness.resolution=7")
+    compare = sub.add_parser(
+        "compare", help="runs side by side per task: forgetting, fine-tuning loss, flatness"
+    )
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN")
+    compare.add_argument("--out", help="also write the comparison as JSON to this file")
     return parser
 
 
@@ -119,6 +129,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_scaling(config)
             print(build_report(config.run_dir))
+        elif args.command == "flatness":
+            from forgetray.flatness_study import flatness_run
+            from forgetray.pipeline import RunPaths, setup_logging
+
+            paths = RunPaths(args.run_dir)
+            config = load_config(paths.config, args.overrides)
+            flatness_run(args.run_dir, config.flatness, setup_logging(paths))
+        elif args.command == "compare":
+            from forgetray import storage
+            from forgetray.flatness_study import compare_runs, comparison_markdown
+
+            comparison = compare_runs(args.run_dirs)
+            if args.out:
+                storage.write_json(args.out, comparison)
+            sys.stdout.write(comparison_markdown(comparison))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"forgetray: error: {e}", file=sys.stderr)
         return 2

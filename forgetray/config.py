@@ -206,6 +206,21 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class SamConfig:
+    """Sharpness-aware minimisation (Foret et al. 2021) around the base optimizer, as Li et al. 2024
+    use it against forgetting (their code: AdamW, rho 2.0 for full fine-tuning, lr 5e-6)."""
+
+    enabled: bool = False
+    rho: float = 0.05
+    """Radius of the weight perturbation rho * g / ||g||."""
+    adaptive: bool = False
+    """ASAM (Kwon et al. 2021): perturbation scaled per weight by |w|, e = rho * w^2 g / || |w| g ||."""
+
+    def __post_init__(self) -> None:
+        _require(self.rho >= 0, "rho", "must be >= 0 (0 makes SAM the base optimizer at twice the cost)")
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Fine-tuning one model per task: a DeepSpeed loop in Ray Train workers, tasks run through Ray Tune.
 
@@ -238,6 +253,8 @@ class FinetuneConfig:
     deepspeed_config: str | None = None
     """A DeepSpeed JSON to use as is (batch sizes must agree with the fields above)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+    """`sam.enabled: true` wraps the optimizer above in SAM (forgetray/finetune/sam.py)."""
     num_workers: int = 1
     """Ray Train workers (data-parallel ranks) per task."""
     cpus_per_worker: float = 1.0
@@ -263,6 +280,11 @@ class FinetuneConfig:
         _require(self.max_epochs > 0, "max_epochs", "must be > 0")
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+        _require(
+            not (self.sam.enabled and self.zero_stage == 3),
+            "zero_stage",
+            "SAM (sam.enabled) supports ZeRO stages 0, 1 and 2, not 3: set zero_stage to 2",
+        )
         _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
         _require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         _require(self.max_failures >= 0, "max_failures", "must be >= 0")
@@ -407,6 +429,31 @@ class CompleteConfig:
 
 
 @dataclass(frozen=True)
+class FlatnessConfig:
+    """Loss landscape around the base and every fine-tuned model (`forgetray flatness RUN`,
+    forgetray/flatness.py): a resolution x resolution grid of filter-normalised directions."""
+
+    data: Literal["upstream", "task"] = "upstream"
+    """Loss on a fixed sample of the upstream examples (every model alike), or on each fine-tuned
+    model's own task (the base model on an equal share of every task)."""
+    n_examples: int = 32
+    max_length: int = 128
+    """Tokens per example (its start), as in scoring."""
+    resolution: int = 11
+    """Grid points per direction (odd, so theta itself is on the grid)."""
+    span: float = 0.5
+    """The grid covers [-span, span]^2 in units of the filter-normalised directions."""
+    seed: int = 0
+    """Seeds the example sample and the directions (the same for every model)."""
+
+    def __post_init__(self) -> None:
+        _require(self.n_examples > 0, "n_examples", "must be a positive integer")
+        _require(self.max_length > 1, "max_length", "must be > 1")
+        _require(self.resolution >= 3 and self.resolution % 2 == 1, "resolution", "must be odd and >= 3")
+        _require(self.span > 0, "span", "must be > 0")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """Everything one forgetray run needs; the resolved copy is saved as `<run>/config.yaml`."""
 
@@ -420,6 +467,7 @@ class SweepConfig:
     analyse: AnalyseConfig = field(default_factory=AnalyseConfig)
     complete: CompleteConfig = field(default_factory=CompleteConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    flatness: FlatnessConfig = field(default_factory=FlatnessConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

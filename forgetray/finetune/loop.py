@@ -90,6 +90,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from forgetray.finetune.batches import collate, encode_task, micro_batches, total_steps
     from forgetray.finetune.deepspeed_config import build_deepspeed_config
+    from forgetray.finetune.sam import build_sam
     from forgetray.models import context_length, load_model
 
     config = config_from_dict(loop_config["finetune"], "finetune", FinetuneConfig)
@@ -119,6 +120,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         config=build_deepspeed_config(config, world_size, steps),
     )
 
+    # SAM: a first pass and a perturbation before each step's ordinary passes (forgetray/finetune/sam.py).
+    sam_log = loop_config.get("sam_norm_log")  # test hook: where each rank records the norms it used
+    sam = build_sam(config.sam, engine, world_size, sam_log.format(rank=rank) if sam_log else None)
+
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -139,10 +144,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for step in range(start_step, steps):
         _maybe_fail(loop_config, step)
         step_loss = torch.zeros((), device=device)
+        if sam is not None:
+            sam_batches = [
+                {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
+                for indices in micro_batches(len(examples), step, config, world_size, rank)
+            ]
+            sam.ascend(lambda batch: engine.module(**batch).loss, sam_batches)
         for indices in micro_batches(len(examples), step, config, world_size, rank):
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
             loss = engine(**batch).loss
             engine.backward(loss)
+            if sam is not None and engine.is_gradient_accumulation_boundary():
+                sam.restore()
             engine.step()
             step_loss += loss.detach().float()
             tokens += int(batch["attention_mask"].sum())

@@ -711,6 +711,53 @@ def _scaling(run: _Run) -> str:
     ):
         if run.exists("scaling", name):
             parts.append(_image(run.path("scaling", name), caption))
+
+
+def _flatness(run: _Run) -> str:
+    """Sharpness figures per model (forgetray.flatness) and their rank correlation with forgetting."""
+    results = run.json("flatness", "figures.json")
+    if results is None:
+        # An optional stage (not part of `forgetray run`): say how to get it, not that it is missing.
+        return _p(f"optional; draw the loss landscapes with: {run.command('flatness')}", "meta")
+    from forgetray.flatness import FIGURES
+
+    settings = results["settings"]
+    forgetting = results.get("mean_forgetting", {})
+    parts = [
+        _p(
+            f"Loss ({settings['data']} sample of {settings['n_examples']} examples) on a "
+            f"{settings['resolution']} x {settings['resolution']} grid over [-{settings['span']}, "
+            f"{settings['span']}]^2 of two filter-normalised random directions around each model; "
+            "definitions in forgetray/flatness.py. Smaller is flatter."
+        ),
+        _table(
+            ["model", *FIGURES, "task loss", "mean forgetting"],
+            [
+                [
+                    name,
+                    *[_fixed(row[f]) for f in FIGURES],
+                    _fixed(row.get("task_loss")),
+                    _fixed(forgetting.get(name)),
+                ]
+                for name, row in results["models"].items()
+            ],
+        ),
+        "<h3>Flatness vs forgetting across tasks (Spearman)</h3>",
+        _table(
+            ["figure", "rho", "p-value", "tasks"],
+            [
+                [name, _fixed(v["rho"], 3), _fixed(v["p_value"], 3), v["n"]]
+                for name, v in results["spearman_vs_mean_forgetting"].items()
+            ],
+        ),
+    ]
+    if run.exists("flatness", "flatness_vs_forgetting.png"):
+        parts.append(
+            _image(run.path("flatness", "flatness_vs_forgetting.png"), "sharpness figures vs mean forgetting")
+        )
+    for name in ("base", *[n for n in results["models"] if n != "base"][:1]):
+        if run.exists("flatness", f"landscape_{name}.png"):
+            parts.append(_image(run.path("flatness", f"landscape_{name}.png"), f"loss landscape: {name}"))
     return "".join(parts)
 
 
@@ -742,6 +789,7 @@ _SECTIONS: list[tuple[str, str, Callable[[_Run], str]]] = [
     ("completion", "Completion: predicting held-out tasks' forgetting", _completion),
     ("replay", "Replay", _replay),
     ("scaling", "Scaling laws for forgetting (Kalajdzievski 2024)", _scaling),
+    ("flatness", "Flatness: loss landscape and forgetting", _flatness),
     ("config", "Resolved config", _config),
     ("log", "Log", _log),
 ]

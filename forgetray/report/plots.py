@@ -289,3 +289,45 @@ def completion_bars(results: Mapping[str, Any], path: str, metric: str = "rmse")
     ax.set_title(f"Held-out tasks: {metric.upper()}" + (f" ({', '.join(detail)})" if detail else ""))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def loss_landscape(coordinates: np.ndarray, grid: np.ndarray, path: str, title: str) -> str:
+    """Contour map (left) and surface (right) of a loss grid L(theta + a d1 + b d2), theta at (0, 0)."""
+    a, b = np.meshgrid(coordinates, coordinates, indexing="ij")  # each (n, n), like grid
+    fig = _figure(10.0, 4.2)
+    ax = fig.add_subplot(1, 2, 1)
+    contours = ax.contourf(a, b, grid, levels=20, cmap="viridis")
+    ax.contour(a, b, grid, levels=20, colors="white", linewidths=0.4, alpha=0.6)
+    ax.plot([0.0], [0.0], marker="x", color="red")
+    fig.colorbar(contours, ax=ax, label="loss (nats/token)")
+    ax.set_xlabel("a (direction d1)")
+    ax.set_ylabel("b (direction d2)")
+    ax.set_title(f"Loss landscape: {title}")
+    surface = fig.add_subplot(1, 2, 2, projection="3d")
+    surface.plot_surface(a, b, grid, cmap="viridis", linewidth=0, antialiased=True)
+    surface.set_xlabel("a")
+    surface.set_ylabel("b")
+    surface.set_zlabel("loss")
+    return _save(fig, path)
+
+
+def flatness_scatter(
+    figures_by_task: Mapping[str, Mapping[str, float]], mean_forgetting: Mapping[str, float], path: str
+) -> str:
+    """Each sharpness figure of the fine-tuned models against their mean forgetting, one point per task."""
+    names = ("curvature", "average_gradient", "mean_absolute_gradient", "max_increase")
+    tasks = [t for t in mean_forgetting if t in figures_by_task]
+    fig = _figure(4.0 * len(names), 3.8)
+    for k, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), k + 1)
+        x = [figures_by_task[t][name] for t in tasks]
+        y = [mean_forgetting[t] for t in tasks]
+        ax.scatter(x, y, color="C0")
+        for t, xi, yi in zip(tasks, x, y, strict=True):
+            ax.annotate(t, (xi, yi), fontsize=6, alpha=0.7)
+        ax.set_xlabel(name.replace("_", " "))
+        if k == 0:
+            ax.set_ylabel("mean forgetting (nats)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Flatness of each fine-tuned model vs its mean forgetting")
+    return _save(fig, path)
