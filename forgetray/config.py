@@ -361,7 +361,7 @@ class CompleteConfig:
 
 
 REPLAY_SAMPLERS = ("random", "predicted", "ground_truth", "top_k")
-PROBE_STRATEGIES = ("random", "leverage", "variance", "pivoted_qr")
+PROBE_STRATEGIES = ("random", "leverage", "variance", "pivoted_qr", "coverage")
 
 
 @dataclass(frozen=True)
@@ -377,7 +377,8 @@ class ReplayConfig:
     ratio: float = 0.25
     """Replay steps per task step; training runs task_steps x (1 + ratio) steps."""
     samplers: tuple[str, ...] = REPLAY_SAMPLERS
-    """Conditions besides no replay: random, predicted, ground_truth (upper bound), top_k."""
+    """Conditions besides no replay: random, predicted, ground_truth (upper bound), top_k, and
+    online (the partition method: random replay for `online_fraction` of steps, then predicted)."""
     temperature: float = 0.1
     """T of softmax(forgetting / T) for the predicted and ground_truth samplers."""
     n_tasks: int = 3
@@ -389,7 +390,8 @@ class ReplayConfig:
     revealed_k: int = 30
     """Entries of a held-out task's row measured before predicting the rest."""
     probe: str = "random"
-    """How the revealed_k entries are chosen: random (the paper), leverage, variance, pivoted_qr."""
+    """How the revealed_k entries are chosen: random (the paper), leverage, variance, pivoted_qr,
+    coverage."""
     rank: int = 5
     reg: float = 0.03
     """ALS MF (the completion stage's best method) fits the predictions; rank and reg as `complete`."""
@@ -402,8 +404,9 @@ class ReplayConfig:
     def __post_init__(self) -> None:
         _require(self.ratio > 0, "ratio", "must be > 0")
         _require(self.temperature > 0, "temperature", "must be > 0")
-        unknown = [s for s in self.samplers if s not in REPLAY_SAMPLERS]
-        _require(not unknown, "samplers", f"unknown {unknown}; choose from {', '.join(REPLAY_SAMPLERS)}")
+        allowed = (*REPLAY_SAMPLERS, "online")
+        unknown = [s for s in self.samplers if s not in allowed]
+        _require(not unknown, "samplers", f"unknown {unknown}; choose from {', '.join(allowed)}")
         _require(self.n_tasks > 0, "n_tasks", "must be a positive integer")
         _require(self.n_never_replayed > 0, "n_never_replayed", "must be a positive integer")
         _require(self.revealed_k > 0, "revealed_k", "must be a positive integer")

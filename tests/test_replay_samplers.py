@@ -104,13 +104,14 @@ def test_probe_strategies_pick_distinct_candidates():
     rng = np.random.default_rng(0)
     z = rng.normal(size=(8, 3)) @ rng.normal(size=(3, 200)) + rng.normal(scale=0.1, size=(8, 200))
     candidates = np.arange(50, 200)
-    for strategy in ("random", "leverage", "variance", "pivoted_qr"):
+    for strategy in ("random", "leverage", "variance", "pivoted_qr", "coverage"):
         idx = select_probes(strategy, z, 20, candidates=candidates, rank=3)
         assert len(np.unique(idx)) == 20 and np.isin(idx, candidates).all()
     variance = select_probes("variance", z, 5, rank=3)
     np.testing.assert_array_equal(variance, np.sort(np.argsort(-z.std(axis=0))[:5]))
     result = evaluate_probes(z, {"als_mf": ALSMF(rank=3)}, k=20, seeds=range(2), rank=3)
-    assert set(result["als_mf"]) == {"random", "leverage", "variance", "pivoted_qr"}
+    assert set(result["als_mf"]) == {"random", "leverage", "variance", "pivoted_qr", "coverage"}
+    assert 0 <= result["als_mf"]["coverage"]["tasks_better_than_random"] <= 8
     assert 0 <= result["als_mf"]["leverage"]["beats_random_seeds"] <= 1
     assert all(np.isfinite(v["rmse_mean"]) for v in result["als_mf"].values())
 

@@ -111,6 +111,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Upstream examples interleaved into training (forgetray.replay.mixing); steps x (1 + ratio).
         from forgetray.replay.mixing import ReplayMixer
 
+        replay_spec = {**replay_spec, "max_length": min(int(replay_spec["max_length"]), max_length)}
         replay = ReplayMixer(replay_spec, tokenizer, steps, config, world_size, rank)
         steps = replay.total_steps
     params = [p for p in model.parameters() if p.requires_grad]

@@ -176,7 +176,7 @@ def online_spec(
     out = os.path.join(run_dir, "replay", "matrices")
     matrix_path = os.path.abspath(os.path.join(out, f"without_{task_name or 'none'}.npy"))
     if not os.path.exists(matrix_path):
-        storage.write_npy(matrix_path, np.asarray(z, dtype=np.float32)[keep])
+        storage.save_npy(matrix_path, np.asarray(z, dtype=np.float32)[keep])
     base = aligned_nll(read_scores(os.path.join(run_dir, "scores", "base")), index["examples"], "base")
     rc = config.replay
     return {
@@ -189,7 +189,7 @@ def online_spec(
         "reg": rc.reg,
         "temperature": rc.temperature,
         "seed": rc.seed,
-        "score": {"max_length": config.score.max_length},
+        "score_max_length": config.score.max_length,
         "max_batch_tokens": config.score.max_batch_tokens,
     }
 

@@ -10,6 +10,8 @@ anything about the new task is measured:
                 singular vectors: the columns that pin down the factor coordinates of a new row
     pivoted_qr  the column pivots of a QR of V_r^T (one per factor, well-conditioned together; the
                 DEIM / QDEIM choice of interpolation points), then the rest by leverage
+    coverage    k-means of the columns' known-task profiles into k clusters, the column nearest each
+                centre: a representative spread (seeded, like random)
 
 `evaluate_probes` runs the completion protocol leave-one-task-out with each strategy against
 random k over seeds. Pure numpy / scipy.
@@ -22,10 +24,13 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
+import scipy.stats
 
 from forgetray.stats.completion import Completer, reveal_columns
 
-STRATEGIES = ("random", "leverage", "variance", "pivoted_qr")
+STRATEGIES = ("random", "leverage", "variance", "pivoted_qr", "coverage")
+SEEDED = ("random", "coverage")
+"""Strategies with a seed: evaluated over every seed, like random."""
 
 
 def _factors(z_train: np.ndarray, rank: int) -> np.ndarray:
@@ -34,6 +39,25 @@ def _factors(z_train: np.ndarray, rank: int) -> np.ndarray:
     centred = z_train - z_train.mean(axis=1, keepdims=True)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     return vt[: min(rank, len(vt))].T  # type: ignore[no-any-return]
+
+
+def _coverage(sub: np.ndarray, candidates: np.ndarray, k: int, rank: int, seed: int) -> np.ndarray:
+    """k-means of the candidates' known-task profiles (column means kept, projected on the top-r
+    factors, scaled by their singular values) into k clusters; the candidate nearest each centre.
+    A representative spread instead of extremes: every region of example space gets one probe."""
+    import scipy.cluster.vq
+
+    centred = sub - sub.mean(axis=1, keepdims=True)  # (train tasks, candidates)
+    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    r = min(rank, len(sv))
+    points = np.hstack([sub.mean(axis=0)[:, None], (vt[:r] * sv[:r, None]).T])  # (candidates, r + 1)
+    centres, _ = scipy.cluster.vq.kmeans2(points, k, seed=seed, minit="++")
+    chosen: list[int] = []
+    for centre in centres:
+        distance = np.square(points - centre).sum(axis=1)
+        distance[chosen] = np.inf
+        chosen.append(int(np.argmin(distance)))
+    return np.sort(candidates[np.asarray(chosen, dtype=np.int64)])
 
 
 def select_probes(
@@ -58,6 +82,8 @@ def select_probes(
     if strategy == "variance":
         order = np.argsort(-sub.std(axis=0), kind="stable")
         return np.sort(candidates[order[:k]])
+    if strategy == "coverage":
+        return _coverage(sub, candidates, k, rank, seed)
     factors = _factors(sub, rank)  # (candidates, r)
     leverage = np.square(factors).sum(axis=1)
     by_leverage = np.argsort(-leverage, kind="stable")
@@ -98,7 +124,7 @@ def evaluate_probes(
     for name, completer in completers.items():
         per: dict[str, Any] = {}
         for strategy in strategies:
-            runs = seeds if strategy == "random" else [None]
+            runs = seeds if strategy in SEEDED else [None]
             rmses, task_rmse = [], np.zeros((len(runs), m))
             for r, seed in enumerate(runs):
                 errors = []
@@ -107,7 +133,7 @@ def evaluate_probes(
                     if strategy == "random":
                         idx = reveal_columns(n, k, int(seed), row)  # type: ignore[arg-type]
                     else:
-                        idx = select_probes(strategy, train, k, rank=rank)
+                        idx = select_probes(strategy, train, k, rank=rank, seed=int(seed or 0) * 1000 + row)
                     prediction = np.asarray(completer.fit_predict(train, idx, z[row, idx].copy()))
                     hidden = np.ones(n, dtype=bool)
                     hidden[idx] = False
@@ -125,5 +151,11 @@ def evaluate_probes(
         for strategy, result in per.items():
             if strategy != "random" and len(random_rmses):
                 result["beats_random_seeds"] = float(np.mean(result["rmse_mean"] < random_rmses))
+                # paired over tasks: this strategy's per-task RMSE vs random's (mean over seeds)
+                a, b = np.asarray(result["task_rmse"]), np.asarray(per["random"]["task_rmse"])
+                result["tasks_better_than_random"] = int(np.sum(a < b))
+                result["wilcoxon_p_vs_random"] = (
+                    float(scipy.stats.wilcoxon(a, b).pvalue) if np.any(a != b) and m > 1 else None
+                )
         out[name] = per
     return out
