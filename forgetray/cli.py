@@ -79,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `forgetray finetune TASK --protect RUN key=value`: overrides after an option land here
+        if args.command not in ("replay", "finetune") or not all("=" in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "run":
             config = resolve_config(args.args, args.out)
