@@ -7,6 +7,8 @@ forgetray analyse RUN [key.sub=value ...]
 forgetray complete RUN [key.sub=value ...]
 forgetray report RUN
 forgetray scaling [CONFIG] [--out DIR] [--dry-run] [key.sub=value ...]
+forgetray replay RUN [key.sub=value ...]
+forgetray finetune TASK --protect RUN [--out DIR] [key.sub=value ...]
 """
 
 from __future__ import annotations
@@ -76,11 +78,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("run_dirs", nargs="+", metavar="RUN")
     compare.add_argument("--out", help="also write the comparison as JSON to this file")
+    replay = sub.add_parser(
+        "replay", help="replay by predicted forgetting vs random / none on held-out tasks (<RUN>/replay)"
+    )
+    replay.add_argument("run_dir")
+    replay.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. replay.n_tasks=2")
+    replay.add_argument("--no-progress", action="store_true")
+    finetune = sub.add_parser("finetune", help="fine-tune one task, protecting a run's upstream examples")
+    finetune.add_argument("task", help="a built-in task name or a prompt/response file")
+    finetune.add_argument("--protect", required=True, metavar="RUN", help="the run whose examples to protect")
+    finetune.add_argument("--out", help="output directory (default <RUN>/protect)")
+    finetune.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. replay.ratio=0.125")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `forgetray finetune TASK --protect RUN key=value`: overrides after an option land here
+        if args.command not in ("replay", "finetune") or not all("=" in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "run":
             config = resolve_config(args.args, args.out)
@@ -115,6 +134,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 analyse_run(args.run_dir, config.analyse, log)
             else:
                 complete_run(args.run_dir, config.complete, log)
+        elif args.command in ("replay", "finetune"):
+            from forgetray.pipeline import RunPaths, setup_logging
+
+            run_dir = args.run_dir if args.command == "replay" else args.protect
+            paths = RunPaths(run_dir)
+            config = load_config(paths.config, args.overrides)
+            log = setup_logging(paths)
+            if args.command == "replay":
+                from forgetray.replay.experiment import probes_run, replay_run
+
+                probes_run(run_dir, config, log)
+                replay_run(run_dir, config, log, progress=not args.no_progress)
+                from forgetray.report.html import build_report
+
+                log(f"report: {build_report(run_dir)}")
+            else:
+                import os
+
+                from forgetray.replay.online import protect_finetune
+
+                protect_finetune(
+                    run_dir, args.task, args.out or os.path.join(run_dir, "protect"), config, log
+                )
         elif args.command == "report":
             from forgetray.report.html import build_report
 

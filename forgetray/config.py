@@ -428,6 +428,66 @@ class CompleteConfig:
         _require(self.rank > 0 and self.knn_k > 0, "rank", "rank and knn_k must be positive integers")
 
 
+REPLAY_SAMPLERS = ("random", "predicted", "ground_truth", "top_k")
+PROBE_STRATEGIES = ("random", "leverage", "variance", "pivoted_qr", "coverage")
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """Replay weighted by predicted forgetting (`forgetray replay`, `forgetray finetune --protect`).
+
+    Sized for the built-in default on 2 CPU cores. The paper's values (Jin & Ren 2024): ratio 1/32
+    (OLMo-1B/7B; 1/8 for OLMo-7B-Instruct), temperature 0.1, revealed_k 30, 10,000 never-replayed
+    examples of 141,871, online fraction 0.1. The built-in run trains only 60 steps per task, where
+    1/32 would be 2 replay steps, so the default ratio here is 1/4.
+    """
+
+    ratio: float = 0.25
+    """Replay steps per task step; training runs task_steps x (1 + ratio) steps."""
+    samplers: tuple[str, ...] = REPLAY_SAMPLERS
+    """Conditions besides no replay: random, predicted, ground_truth (upper bound), top_k, and
+    online (the partition method: random replay for `online_fraction` of steps, then predicted)."""
+    temperature: float = 0.1
+    """T of softmax(forgetting / T) for the predicted and ground_truth samplers."""
+    n_tasks: int = 3
+    """Held-out tasks of the offline experiment (each costs one fine-tune per sampler)."""
+    task_seed: int = 0
+    n_never_replayed: int = 500
+    """Upstream examples never replayed: the only ones replay runs are judged on (paper: 10,000)."""
+    split_seed: int = 0
+    revealed_k: int = 30
+    """Entries of a held-out task's row measured before predicting the rest."""
+    probe: str = "random"
+    """How the revealed_k entries are chosen: random (the paper), leverage, variance, pivoted_qr,
+    coverage."""
+    rank: int = 5
+    reg: float = 0.03
+    """ALS MF (the completion stage's best method) fits the predictions; rank and reg as `complete`."""
+    online_fraction: float = 0.1
+    """Online variant: share of training steps with random replay before measuring and completing."""
+    probe_eval_seeds: int = 10
+    """Seeds of random probes in the active-probe evaluation."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.ratio > 0, "ratio", "must be > 0")
+        _require(self.temperature > 0, "temperature", "must be > 0")
+        allowed = (*REPLAY_SAMPLERS, "online")
+        unknown = [s for s in self.samplers if s not in allowed]
+        _require(not unknown, "samplers", f"unknown {unknown}; choose from {', '.join(allowed)}")
+        _require(self.n_tasks > 0, "n_tasks", "must be a positive integer")
+        _require(self.n_never_replayed > 0, "n_never_replayed", "must be a positive integer")
+        _require(self.revealed_k > 0, "revealed_k", "must be a positive integer")
+        _require(
+            self.probe in PROBE_STRATEGIES,
+            "probe",
+            f"got {self.probe!r}; choose from {', '.join(PROBE_STRATEGIES)}",
+        )
+        _require(self.rank > 0 and self.reg > 0, "rank", "rank and reg must be positive")
+        _require(0 < self.online_fraction < 1, "online_fraction", "must be in (0, 1)")
+        _require(self.probe_eval_seeds > 0, "probe_eval_seeds", "must be a positive integer")
+
+
 @dataclass(frozen=True)
 class FlatnessConfig:
     """Loss landscape around the base and every fine-tuned model (`forgetray flatness RUN`,
@@ -468,6 +528,7 @@ class SweepConfig:
     complete: CompleteConfig = field(default_factory=CompleteConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     flatness: FlatnessConfig = field(default_factory=FlatnessConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

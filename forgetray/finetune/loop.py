@@ -76,6 +76,17 @@ def _step_hook(loop_config: dict[str, Any], **context: Any) -> Any:
     return getattr(importlib.import_module(module), name)(spec.get("config", {}), **context)
 
 
+def _broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every rank (the value itself with one process)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Fine-tune one task. `loop_config`: finetune (dict), model (ModelRef dict), task_path, task."""
     import pyarrow.parquet as pq
@@ -107,6 +118,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     max_length = min(config.max_length, context_length(model.config) or config.max_length)
     examples = encode_task(tokenizer, loop_config["task"], task, max_length)
     steps = total_steps(config, len(examples), world_size)
+    replay = None
+    replay_spec = loop_config.get("replay") or (loop_config.get("replay_by_task") or {}).get(
+        loop_config["task"]
+    )
+    if replay_spec:
+        # Upstream examples interleaved into training (forgetray.replay.mixing); steps x (1 + ratio).
+        from forgetray.replay.mixing import ReplayMixer
+
+        replay_spec = {**replay_spec, "max_length": min(int(replay_spec["max_length"]), max_length)}
+        replay = ReplayMixer(replay_spec, tokenizer, steps, config, world_size, rank)
+        steps = replay.total_steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (
         torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -133,6 +155,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if os.path.isdir(os.path.join(directory, STATE_DIR)):
                 engine.load_checkpoint(directory, tag=STATE_DIR)
                 start_step = int(progress["step"])
+                if replay is not None:
+                    replay.load_state(progress)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     hook = _step_hook(loop_config, model=engine.module, tokenizer=tokenizer, rank=rank, total_steps=steps)
@@ -144,14 +168,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for step in range(start_step, steps):
         _maybe_fail(loop_config, step)
         step_loss = torch.zeros((), device=device)
-        if sam is not None:
-            sam_batches = [
-                {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
+        if replay is None:
+            chunks = [
+                [examples[i] for i in indices]
                 for indices in micro_batches(len(examples), step, config, world_size, rank)
             ]
-            sam.ascend(lambda batch: engine.module(**batch).loss, sam_batches)
-        for indices in micro_batches(len(examples), step, config, world_size, rank):
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
+        else:
+            if replay.needs_measurement(step):
+                with deepspeed.zero.GatheredParameters(
+                    list(engine.module.parameters()), enabled=engine.zero_optimization_stage() == 3
+                ):
+                    replay.measure_and_complete(engine.module, _broadcast_from_rank0)
+            chunks = replay.step_examples(
+                step, examples, lambda i: micro_batches(len(examples), i, config, world_size, rank)
+            )
+        batches = [{k: v.to(device) for k, v in collate(chunk, pad_id).items()} for chunk in chunks]
+        if sam is not None:
+            sam.ascend(lambda batch: engine.module(**batch).loss, batches)
+        for batch in batches:
             loss = engine(**batch).loss
             engine.backward(loss)
             if sam is not None and engine.is_gradient_accumulation_boundary():
@@ -171,7 +205,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as directory:
                 engine.save_checkpoint(directory, tag=STATE_DIR)
                 with open(os.path.join(directory, PROGRESS_FILE), "w") as f:
-                    json.dump({"step": done}, f)
+                    json.dump({"step": done, **(replay.state() if replay is not None else {})}, f)
                 ray.train.report(
                     {"step": done, "loss": loss_value},
                     checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -198,6 +232,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_tokens_rank0": tokens,
             "resumed_from_step": start_step,
         }
+        if replay is not None:
+            metrics["replay"] = replay.summary()
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
         )

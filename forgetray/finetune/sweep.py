@@ -111,6 +111,8 @@ def train_task(tune_config: dict[str, Any]) -> None:
         "wall_seconds": time.perf_counter() - started,
         "resumed_from_step": metrics["resumed_from_step"],
     }
+    if metrics.get("replay") is not None:
+        pointer["replay"] = metrics["replay"]  # steps and examples replayed (forgetray.replay.mixing)
     storage.write_json(trial["pointer_path"], pointer)
     print(
         f"finetune {task}: {pointer['steps']} steps, final loss {pointer['loss']:.4f}, "

@@ -620,10 +620,91 @@ def _flat(value: Any) -> Any:
 
 
 def _replay(run: _Run) -> str:
+    """Forgetting on never-replayed examples per replay condition, the paired tests, prediction
+    quality, and the active-probe evaluation (`forgetray replay`, forgetray.replay.experiment)."""
     results = run.json("replay", "results.json")
-    if results is None:
+    probes = run.json("replay", "probes.json")
+    if results is None and probes is None:
         return _note(f"not run yet: {run.command('replay')}")
-    return _generic(results)
+    if results is not None and "conditions" not in results:
+        return _generic(results)  # not written by forgetray.replay.experiment: show what it holds
+    parts = []
+    if results is not None:
+        tasks = results["tasks"]
+        parts.append(
+            _p(
+                f"Each of {len(tasks)} held-out tasks fine-tuned once per condition with "
+                f"{results['ratio']:g} replay steps per task step; forgetting (nats) measured on "
+                f"{results['n_never_replayed']} upstream examples that no condition replays "
+                f"(replay pool {results['pool_size']}, T = {results['temperature']:g}, "
+                f"{results['revealed_k']} {results['probe']} probes). Lower is better."
+            )
+        )
+        rows = [
+            [name, _fixed(c["mean_forgetting"]), *[_fixed(c["per_task"].get(t)) for t in tasks]]
+            for name, c in results["conditions"].items()
+        ]
+        parts.append(_table(["condition", "mean forgetting", *tasks], rows))
+        test_rows = []
+        for key, test in results["tests"].items():
+            e, t = test["over_examples"], test["over_tasks"]
+            test_rows.append(
+                [
+                    key.replace("_vs_", " vs "),
+                    _fixed(e["mean_difference"]),
+                    e["n"],
+                    _Num(_num(e["wilcoxon_p"])),
+                    _Num(_num(e["t_p"])),
+                    t["n"],
+                    _Num(_num(t["wilcoxon_p"])),
+                    _Num(_num(t["t_p"])),
+                ]
+            )
+        parts.append(
+            _table(
+                [
+                    "comparison (A vs B)",
+                    "mean A - B",
+                    "pairs",
+                    "Wilcoxon p",
+                    "paired t p",
+                    "tasks",
+                    "Wilcoxon p (tasks)",
+                    "t p (tasks)",
+                ],
+                test_rows,
+            )
+        )
+        if "predicted_beats_random" in results:
+            verdict = "beat" if results["predicted_beats_random"] else "did not significantly beat"
+            parts.append(_p(f"Predicted replay {verdict} random replay (Wilcoxon over examples, p < 0.05)."))
+        quality = [
+            [t, _fixed(q["rmse"]), _fixed(q["pearson"], 3), _fixed(q["spearman"], 3)]
+            for t, q in results["prediction_on_pool"].items()
+        ]
+        parts.append(_table(["task", "prediction RMSE", "Pearson", "Spearman"], quality))
+    if probes is not None:
+        rows = []
+        for method, per in probes.items():
+            if not isinstance(per, dict) or "random" not in per:
+                continue
+            for strategy, v in per.items():
+                rows.append(
+                    [
+                        method,
+                        strategy,
+                        _pm(v["rmse_mean"], v["rmse_std"], 100, 2),
+                        _Num(_num(v.get("beats_random_seeds"))),
+                    ]
+                )
+        parts.append(
+            _p(
+                f"Active probe selection: completion RMSE x100, leave-one-task-out, k = {probes['k']}, "
+                f"random over {len(probes['seeds'])} seeds."
+            )
+        )
+        parts.append(_table(["method", "probes", "RMSE x100", "share of random seeds beaten"], rows))
+    return "".join(parts)
 
 
 def _power_law_row(name: str, fit: Mapping[str, Any]) -> list[Any]:
