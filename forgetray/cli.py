@@ -6,6 +6,7 @@ forgetray matrix RUN
 forgetray analyse RUN [key.sub=value ...]
 forgetray complete RUN [key.sub=value ...]
 forgetray report RUN
+forgetray sweep SWEEP_CONFIG [--out DIR] [--dry-run] [key.sub=value ...]
 """
 
 from __future__ import annotations
@@ -62,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {name}.seed=1")
     report = sub.add_parser("report", help="write <RUN>/report.html with every table and plot of the run")
     report.add_argument("run_dir")
+    sweep = sub.add_parser("sweep", help="one run per base model (e.g. sizes), then a summary across them")
+    sweep.add_argument(
+        "args",
+        nargs="+",
+        metavar="CONFIG|key=value",
+        help="a size-sweep YAML (out, run, sizes; see configs/sizes.yaml) and overrides, "
+        "e.g. run.finetune.max_steps=10",
+    )
+    sweep.add_argument("--out", help="sweep directory (overrides out)")
+    sweep.add_argument("--dry-run", action="store_true", help="print the resolved sweep config and exit")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return parser
 
 
@@ -73,9 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.dry_run:
                 sys.stdout.write(config.to_yaml())
                 return 0
-            from forgetray.pipeline import run
+            from forgetray.cluster import run_anywhere
 
-            run(config, progress=not args.no_progress)
+            run_anywhere(config, progress=not args.no_progress)
         elif args.command == "score":
             from forgetray.models import ModelRef
             from forgetray.pipeline import load_run_config, score_checkpoint
@@ -105,6 +117,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             from forgetray.report.html import build_report
 
             print(build_report(args.run_dir))
+        elif args.command == "sweep":
+            import yaml
+
+            from forgetray.size_sweep import load_size_sweep, replace_out, run_size_sweep
+
+            path, overrides = _split_config_args(args.args)
+            if path is None:
+                raise ConfigError("command line: forgetray sweep needs a sweep config file")
+            size_sweep = replace_out(load_size_sweep(path, overrides), args.out)
+            if args.dry_run:
+                sys.stdout.write(yaml.safe_dump(size_sweep.to_dict(), sort_keys=False))
+                return 0
+            run_size_sweep(size_sweep, progress=not args.no_progress)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"forgetray: error: {e}", file=sys.stderr)
         return 2
