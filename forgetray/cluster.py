@@ -36,6 +36,10 @@ def join_cluster(argv: Sequence[str] = ()) -> None:
     """`ray.init()` with no address, unless the command only prints (`--dry-run`, `--help`)."""
     if any(a in ("--dry-run", "--help", "-h") for a in argv):
         return
+    # torch is loaded before Ray connects: in a job driver that connected first (Ray 2.60, CPU torch
+    # 2.13), the first training step died with "Intel oneMKL FATAL ERROR: Cannot load
+    # libtorch_cpu.so"; the same job with torch imported first ran (tests/test_ray_cluster.py).
+    import torch  # noqa: F401
     import ray
 
     if not ray.is_initialized():
@@ -88,6 +92,9 @@ def check_run_dir_visible(run_dir: str, what: str = "run directory") -> None:
             "needs a shared mount every node sees (NFS, EFS, ...) or a URI run directory "
             "(s3://, gs://) with FORGETRAY_STAGING on a shared mount"
         )
+    logging.getLogger("forgetray").info(
+        f"cluster: all {len(nodes)} alive nodes see {what} {os.path.abspath(run_dir)}"
+    )
 
 
 def run_anywhere(config: SweepConfig, progress: bool = True) -> dict[str, Any]:

@@ -244,6 +244,7 @@ def test_two_node_cluster_runs_the_builtin_run_as_a_job(local_cluster, tmp_path)
         env_vars=env_vars,
     )
     logs = wait_for_job(local_cluster, "forgetray-run", timeout=480)
+    assert "cluster: all 2 alive nodes see run directory" in logs
     assert "finetune: 3 task(s), 2 at a time" in logs
 
     z = np.load(os.path.join(run_dir, "matrix", "forgetting.npy"), allow_pickle=False)
