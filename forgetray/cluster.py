@@ -16,6 +16,7 @@ otherwise, naming the nodes that cannot.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import uuid
@@ -39,7 +40,7 @@ def join_cluster(argv: Sequence[str] = ()) -> None:
     # torch is loaded before Ray connects: in a job driver that connected first (Ray 2.60, CPU torch
     # 2.13), the first training step died with "Intel oneMKL FATAL ERROR: Cannot load
     # libtorch_cpu.so"; the same job with torch imported first ran (tests/test_ray_cluster.py).
-    import torch  # noqa: F401
+    importlib.import_module("torch")
     import ray
 
     if not ray.is_initialized():
