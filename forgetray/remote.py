@@ -53,7 +53,7 @@ def filesystem(uri: str) -> tuple[Any, str]:
 
     try:
         return pafs.FileSystem.from_uri(uri)
-    except (pafs.ArrowInvalid, ValueError) as arrow_error:
+    except ValueError as arrow_error:  # pyarrow.ArrowInvalid: a scheme pyarrow lacks
         try:
             import fsspec
         except ImportError:

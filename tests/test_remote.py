@@ -104,3 +104,10 @@ def test_s3_roundtrip_on_a_local_s3_server(s3_endpoint, tmp_path):
     ).create_dir("forgetray-test")
     assert type(filesystem(uri)[0]).__name__ == "S3FileSystem"
     roundtrip(uri, tmp_path)
+
+
+def test_any_fsspec_filesystem_through_pyarrow(tmp_path):
+    # memory:// is not one of pyarrow's own schemes: it goes through fsspec's in-memory filesystem.
+    uri = f"memory://forgetray-test/{tmp_path.name}/run"
+    assert type(filesystem(uri)[0]).__name__ == "PyFileSystem"
+    roundtrip(uri, tmp_path)
