@@ -206,7 +206,10 @@ def _run_sizes(sweep: SizeSweepConfig, progress: bool, log: Callable[[str], None
     for i, size in enumerate(sweep.sizes):
         run_dir = os.path.join(sweep.out, size.name)
         log(f"sweep: size {i + 1}/{len(sweep.sizes)} {size.name!r} in {run_dir}")
-        run_anywhere(size_run_config(sweep, size, run_dir), progress=progress)
+        try:
+            run_anywhere(size_run_config(sweep, size, run_dir), progress=progress)
+        finally:
+            _close_run_log(run_dir)
         rows.append(size_summary(size.name, run_dir))
     storage.write_json(os.path.join(sweep.out, "summary.json"), rows)
     storage.write_text(os.path.join(sweep.out, "summary.csv"), summary_csv(rows))
@@ -219,6 +222,18 @@ def _run_sizes(sweep: SizeSweepConfig, progress: bool, log: Callable[[str], None
         )
     log(f"sweep: summary in {os.path.join(sweep.out, 'summary.csv')} and summary.png")
     return rows
+
+
+def _close_run_log(run_dir: str) -> None:
+    """Detach the size's log file, so the next size does not log into it too."""
+    import logging
+
+    forgetray_logger = logging.getLogger("forgetray")
+    root = os.path.abspath(run_dir) + os.sep
+    for handler in list(forgetray_logger.handlers):
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename.startswith(root):
+            forgetray_logger.removeHandler(handler)
+            handler.close()
 
 
 def replace_out(sweep: SizeSweepConfig, out: str | None) -> SizeSweepConfig:

@@ -115,3 +115,5 @@ def test_sweep_over_two_builtin_sizes(ray_session, tmp_path, monkeypatch):
     assert (out / "tiny-1x16" / "matrix" / "forgetting.npy").stat().st_mtime_ns == stamp
     log = (out / "tiny-2x32" / "logs" / "forgetray.log").read_text()
     assert "finetune rot13: final checkpoint exists, skipped" in log
+    # Each size logs into its own run directory only.
+    assert "tiny-2x32" not in (out / "tiny-1x16" / "logs" / "forgetray.log").read_text()
