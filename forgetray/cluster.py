@@ -37,6 +37,11 @@ def join_cluster(argv: Sequence[str] = ()) -> None:
     """`ray.init()` with no address, unless the command only prints (`--dry-run`, `--help`)."""
     if any(a in ("--dry-run", "--help", "-h") for a in argv):
         return
+    connect()
+
+
+def connect() -> None:
+    """Join the cluster RAY_ADDRESS names (a submitted job's) or start a local one; torch first."""
     # torch is loaded before Ray connects: in a job driver that connected first (Ray 2.60, CPU torch
     # 2.13), the first training step died with "Intel oneMKL FATAL ERROR: Cannot load
     # libtorch_cpu.so"; the same job with torch imported first ran (tests/test_ray_cluster.py).
@@ -104,15 +109,15 @@ def run_anywhere(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
     A URI is worked on in its staging copy (`forgetray.remote.staged`); either way a multi-node
     cluster whose nodes cannot all see the working directory is refused before anything runs.
     """
-    from forgetray.pipeline import ensure_ray, run, setup_logging
+    from forgetray.pipeline import run, setup_logging
     from forgetray.remote import is_uri, staged
 
     setup_logging(None)
     if is_uri(config.run_dir):
         with staged(config.run_dir) as local:
-            ensure_ray()
+            connect()
             check_run_dir_visible(local, f"staging directory of {config.run_dir}")
             return run(dataclasses.replace(config, run_dir=local), progress=progress)
-    ensure_ray()
+    connect()
     check_run_dir_visible(config.run_dir)
     return run(config, progress=progress)
