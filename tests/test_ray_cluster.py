@@ -128,11 +128,13 @@ def start_cluster(env: dict[str, str]) -> LocalCluster:
             *node_ports(ports[:6]),
         )
         assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
+        # Its own temp dir, as on another machine: two nodes sharing one would share (and garbage
+        # collect) one copy of each job's unpacked working dir.
         worker = cluster.ray(
             "start",
             f"--address={cluster.gcs_address}",
             "--node-ip-address=127.0.0.1",
-            f"--temp-dir={temp_dir}",
+            f"--temp-dir={os.path.join(temp_dir, 'worker')}",
             "--num-cpus=1",
             "--disable-usage-stats",
             *node_ports(ports[6:]),
@@ -222,18 +224,6 @@ def test_two_node_cluster_runs_the_builtin_run_as_a_job(local_cluster, tmp_path)
     }
     submit(
         local_cluster,
-        "forgetray-where",
-        "python",
-        "-c",
-        "import forgetray, os; print('FORGETRAY_AT', os.path.dirname(os.path.dirname(forgetray.__file__)))",
-    )
-    logs = wait_for_job(local_cluster, "forgetray-where", timeout=180)
-    imported_from = logs.split("FORGETRAY_AT ", 1)[1].split()[0]
-    # The uploaded working dir, unpacked under the cluster's temp dir, not this checkout.
-    assert imported_from.startswith(local_cluster.temp_dir), imported_from
-
-    submit(
-        local_cluster,
         "forgetray-run",
         "python",
         "jobs/run.py",
@@ -255,3 +245,15 @@ def test_two_node_cluster_runs_the_builtin_run_as_a_job(local_cluster, tmp_path)
     # A few steps at lr 0.01 on one task leave most upstream examples worse off.
     assert np.mean(z > 0) > 0.5
     assert os.path.exists(os.path.join(run_dir, "report.html"))
+
+    submit(
+        local_cluster,
+        "forgetray-where",
+        "python",
+        "-c",
+        "import forgetray, os; print('FORGETRAY_AT', os.path.dirname(os.path.dirname(forgetray.__file__)))",
+    )
+    logs = wait_for_job(local_cluster, "forgetray-where", timeout=180)
+    imported_from = logs.split("FORGETRAY_AT ", 1)[1].split()[0]
+    # The uploaded working dir, unpacked under the cluster's temp dir, not this checkout.
+    assert imported_from.startswith(local_cluster.temp_dir), imported_from
