@@ -21,6 +21,7 @@ def size_sweep_figure(rows: Sequence[dict[str, Any]], path: str) -> str:
     for i, row in enumerate(rows):
         ranks = np.arange(1, len(row["r2_svd"]) + 1)
         r2_ax.plot(ranks, row["r2_svd"], marker="o", color=f"C{i}", label=row["size"])
+    r2_ax.set_xticks(np.arange(1, max(len(row["r2_svd"]) for row in rows) + 1))
     r2_ax.set_xlabel("rank k")
     r2_ax.set_ylabel("R$^2$ (truncated SVD)")
     r2_ax.set_title("R$^2$ by rank, per model size")
