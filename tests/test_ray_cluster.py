@@ -28,7 +28,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ["addition", "uppercase", "rot13"]
+TASKS = ["addition", "uppercase"]
 TINY_RUN = [
     "model.builtin.vocab_size=300",
     "model.builtin.n_layer=1",
@@ -43,8 +43,6 @@ TINY_RUN = [
     "finetune.learning_rate=0.01",
     "score.shard_size=20",
     "score.max_length=64",
-    "complete.revealed_k=5",
-    "complete.n_seeds=2",
 ]
 
 
@@ -221,6 +219,9 @@ def test_two_node_cluster_runs_the_builtin_run_as_a_job(local_cluster, tmp_path)
         "TOKENIZERS_PARALLELISM": "false",
         "FORGETRAY_CACHE": str(tmp_path / "cache"),
         "TORCH_EXTENSIONS_DIR": os.path.join(REPO, ".cache", "torch_extensions"),
+        # Ray Train's helper actors look the cluster up by scanning this machine's Ray processes,
+        # which finds every other Ray instance on it too; name ours.
+        "RAY_ADDRESS": local_cluster.gcs_address,
     }
     submit(
         local_cluster,
@@ -233,14 +234,15 @@ def test_two_node_cluster_runs_the_builtin_run_as_a_job(local_cluster, tmp_path)
         *TINY_RUN,
         env_vars=env_vars,
     )
-    logs = wait_for_job(local_cluster, "forgetray-run", timeout=480)
+    # About 2 minutes on an idle 2-core machine; the limit only guards against a hang.
+    logs = wait_for_job(local_cluster, "forgetray-run", timeout=1200)
     assert "cluster: all 2 alive nodes see run directory" in logs
-    assert "finetune: 3 task(s), 2 at a time" in logs
+    assert "finetune: 2 task(s), 2 at a time" in logs
 
     z = np.load(os.path.join(run_dir, "matrix", "forgetting.npy"), allow_pickle=False)
     with open(os.path.join(run_dir, "matrix", "index.json")) as f:
         index = json.load(f)
-    assert z.shape == (3, 40) and z.dtype == np.float32 and np.isfinite(z).all()
+    assert z.shape == (2, 40) and z.dtype == np.float32 and np.isfinite(z).all()
     assert index["tasks"] == TASKS and len(index["examples"]) == 40
     # A few steps at lr 0.01 on one task leave most upstream examples worse off.
     assert np.mean(z > 0) > 0.5
