@@ -9,6 +9,7 @@ forgetray report RUN
 forgetray scaling [CONFIG] [--out DIR] [--dry-run] [key.sub=value ...]
 forgetray replay RUN [key.sub=value ...]
 forgetray finetune TASK --protect RUN [--out DIR] [key.sub=value ...]
+forgetray sweep SWEEP_CONFIG [--out DIR] [--dry-run] [key.sub=value ...]
 """
 
 from __future__ import annotations
@@ -89,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--protect", required=True, metavar="RUN", help="the run whose examples to protect")
     finetune.add_argument("--out", help="output directory (default <RUN>/protect)")
     finetune.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. replay.ratio=0.125")
+    sweep = sub.add_parser("sweep", help="one run per base model (e.g. sizes), then a summary across them")
+    sweep.add_argument(
+        "args",
+        nargs="+",
+        metavar="CONFIG|key=value",
+        help="a size-sweep YAML (out, run, sizes; see configs/sizes.yaml) and overrides, "
+        "e.g. run.finetune.max_steps=10",
+    )
+    sweep.add_argument("--out", help="sweep directory (overrides out)")
+    sweep.add_argument("--dry-run", action="store_true", help="print the resolved sweep config and exit")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return parser
 
 
@@ -106,9 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.dry_run:
                 sys.stdout.write(config.to_yaml())
                 return 0
-            from forgetray.pipeline import run
+            from forgetray.cluster import run_anywhere
 
-            run(config, progress=not args.no_progress)
+            run_anywhere(config, progress=not args.no_progress)
         elif args.command == "score":
             from forgetray.models import ModelRef
             from forgetray.pipeline import load_run_config, score_checkpoint
@@ -186,6 +198,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.out:
                 storage.write_json(args.out, comparison)
             sys.stdout.write(comparison_markdown(comparison))
+        elif args.command == "sweep":
+            import yaml
+
+            from forgetray.size_sweep import load_size_sweep, replace_out, run_size_sweep
+
+            path, overrides = _split_config_args(args.args)
+            if path is None:
+                raise ConfigError("command line: forgetray sweep needs a sweep config file")
+            size_sweep = replace_out(load_size_sweep(path, overrides), args.out)
+            if args.dry_run:
+                sys.stdout.write(yaml.safe_dump(size_sweep.to_dict(), sort_keys=False))
+                return 0
+            run_size_sweep(size_sweep, progress=not args.no_progress)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"forgetray: error: {e}", file=sys.stderr)
         return 2

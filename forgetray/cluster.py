@@ -1,0 +1,123 @@
+"""Running on a Ray cluster: joining it from a job, and checking that every node sees the run directory.
+
+    ray job submit --working-dir . -- python jobs/run.py configs/default.yaml --out s3://bucket/runs/x
+
+A job's driver calls `join_cluster()`: `ray.init()` with no address joins the cluster the job was
+submitted to (Ray sets RAY_ADDRESS for it) and starts a local one when the script runs on a laptop.
+
+Ray Train workers, Tune trials and scoring actors read and write the run's working copy by path
+(task data, checkpoints, score parts), so on more than one node that directory must be one every node
+sees: a shared mount (NFS, EFS, Lustre), or, for a URI run directory, a staging directory on one
+(`FORGETRAY_STAGING`, see `forgetray.remote`). `check_run_dir_visible` proves it by writing a marker
+file and asking one task pinned to each alive node whether it can read it; a run refuses to start
+otherwise, naming the nodes that cannot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from forgetray.config import ConfigError
+
+if TYPE_CHECKING:
+    from forgetray.config import SweepConfig
+
+
+class RunDirNotShared(ConfigError):
+    """A multi-node cluster whose nodes do not all see the run directory."""
+
+
+def join_cluster(argv: Sequence[str] = ()) -> None:
+    """`ray.init()` with no address, unless the command only prints (`--dry-run`, `--help`)."""
+    if any(a in ("--dry-run", "--help", "-h") for a in argv):
+        return
+    connect()
+
+
+def connect() -> None:
+    """Join the cluster RAY_ADDRESS names (a submitted job's) or start a local one; torch first."""
+    # torch is loaded before Ray connects: in a job driver that connected first (Ray 2.60, CPU torch
+    # 2.13), the first training step died with "Intel oneMKL FATAL ERROR: Cannot load
+    # libtorch_cpu.so"; the same job with torch imported first ran (tests/test_ray_cluster.py).
+    importlib.import_module("torch")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, configure_logging=True)
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def nodes_missing_marker(visible: Mapping[str, bool]) -> list[str]:
+    """Node ids (or addresses) whose probe did not find the marker, sorted."""
+    return sorted(node for node, seen in visible.items() if not seen)
+
+
+def _probe(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_run_dir_visible(run_dir: str, what: str = "run directory") -> None:
+    """Refuse a multi-node cluster on which some alive node cannot read `run_dir`; no-op on one node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = alive_nodes()
+    if len(nodes) <= 1:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    marker = os.path.join(os.path.abspath(run_dir), f".forgetray-node-check-{uuid.uuid4().hex}")
+    with open(marker, "w") as f:
+        f.write("forgetray: every node of the cluster must see this file\n")
+    try:
+        probe = ray.remote(num_cpus=0)(_probe)
+        refs = {
+            f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(marker)
+            for n in nodes
+        }
+        visible = dict(zip(refs, ray.get(list(refs.values()), timeout=120), strict=True))
+    finally:
+        os.unlink(marker)
+    missing = nodes_missing_marker(visible)
+    if missing:
+        raise RunDirNotShared(
+            f"{os.path.abspath(run_dir)}: this {what} is a local path that {len(missing)} of the "
+            f"{len(nodes)} nodes of the Ray cluster cannot see ({', '.join(missing)}); a multi-node run "
+            "needs a shared mount every node sees (NFS, EFS, ...) or a URI run directory "
+            "(s3://, gs://) with FORGETRAY_STAGING on a shared mount"
+        )
+    logging.getLogger("forgetray").info(
+        f"cluster: all {len(nodes)} alive nodes see {what} {os.path.abspath(run_dir)}"
+    )
+
+
+def run_anywhere(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
+    """`forgetray.pipeline.run` on the cluster `ray.init()` finds, for a local or URI run directory.
+
+    A URI is worked on in its staging copy (`forgetray.remote.staged`); either way a multi-node
+    cluster whose nodes cannot all see the working directory is refused before anything runs.
+    """
+    from forgetray.pipeline import run, setup_logging
+    from forgetray.remote import is_uri, staged
+
+    setup_logging(None)
+    if is_uri(config.run_dir):
+        with staged(config.run_dir) as local:
+            connect()
+            check_run_dir_visible(local, f"staging directory of {config.run_dir}")
+            return run(dataclasses.replace(config, run_dir=local), progress=progress)
+    connect()
+    check_run_dir_visible(config.run_dir)
+    return run(config, progress=progress)

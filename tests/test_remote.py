@@ -1,0 +1,113 @@
+"""URI run directories: staging, atomic per-file upload, resume by download; on file:// and on an
+S3-compatible server (moto) on loopback."""
+
+import os
+import socket
+
+import pytest
+
+from forgetray.cluster import nodes_missing_marker
+from forgetray.remote import StagedRunDir, filesystem, is_uri, staged
+
+
+def test_uris_and_paths_are_told_apart():
+    assert is_uri("s3://bucket/runs/x") and is_uri("gs://b/r") and is_uri("file:///tmp/x")
+    assert not is_uri("runs/x") and not is_uri("/abs/runs") and not is_uri("C:/x")
+
+
+def test_nodes_that_cannot_see_the_marker_are_named():
+    assert nodes_missing_marker({"10.0.0.1 (a)": True, "10.0.0.2 (b)": False, "10.0.0.3 (c)": False}) == [
+        "10.0.0.2 (b)",
+        "10.0.0.3 (c)",
+    ]
+    assert nodes_missing_marker({"10.0.0.1 (a)": True}) == []
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def read_remote(run, relative):
+    with run.fs.open_input_stream(f"{run.root}/{relative}") as f:
+        return f.read().decode()
+
+
+def roundtrip(uri, tmp_path):
+    run = StagedRunDir(uri, local=str(tmp_path / "stage-a"))
+    assert run.pull() == 0 and run.remote_files() == {}
+    write(os.path.join(run.local, "config.yaml"), "seed: 0\n")
+    write(os.path.join(run.local, "scores", "base", "part-00000.parquet"), "x" * 1000)
+    write(os.path.join(run.local, "scores", "base", ".part-00001.parquet.tmp.parquet"), "half-written")
+    assert run.push() == 2
+    assert run.remote_files() == {"config.yaml": 8, "scores/base/part-00000.parquet": 1000}
+    assert run.push() == 0  # nothing changed, nothing uploaded
+    write(os.path.join(run.local, "config.yaml"), "seed: 1\n")
+    assert run.push() == 1 and read_remote(run, "config.yaml") == "seed: 1\n"
+
+    # Another machine (or a lost staging copy) resumes from the URI.
+    other = StagedRunDir(uri, local=str(tmp_path / "stage-b"))
+    assert other.pull() == 2
+    with open(os.path.join(other.local, "scores", "base", "part-00000.parquet")) as f:
+        assert f.read() == "x" * 1000
+    assert not os.path.exists(os.path.join(other.local, "scores", "base", ".part-00001.parquet.tmp.parquet"))
+    assert other.push() == 0 and other.pull() == 0
+
+
+def test_file_uri_roundtrip(tmp_path):
+    uri = f"file://{tmp_path}/bucket/runs/x"
+    roundtrip(uri, tmp_path)
+    # No temporary upload names are left at the destination.
+    names = [n for _, _, files in os.walk(tmp_path / "bucket") for n in files]
+    assert sorted(names) == ["config.yaml", "part-00000.parquet"]
+
+
+def test_staged_pushes_on_exit_even_after_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGETRAY_STAGING", str(tmp_path / "staging"))
+    uri = f"file://{tmp_path}/remote/run"
+    with pytest.raises(RuntimeError, match="stage failed"), staged(uri, sync_seconds=3600) as local:
+        write(os.path.join(local, "data", "upstream.parquet"), "done before the failure")
+        raise RuntimeError("stage failed")
+    with open(tmp_path / "remote" / "run" / "data" / "upstream.parquet") as f:
+        assert f.read() == "done before the failure"
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    pytest.importorskip("moto.server")
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(key, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.mark.slow
+def test_s3_roundtrip_on_a_local_s3_server(s3_endpoint, tmp_path):
+    uri = f"s3://forgetray-test/runs/x?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    from pyarrow.fs import S3FileSystem
+
+    S3FileSystem(
+        endpoint_override=s3_endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True
+    ).create_dir("forgetray-test")
+    assert type(filesystem(uri)[0]).__name__ == "S3FileSystem"
+    roundtrip(uri, tmp_path)
+
+
+def test_any_fsspec_filesystem_through_pyarrow(tmp_path):
+    # memory:// is not one of pyarrow's own schemes: it goes through fsspec's in-memory filesystem.
+    uri = f"memory://forgetray-test/{tmp_path.name}/run"
+    assert type(filesystem(uri)[0]).__name__ == "PyFileSystem"
+    roundtrip(uri, tmp_path)
