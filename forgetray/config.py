@@ -79,10 +79,23 @@ class ModelConfig:
     cache_dir: str | None = None
     """Where the built-in model is cached; default $FORGETRAY_CACHE or ~/.cache/forgetray."""
     builtin: BuiltinModelConfig = field(default_factory=BuiltinModelConfig)
+    gguf_file: str | None = None
+    """A GGUF file as the base model instead of `name_or_path`: a path, or `package:<distribution>`
+    (the one .gguf file an installed Python package ships) or `package:<distribution>/<file name>`.
+    Dequantised once to `dtype` and cached as a transformers directory under `cache_dir`."""
+
+    def __post_init__(self) -> None:
+        if self.gguf_file is not None:
+            _require(
+                self.name_or_path == "builtin",
+                "gguf_file",
+                f"is a model source of its own; leave name_or_path unset (it is {self.name_or_path!r})",
+            )
+            _require(bool(self.gguf_file.strip()), "gguf_file", "must not be empty")
 
     @property
     def is_builtin(self) -> bool:
-        return self.name_or_path == "builtin"
+        return self.name_or_path == "builtin" and self.gguf_file is None
 
     def resolved_cache_dir(self) -> str:
         return self.cache_dir or default_cache_dir()
