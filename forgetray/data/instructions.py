@@ -64,9 +64,7 @@ def render_chat_prompt(tokenizer: Any, prompt: str) -> str:
 def apply_chat_template(table: pa.Table, tokenizer: Any, where: str) -> pa.Table:
     """Instruction rows' prompts rendered with the chat template (plain-text rows are left alone)."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            f"{where}.chat_template: true, but the base model's tokenizer has no chat template"
-        )
+        raise ValueError(f"{where}.chat_template: true, but the base model's tokenizer has no chat template")
     kinds = table.column("kind").to_pylist() if "kind" in table.column_names else None
     prompts = [
         render_chat_prompt(tokenizer, p) if kinds is None or kinds[i] == "instruction" else p
@@ -128,7 +126,10 @@ def answer_pending(
     pending = [i for i, r in enumerate(responses) if r == ""]
     if not pending:
         return table
-    log(f"data: the base model answers {len(pending)} upstream instructions (greedy, <= {max_new_tokens} tokens)")
+    log(
+        f"data: the base model answers {len(pending)} upstream instructions "
+        f"(greedy, <= {max_new_tokens} tokens)"
+    )
     prompts = table.column("prompt").to_pylist()
     answers = greedy_answers(model, tokenizer, [prompts[i] for i in pending], max_new_tokens)
     for i, answer in zip(pending, answers, strict=True):
@@ -138,6 +139,7 @@ def answer_pending(
     )
     keep = [i for i, r in enumerate(responses) if r != ""]
     if len(keep) < table.num_rows:
-        log(f"data: dropped {table.num_rows - len(keep)} upstream instructions the model answered with nothing")
+        dropped = table.num_rows - len(keep)
+        log(f"data: dropped {dropped} upstream instructions the model answered with nothing")
         table = table.take(pa.array(keep))
     return table
