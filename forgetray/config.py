@@ -79,10 +79,23 @@ class ModelConfig:
     cache_dir: str | None = None
     """Where the built-in model is cached; default $FORGETRAY_CACHE or ~/.cache/forgetray."""
     builtin: BuiltinModelConfig = field(default_factory=BuiltinModelConfig)
+    gguf_file: str | None = None
+    """A GGUF file as the base model instead of `name_or_path`: a path, or `package:<distribution>`
+    (the one .gguf file an installed Python package ships) or `package:<distribution>/<file name>`.
+    Dequantised once to `dtype` and cached as a transformers directory under `cache_dir`."""
+
+    def __post_init__(self) -> None:
+        if self.gguf_file is not None:
+            _require(
+                self.name_or_path == "builtin",
+                "gguf_file",
+                f"is a model source of its own; leave name_or_path unset (it is {self.name_or_path!r})",
+            )
+            _require(bool(self.gguf_file.strip()), "gguf_file", "must not be empty")
 
     @property
     def is_builtin(self) -> bool:
-        return self.name_or_path == "builtin"
+        return self.name_or_path == "builtin" and self.gguf_file is None
 
     def resolved_cache_dir(self) -> str:
         return self.cache_dir or default_cache_dir()
@@ -98,6 +111,7 @@ class SourceConfig:
     """
 
     path: str = "builtin"
+    """Also `builtin_instructions`: questions about built-in corpus chunks, answered by the base model."""
     format: Literal["text", "instruction"] = "text"
     name: str | None = None
     """Hub dataset configuration name (the second argument of `load_dataset`)."""
@@ -126,9 +140,14 @@ class UpstreamConfig:
     n_examples: int | None = 2000
     """Deterministic sample of this many examples from all sources together; null keeps all."""
     seed: int = 0
+    chat_template: bool = False
+    """Render instruction examples' prompts with the base model's chat template (instruct models)."""
+    answer_max_new_tokens: int = 48
+    """Source `builtin_instructions`: length cap of the base model's greedy answers."""
 
     def __post_init__(self) -> None:
         _require(len(self.sources) > 0, "sources", "needs at least one source")
+        _require(self.answer_max_new_tokens > 0, "answer_max_new_tokens", "must be a positive integer")
         _require(self.n_examples is None or self.n_examples > 0, "n_examples", "must be positive or null")
 
 
@@ -179,6 +198,8 @@ class TasksConfig:
     n_examples: int = 256
     """Training examples per built-in task."""
     seed: int = 0
+    chat_template: bool = False
+    """Render task prompts with the base model's chat template (instruct models)."""
 
     def __post_init__(self) -> None:
         _require(self.n_examples > 0, "n_examples", "must be a positive integer")

@@ -1,4 +1,5 @@
-"""Loading models and tokenizers: any HF causal LM (hub id or local directory) or the built-in model.
+"""Loading models and tokenizers: any HF causal LM (hub id, local directory or GGUF file) or the
+built-in model.
 
 A `ModelRef` is what travels to Ray workers: plain strings that every node can resolve, never a
 live model object.
@@ -46,6 +47,10 @@ def resolve_base_model(config: ModelConfig, log: Any = print) -> ModelRef:
         path = ensure_builtin_model(
             config.builtin, config.resolved_cache_dir(), corpus_fingerprint(), _builtin_texts, log=log
         )
+    elif config.gguf_file is not None:
+        from forgetray.gguf_models import ensure_gguf_model
+
+        path = ensure_gguf_model(config.gguf_file, config.dtype, config.resolved_cache_dir(), log=log)
     elif path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
         raise FileNotFoundError(f"model.name_or_path: no model directory at {path}")
     return ModelRef(

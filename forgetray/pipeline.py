@@ -137,11 +137,38 @@ def write_run_config(paths: RunPaths, config: SweepConfig) -> None:
     storage.write_text(paths.config, config.to_yaml())
 
 
-def prepare_data(paths: RunPaths, config: SweepConfig, log: Callable[[str], None]) -> None:
+def _needs_base_model(config: SweepConfig) -> bool:
+    """Whether preparing the data needs the base model (its chat template or its own answers)."""
+    return (
+        config.upstream.chat_template
+        or config.tasks.chat_template
+        or any(s.path == "builtin_instructions" for s in config.upstream.sources)
+    )
+
+
+def prepare_data(
+    paths: RunPaths, config: SweepConfig, log: Callable[[str], None], base: ModelRef | None = None
+) -> None:
+    from forgetray.data import instructions
     from forgetray.data.sources import load_tasks, load_upstream
 
+    model = tokenizer = None
+    if _needs_base_model(config) and not (
+        os.path.exists(paths.upstream) and all(os.path.exists(paths.task(n)) for n in _task_names(config))
+    ):
+        if base is None:
+            raise ValueError("prepare_data: this config's data needs the base model; pass `base`")
+        from forgetray.models import load_model
+
+        model, tokenizer = load_model(base)
     if not os.path.exists(paths.upstream):
         upstream = load_upstream(config.upstream)
+        if config.upstream.chat_template:
+            upstream = instructions.apply_chat_template(upstream, tokenizer, "upstream")
+        if model is not None:
+            upstream = instructions.answer_pending(
+                upstream, model, tokenizer, config.upstream.answer_max_new_tokens, log
+            )
         storage.write_parquet(paths.upstream, upstream)
         kinds = Counter(upstream.column("kind").to_pylist())
         log(
@@ -152,6 +179,8 @@ def prepare_data(paths: RunPaths, config: SweepConfig, log: Callable[[str], None
     if task_names:
         for name, table in load_tasks(config.tasks).items():
             if not os.path.exists(paths.task(name)):
+                if config.tasks.chat_template:
+                    table = instructions.apply_chat_template(table, tokenizer, "tasks")
                 storage.write_parquet(paths.task(name), table)
         log(f"data: {len(_task_names(config))} tasks in {os.path.dirname(paths.task('x'))}")
 
@@ -239,10 +268,10 @@ def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
     log(f"run directory {os.path.abspath(paths.root)}")
     write_run_config(paths, config)
     timer = StageTimer(paths, log)
-    with timer.stage("data"):
-        prepare_data(paths, config, log)
     with timer.stage("base_model"):
         base = prepare_base_model(paths, config, log)
+    with timer.stage("data"):
+        prepare_data(paths, config, log, base)
     with timer.stage("ray_init"):
         ensure_ray()
     tasks = _task_names(config)

@@ -100,6 +100,10 @@ def _string_column(
 
 def upstream_rows(source: SourceConfig, key: str) -> pa.Table:
     """One source's examples in UPSTREAM_SCHEMA, ids prefixed so sources cannot collide silently."""
+    if source.path == "builtin_instructions":
+        from forgetray.data.instructions import builtin_instruction_prompts
+
+        return builtin_instruction_prompts(source.limit)
     if source.path == "builtin":
         from forgetray.data.builtin_corpus import builtin_corpus
 
