@@ -792,6 +792,7 @@ def _scaling(run: _Run) -> str:
     ):
         if run.exists("scaling", name):
             parts.append(_image(run.path("scaling", name), caption))
+    return "".join(parts)
 
 
 def _flatness(run: _Run) -> str:
