@@ -94,7 +94,7 @@ def builtin_benchmark(options: argparse.Namespace) -> dict:
     )
     examples = encode_examples(tokenizer, rows, max_length)
     n_tokens = sum(e.n_targets for e in examples)
-    threads = os.cpu_count() or 1
+    threads = options.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
 
     results: dict = {
@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("args", nargs="*", help="config file and key=value overrides")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--ray", action="store_true", help="also time the Ray driver end to end")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--gpu-anchor", action="store_true", help="the 1.28B bf16 Llama anchor instead")
     parser.add_argument("--tiny", action="store_true", help="anchor: a tiny shape (runs on any CPU)")
     parser.add_argument("--cpu", action="store_true", help="anchor: stay on CPU even with a GPU")
