@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -92,10 +93,15 @@ def test_summary_csv_flattens_curves_and_methods():
 
 
 @pytest.mark.slow
-def test_sweep_over_two_builtin_sizes(ray_session, tmp_path, monkeypatch):
+def test_sweep_over_two_builtin_sizes_into_a_uri(ray_session, tmp_path, monkeypatch):
+    """The sweep directory is a file:// URI: every run goes through the staging copy and is uploaded;
+    a second call with the staging copy gone downloads it back and resumes without training again."""
+    import shutil
+
     monkeypatch.setenv("FORGETRAY_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "sizes"
-    assert main(["sweep", write_sweep(tmp_path), "--out", str(out), "--no-progress"]) == 0
+    monkeypatch.setenv("FORGETRAY_STAGING", str(tmp_path / "staging"))
+    out = tmp_path / "bucket" / "sizes"
+    assert main(["sweep", write_sweep(tmp_path), "--out", f"file://{out}", "--no-progress"]) == 0
     rows = json.loads((out / "summary.json").read_text())
     assert [r["size"] for r in rows] == ["tiny-1x16", "tiny-2x32"]
     small, large = rows
@@ -106,14 +112,17 @@ def test_sweep_over_two_builtin_sizes(ray_session, tmp_path, monkeypatch):
         assert row["mean_forgetting"] == pytest.approx(float(np.mean(z, dtype=np.float64)), rel=1e-6)
         assert len(row["r2_svd"]) == 3 and row["r2_svd"][-1] == pytest.approx(1.0)
         assert set(row["completion_rmse"]) == {"global_mean", "additive", "knn", "als_mf"}
+        assert (out / row["size"] / "report.html").exists()
     assert (out / "summary.png").stat().st_size > 10_000
     assert len(list(csv.DictReader((out / "summary.csv").read_text().splitlines()))) == 2
+    assert not [n for _, _, names in os.walk(out) for n in names if n.endswith(".upload")]
 
-    # A second call resumes: every stage of every size is found done, nothing is trained again.
     stamp = (out / "tiny-1x16" / "matrix" / "forgetting.npy").stat().st_mtime_ns
-    assert main(["sweep", write_sweep(tmp_path), "--out", str(out), "--no-progress"]) == 0
+    shutil.rmtree(tmp_path / "staging")
+    assert main(["sweep", write_sweep(tmp_path), "--out", f"file://{out}", "--no-progress"]) == 0
     assert (out / "tiny-1x16" / "matrix" / "forgetting.npy").stat().st_mtime_ns == stamp
     log = (out / "tiny-2x32" / "logs" / "forgetray.log").read_text()
     assert "finetune rot13: final checkpoint exists, skipped" in log
+    assert "scores/base: already complete, skipped" in log
     # Each size logs into its own run directory only.
     assert "tiny-2x32" not in (out / "tiny-1x16" / "logs" / "forgetray.log").read_text()
