@@ -675,9 +675,20 @@ def _replay(run: _Run) -> str:
                 test_rows,
             )
         )
-        if "predicted_beats_random" in results:
-            verdict = "beat" if results["predicted_beats_random"] else "did not significantly beat"
-            parts.append(_p(f"Predicted replay {verdict} random replay (Wilcoxon over examples, p < 0.05)."))
+        versus = results["tests"].get("predicted_vs_random", {}).get("over_examples")
+        if versus and versus.get("wilcoxon_p") is not None:
+            significant = versus["wilcoxon_p"] < 0.05
+            if versus["mean_difference"] < 0:
+                verdict = "beat" if significant else "was not significantly better than"
+            else:
+                verdict = "was significantly worse than" if significant else "did not beat"
+            parts.append(
+                _p(
+                    f"Predicted replay {verdict} random replay on the never-replayed examples "
+                    f"(mean difference {versus['mean_difference']:+.4f} nats, Wilcoxon p = "
+                    f"{versus['wilcoxon_p']:.3g} over {versus['n']} pairs)."
+                )
+            )
         quality = [
             [t, _fixed(q["rmse"]), _fixed(q["pearson"], 3), _fixed(q["spearman"], 3)]
             for t, q in results["prediction_on_pool"].items()
