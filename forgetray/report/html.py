@@ -821,7 +821,8 @@ def _flatness(run: _Run) -> str:
             f"Loss ({settings['data']} sample of {settings['n_examples']} examples) on a "
             f"{settings['resolution']} x {settings['resolution']} grid over [-{settings['span']}, "
             f"{settings['span']}]^2 of two filter-normalised random directions around each model; "
-            "definitions in forgetray/flatness.py. Smaller is flatter."
+            "definitions in forgetray/flatness.py. Smaller is flatter. With upstream data, centre_loss "
+            "is the model's upstream loss on the sample, a check against the matrix."
         ),
         _table(
             ["model", *FIGURES, "task loss", "mean forgetting"],

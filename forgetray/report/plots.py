@@ -307,7 +307,7 @@ def loss_landscape(coordinates: np.ndarray, grid: np.ndarray, path: str, title: 
     surface.plot_surface(a, b, grid, cmap="viridis", linewidth=0, antialiased=True)
     surface.set_xlabel("a")
     surface.set_ylabel("b")
-    surface.set_zlabel("loss")
+    surface.set_title("loss surface")
     return _save(fig, path)
 
 
