@@ -217,3 +217,18 @@ def test_half_finished_sweep_trains_only_what_is_missing(ray_session, tmp_path, 
     both = finetune(tmp_path, ["addition", "snake_case"], task_paths, tiny_model_dir)
     assert os.stat(tmp_path / "checkpoints" / "addition.json").st_mtime_ns == stamp
     assert both["addition"] == first["addition"] and both["snake_case"]["steps"] == 4
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "linear", "cosine"])
+def test_no_warmup_starts_at_the_full_learning_rate(scheduler):
+    """warmup_steps 0 must be accepted by DeepSpeed's schedulers and mean a full first step."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    ds = build_deepspeed_config(FinetuneConfig(warmup_steps=0, lr_scheduler=scheduler), 1, 20)
+    lr = FinetuneConfig().learning_rate
+    # As in the loop: the client optimizer carries the learning rate (WarmupCosineLR scales it).
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    lr_scheduler = getattr(lr_schedules, ds["scheduler"]["type"])(optimizer, **ds["scheduler"]["params"])
+    lr_scheduler.step(0)  # the learning rate of optimizer step 0
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr)

@@ -35,12 +35,16 @@ def build_deepspeed_config(config: FinetuneConfig, world_size: int, total_steps:
         return user  # type: ignore[no-any-return]
 
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    # DeepSpeed's schedulers reject warmup_num_steps 0: no warm-up is one warm-up step that starts
+    # at the full learning rate.
+    start = config.learning_rate if warmup == 0 else 0.0
+    warmup = max(warmup, 1)
     scheduler_params: dict[str, Any] = {"warmup_num_steps": warmup, "warmup_type": "linear"}
     if config.lr_scheduler == "constant":
-        scheduler_params |= {"warmup_min_lr": 0.0, "warmup_max_lr": config.learning_rate}
+        scheduler_params |= {"warmup_min_lr": start, "warmup_max_lr": config.learning_rate}
     elif config.lr_scheduler == "linear":
         scheduler_params |= {
-            "warmup_min_lr": 0.0,
+            "warmup_min_lr": start,
             "warmup_max_lr": config.learning_rate,
             "total_num_steps": max(total_steps, warmup + 1),
         }
@@ -48,7 +52,7 @@ def build_deepspeed_config(config: FinetuneConfig, world_size: int, total_steps:
         scheduler_params = {
             "warmup_num_steps": warmup,
             "warmup_type": "linear",
-            "warmup_min_ratio": 0.0,
+            "warmup_min_ratio": start / config.learning_rate,
             "cos_min_ratio": 0.0,
             "total_num_steps": max(total_steps, warmup + 1),
         }
