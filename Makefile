@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.forgetray-installed
 OUT ?= runs/demo
 
-.PHONY: demo test lint bench clean-runs smollm2
+.PHONY: demo test test-slow test-all lint bench clean-runs smollm2
 
 # torch==2.13.0 first: it is the CPU wheel; left to the resolver, pip picks a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -19,7 +19,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/forgetray run --out $(OUT)
 
+# The default suite (about 5 min on 2 cores); test-slow: the multi-minute Ray/DeepSpeed end-to-end
+# tests (real two-node cluster, size sweep, replay, ...), which CI runs too.
 test: $(STAMP)
+	$(BIN)/pytest -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -m slow
+
+test-all: $(STAMP)
 	$(BIN)/pytest
 
 lint: $(STAMP)
