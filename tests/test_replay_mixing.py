@@ -17,7 +17,7 @@ N = 40
 
 @pytest.fixture()
 def upstream_path(tmp_path):
-    from tests.conftest import TEXTS
+    from conftest import TEXTS
 
     texts = [f"{TEXTS[i % len(TEXTS)]} #{i}" for i in range(N)]
     table = pa.table({"example_id": [f"u/{i}" for i in range(N)], "prompt": [""] * N, "response": texts})
