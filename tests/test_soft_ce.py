@@ -8,16 +8,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import TEXTS as _SUITE_TEXTS
 
 from forgetray.data.encoding import EncodedExample
 
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "def add(a, b):\n    return a + b\n",
-    "Lists are mutable sequences, typically used to store collections of items.",
-    "for i in range(10):\n    print(i * i)\n",
-    "Numbers are created by numeric literals or as the result of built-in functions.",
-]
+TEXTS = _SUITE_TEXTS[:5]  # the five distinct texts, once each
 
 
 class FixedLogits:

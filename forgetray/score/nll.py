@@ -38,6 +38,24 @@ def length_bucketed_batches(lengths: Sequence[int], max_batch_tokens: int) -> It
         yield batch
 
 
+def padded_batch(
+    examples: Sequence[EncodedExample], batch: Sequence[int], device: Any
+) -> tuple[Any, Any, Any]:
+    """(input_ids, attention_mask, loss_mask) of `examples[batch]`, right-padded, on `device`."""
+    import torch
+
+    width = max(len(examples[i].input_ids) for i in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.bool)
+    for row, i in enumerate(batch):
+        n = len(examples[i].input_ids)
+        ids[row, :n] = torch.from_numpy(examples[i].input_ids)
+        attention[row, :n] = 1
+        mask[row, :n] = torch.from_numpy(examples[i].loss_mask)
+    return ids.to(device), attention.to(device), mask.to(device)
+
+
 def per_example_nll(
     model: Any,
     examples: Sequence[EncodedExample],
@@ -58,16 +76,8 @@ def per_example_nll(
     try:
         with torch.inference_mode():
             for batch in length_bucketed_batches(lengths, token_budget):
-                width = lengths[batch[0]]
-                ids = torch.zeros((len(batch), width), dtype=torch.long)
-                attention = torch.zeros((len(batch), width), dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.bool)
-                for row, i in enumerate(batch):
-                    n = lengths[i]
-                    ids[row, :n] = torch.from_numpy(examples[i].input_ids)
-                    attention[row, :n] = 1
-                    mask[row, :n] = torch.from_numpy(examples[i].loss_mask)
-                ids, attention, mask = ids.to(device), attention.to(device), mask.to(device)
+                ids, attention, mask = padded_batch(examples, batch, device)
+                width = ids.shape[1]
                 logits = model(input_ids=ids, attention_mask=attention).logits  # (batch, width, vocab)
                 # Position k-1 predicts token k; targets are the masked tokens 1..width-1.
                 token_nll = torch.nn.functional.cross_entropy(

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from forgetray.data.encoding import EncodedExample
-from forgetray.score.nll import LOGITS_BYTES_BUDGET, length_bucketed_batches
+from forgetray.score.nll import LOGITS_BYTES_BUDGET, length_bucketed_batches, padded_batch
 
 DEFAULT_CHUNK_TOKENS = 4096
 """Scored tokens whose (chunk, vocab) float32 log-softmaxes are held at once (x4 tensors)."""
@@ -84,16 +84,7 @@ def per_example_soft_ce(
     n_tokens = np.zeros(len(examples), dtype=np.int64)
     with torch.inference_mode():
         for batch in length_bucketed_batches(lengths, token_budget):
-            width = lengths[batch[0]]
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.bool)
-            for row, i in enumerate(batch):
-                n = lengths[i]
-                ids[row, :n] = torch.from_numpy(examples[i].input_ids)
-                attention[row, :n] = 1
-                mask[row, :n] = torch.from_numpy(examples[i].loss_mask)
-            ids, attention, mask = ids.to(device), attention.to(device), mask.to(device)
+            ids, attention, mask = padded_batch(examples, batch, device)
             # Position k-1 predicts token k: keep only the scored targets, flattened (targets, vocab).
             target = mask[:, 1:]  # (batch, width - 1)
             logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1][target]
