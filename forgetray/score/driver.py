@@ -90,14 +90,9 @@ def score_shard(
     return pa.table({"example_id": ids, "nll": nll, "n_tokens": n_tokens}, schema=SCORES_SCHEMA)
 
 
-class ShardScorer:
-    """Ray Data actor: scores (model, shard) items, keeping the last base model loaded.
-
-    Items arrive model by model, so an actor loads each model about once however many shards
-    stream through it; LoRA checkpoints of one base swap adapters on it (`ModelCache`). With
-    `score.packing` each newly loaded base is first checked to score packed rows as it scores
-    padded batches (`packing_error`); one that does not is scored with padded batches.
-    """
+class ShardActor:
+    """Ray Data actor base: the settings, upstream table and shard plan every scorer needs, and the
+    loop that writes each (model, shard) item's part; a subclass says how one shard is scored."""
 
     def __init__(
         self, models: dict[str, dict[str, Any]], upstream_path: str, scores_root: str, score: dict[str, Any]
@@ -114,6 +109,35 @@ class ShardScorer:
         self.upstream = pq.read_table(upstream_path)
         self.shards = shard_plan(self.upstream, self.config.shard_size, interleave=self.config.packing)
         self.scores_root = scores_root
+
+    def score_item(self, name: str, shard: int) -> pa.Table:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        done: dict[str, list[Any]] = {"model": [], "shard": [], "n_examples": [], "n_tokens": []}
+        for name, shard in zip(batch["model"].tolist(), batch["shard"].tolist(), strict=True):
+            table = self.score_item(name, shard)
+            storage.write_parquet(part_path(os.path.join(self.scores_root, name), shard), table)
+            done["model"].append(name)
+            done["shard"].append(shard)
+            done["n_examples"].append(table.num_rows)
+            done["n_tokens"].append(int(np.sum(table.column("n_tokens"))))
+        return {k: np.asarray(v) for k, v in done.items()}
+
+
+class ShardScorer(ShardActor):
+    """Ray Data actor: scores (model, shard) items, keeping the last base model loaded.
+
+    Items arrive model by model, so an actor loads each model about once however many shards
+    stream through it; LoRA checkpoints of one base swap adapters on it (`ModelCache`). With
+    `score.packing` each newly loaded base is first checked to score packed rows as it scores
+    padded batches (`packing_error`); one that does not is scored with padded batches.
+    """
+
+    def __init__(
+        self, models: dict[str, dict[str, Any]], upstream_path: str, scores_root: str, score: dict[str, Any]
+    ) -> None:
+        super().__init__(models, upstream_path, scores_root, score)
         self.cache = ModelCache(self.device)
         self.packing_checked: dict[ModelRef, bool] = {}
 
@@ -134,29 +158,21 @@ class ShardScorer:
                 )
         return self.config.packing and self.packing_checked[base]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        done: dict[str, list[Any]] = {"model": [], "shard": [], "n_examples": [], "n_tokens": []}
-        for name, shard in zip(batch["model"].tolist(), batch["shard"].tolist(), strict=True):
-            ref = self.models[name]
-            context = self.cache.context(ref)
-            max_length = min(self.config.max_length, context or self.config.max_length)
-            with self.cache.use(ref) as (model, tokenizer):
-                packing = self._packing(ref, model, tokenizer, max_length)
-                table = score_shard(
-                    model,
-                    tokenizer,
-                    self.upstream,
-                    self.shards[shard],
-                    max_length,
-                    self.config.max_batch_tokens,
-                    packing=packing,
-                )
-            storage.write_parquet(part_path(os.path.join(self.scores_root, name), shard), table)
-            done["model"].append(name)
-            done["shard"].append(shard)
-            done["n_examples"].append(table.num_rows)
-            done["n_tokens"].append(int(np.sum(table.column("n_tokens"))))
-        return {k: np.asarray(v) for k, v in done.items()}
+    def score_item(self, name: str, shard: int) -> pa.Table:
+        ref = self.models[name]
+        context = self.cache.context(ref)
+        max_length = min(self.config.max_length, context or self.config.max_length)
+        with self.cache.use(ref) as (model, tokenizer):
+            packing = self._packing(ref, model, tokenizer, max_length)
+            return score_shard(
+                model,
+                tokenizer,
+                self.upstream,
+                self.shards[shard],
+                max_length,
+                self.config.max_batch_tokens,
+                packing=packing,
+            )
 
 
 def _plan_record(upstream: pa.Table, ref: ModelRef, config: ScoreConfig) -> dict[str, Any]:

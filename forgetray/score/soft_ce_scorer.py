@@ -12,15 +12,13 @@ columns the driver ignores:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from forgetray import storage
-from forgetray.config import ScoreConfig
 from forgetray.models import ModelRef
+from forgetray.score.driver import ShardActor
 
 SOFT_CE_SCHEMA = pa.schema(
     [
@@ -64,7 +62,7 @@ def score_shard_soft_ce(
     )
 
 
-class SoftCEShardScorer:
+class SoftCEShardScorer(ShardActor):
     """Ray Data actor: (model, shard) items -> parts of soft CE against `reference`."""
 
     def __init__(
@@ -75,23 +73,11 @@ class SoftCEShardScorer:
         score: dict[str, Any],
         reference: dict[str, Any],
     ) -> None:
-        import pyarrow.parquet as pq
-        import torch
-        from transformers.utils import logging as transformers_logging
-
         from forgetray.models import context_length, load_model
-        from forgetray.score.driver import shard_plan
 
-        transformers_logging.disable_progress_bar()
-        self.config = ScoreConfig(**score)
-        torch.set_num_threads(max(1, int(self.config.cpus_per_actor)))
-        self.device = "cuda" if self.config.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.models = {name: ModelRef(**ref) for name, ref in models.items()}
+        super().__init__(models, upstream_path, scores_root, score)
         self.reference = ModelRef(**reference)
         self.base_model, _ = load_model(self.reference, self.device)
-        self.upstream = pq.read_table(upstream_path)
-        self.shards = shard_plan(self.upstream, self.config.shard_size, interleave=self.config.packing)
-        self.scores_root = scores_root
         self.context = context_length(self.base_model.config)
         self.loaded: tuple[str, Any, Any] | None = None
 
@@ -107,25 +93,14 @@ class SoftCEShardScorer:
                 self.loaded = (name, *load_model(ref, self.device))
         return self.loaded[1], self.loaded[2]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from forgetray.score.driver import part_path
-
-        max_length = min(self.config.max_length, self.context or self.config.max_length)
-        done: dict[str, list[Any]] = {"model": [], "shard": [], "n_examples": [], "n_tokens": []}
-        for name, shard in zip(batch["model"].tolist(), batch["shard"].tolist(), strict=True):
-            model, tokenizer = self._model(name)
-            table = score_shard_soft_ce(
-                model,
-                self.base_model,
-                tokenizer,
-                self.upstream,
-                self.shards[shard],
-                max_length,
-                self.config.max_batch_tokens,
-            )
-            storage.write_parquet(part_path(os.path.join(self.scores_root, name), shard), table)
-            done["model"].append(name)
-            done["shard"].append(shard)
-            done["n_examples"].append(table.num_rows)
-            done["n_tokens"].append(int(np.sum(table.column("n_tokens"))))
-        return {k: np.asarray(v) for k, v in done.items()}
+    def score_item(self, name: str, shard: int) -> pa.Table:
+        model, tokenizer = self._model(name)
+        return score_shard_soft_ce(
+            model,
+            self.base_model,
+            tokenizer,
+            self.upstream,
+            self.shards[shard],
+            min(self.config.max_length, self.context or self.config.max_length),
+            self.config.max_batch_tokens,
+        )
