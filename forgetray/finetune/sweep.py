@@ -122,6 +122,26 @@ def train_task(tune_config: dict[str, Any]) -> None:
     ray.tune.report({"loss": pointer["loss"], "steps": pointer["steps"]})
 
 
+def run_trials(trials: list[dict[str, Any]], name: str, tune_dir: str, concurrent: int, what: str) -> None:
+    """One Ray Tune trial of `train_task` per item of `trials`, `concurrent` at a time; raises naming
+    how many failed and the first error."""
+    import ray.tune
+
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(train_task, DRIVER_RESOURCES),
+        param_space={"trial": ray.tune.grid_search(trials)},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent),
+        run_config=ray.tune.RunConfig(
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=os.path.abspath(tune_dir),
+            verbose=0,
+        ),
+    )
+    failed = [r for r in tuner.fit() if r.error is not None]
+    if failed:
+        raise RuntimeError(f"{name}: {len(failed)} {what} failed; first error: {failed[0].error}")
+
+
 def finetune_tasks(
     run_dir: str,
     tasks: Sequence[str],
@@ -133,7 +153,6 @@ def finetune_tasks(
     extra_loop_config: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Fine-tune every task without a pointer file; returns every task's pointer."""
-    import ray.tune
 
     todo = [t for t in tasks if not os.path.exists(pointer_path(run_dir, t))]
     for task in tasks:
@@ -159,19 +178,6 @@ def finetune_tasks(
             }
             for task in todo
         ]
-        tuner = ray.tune.Tuner(
-            ray.tune.with_resources(train_task, DRIVER_RESOURCES),
-            param_space={"trial": ray.tune.grid_search(trials)},
-            tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent),
-            run_config=ray.tune.RunConfig(
-                name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=os.path.abspath(os.path.join(run_dir, "tune")),
-                verbose=0,
-            ),
-        )
-        results = tuner.fit()
-        failed = [r for r in results if r.error is not None]
-        if failed:
-            raise RuntimeError(f"finetune: {len(failed)} task(s) failed; first error: {failed[0].error}")
+        run_trials(trials, "finetune", os.path.join(run_dir, "tune"), concurrent, "task(s)")
     pointers = {t: storage.read_json(pointer_path(run_dir, t)) for t in tasks}
     return pointers

@@ -103,9 +103,8 @@ def train_trials(
     log: Callable[[str], None],
 ) -> None:
     """One Tune trial per LoRA rank without a pointer file, through `finetune.sweep.train_task`."""
-    import ray.tune
 
-    from forgetray.finetune.sweep import DRIVER_RESOURCES, check_task_encodings, concurrent_tasks, train_task
+    from forgetray.finetune.sweep import check_task_encodings, concurrent_tasks, run_trials
     from forgetray.models import context_length, load_model_config
 
     scaling = config.scaling
@@ -157,19 +156,7 @@ def train_trials(
     check_task_encodings(base, {scaling.task: task_path}, config.finetune)
     concurrent = concurrent_tasks(config.finetune, len(trials))
     log(f"scaling: {len(trials)} trial(s), {concurrent} at a time, {config.finetune.max_steps} steps each")
-    tuner = ray.tune.Tuner(
-        ray.tune.with_resources(train_task, DRIVER_RESOURCES),
-        param_space={"trial": ray.tune.grid_search(trials)},
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=ray.tune.RunConfig(
-            name=f"scaling-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=os.path.abspath(os.path.join(out, "tune")),
-            verbose=0,
-        ),
-    )
-    failed = [r for r in tuner.fit() if r.error is not None]
-    if failed:
-        raise RuntimeError(f"scaling: {len(failed)} trial(s) failed; first error: {failed[0].error}")
+    run_trials(trials, "scaling", os.path.join(out, "tune"), concurrent, "trial(s)")
 
 
 def collect_points(out: str, ranks: tuple[int, ...] | list[int]) -> list[dict[str, Any]]:
