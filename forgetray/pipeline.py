@@ -137,35 +137,26 @@ def write_run_config(paths: RunPaths, config: SweepConfig) -> None:
     storage.write_text(paths.config, config.to_yaml())
 
 
-def _needs_base_model(config: SweepConfig) -> bool:
-    """Whether preparing the data needs the base model (its chat template or its own answers)."""
-    return (
-        config.upstream.chat_template
-        or config.tasks.chat_template
-        or any(s.path == "builtin_instructions" for s in config.upstream.sources)
-    )
-
-
 def prepare_data(
     paths: RunPaths, config: SweepConfig, log: Callable[[str], None], base: ModelRef | None = None
 ) -> None:
+    """Write the run's upstream and task tables. `base` is needed only for chat templates (its
+    tokenizer) and for the `builtin_instructions` source (the model answers those questions)."""
     from forgetray.data import instructions
     from forgetray.data.sources import load_tasks, load_upstream
+    from forgetray.models import load_model, load_tokenizer
 
-    model = tokenizer = None
-    if _needs_base_model(config) and not (
-        os.path.exists(paths.upstream) and all(os.path.exists(paths.task(n)) for n in _task_names(config))
-    ):
+    def require_base() -> ModelRef:
         if base is None:
             raise ValueError("prepare_data: this config's data needs the base model; pass `base`")
-        from forgetray.models import load_model
+        return base
 
-        model, tokenizer = load_model(base)
     if not os.path.exists(paths.upstream):
         upstream = load_upstream(config.upstream)
         if config.upstream.chat_template:
-            upstream = instructions.apply_chat_template(upstream, tokenizer, "upstream")
-        if model is not None:
+            upstream = instructions.apply_chat_template(upstream, load_tokenizer(require_base()), "upstream")
+        if any(s.path == "builtin_instructions" for s in config.upstream.sources):
+            model, tokenizer = load_model(require_base())
             upstream = instructions.answer_pending(
                 upstream, model, tokenizer, config.upstream.answer_max_new_tokens, log
             )
@@ -177,9 +168,10 @@ def prepare_data(
         )
     task_names = [name for name in _task_names(config) if not os.path.exists(paths.task(name))]
     if task_names:
+        tokenizer = load_tokenizer(require_base()) if config.tasks.chat_template else None
         for name, table in load_tasks(config.tasks).items():
             if not os.path.exists(paths.task(name)):
-                if config.tasks.chat_template:
+                if tokenizer is not None:
                     table = instructions.apply_chat_template(table, tokenizer, "tasks")
                 storage.write_parquet(paths.task(name), table)
         log(f"data: {len(_task_names(config))} tasks in {os.path.dirname(paths.task('x'))}")
