@@ -10,7 +10,10 @@ Default mode: the same encoded examples scored by the same model in this process
   padded  `per_example_nll`: length-bucketed, right-padded batches (`score.packing: false`)
   packed  `packed_nll`: rows packed with no padding, chunked LM head (the driver's default)
   ray     with --ray: `score_model` end to end (actor pool, parquet parts, actor start-up included)
-It checks that all agree per example and prints as its last line `speedup_vs_naive: <packed / naive>`.
+It checks that all agree per example, prints each method's share of the float32 matmul rate measured
+in the same run (useful FLOPs: trunk and attention on every token, LM head on scored tokens) and the
+speedup that rate caps any exact scorer at, and prints as its last line
+`speedup_vs_naive: <packed / naive>`.
 
 --gpu-anchor: the anchor of ../shared/gpu/README.md: a random-weight Llama of 1.28B parameters in
 bf16, 512 examples of 64-1024 random tokens (seed 0), scored by `packed_nll`; prints tokens/s and
@@ -65,6 +68,27 @@ def naive_nll(model, examples) -> np.ndarray:
             token_logprobs = logprobs.gather(1, ids[0, 1:, None])[:, 0]
             out[j] = -token_logprobs[torch.from_numpy(example.loss_mask[1:])].double().mean().item()
     return out
+
+
+def useful_flops(model, examples) -> float:
+    """FLOPs any exact scorer must spend: trunk matmuls on every input token, the LM head on every
+    scored token, causal attention within each example (QK^T and AV: 2 * L^2 * hidden per layer).
+
+    Embedding lookups, norms and activations are not counted, so time >= useful_flops / matmul rate
+    is a lower bound on any scorer's time: `naive_seconds` over it bounds the reachable speedup.
+    """
+    head = model.get_output_embeddings().weight
+    embeddings = {id(m.weight) for m in model.modules() if type(m).__name__ == "Embedding"}
+    trunk = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if p.dim() == 2 and p is not head and id(p) not in embeddings
+    )
+    n_layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    n_input = sum(len(e.input_ids) for e in examples)
+    n_scored = sum(e.n_targets for e in examples)
+    attention = sum(2 * len(e.input_ids) ** 2 * hidden * n_layers for e in examples)
+    return 2.0 * trunk * n_input + 2.0 * head.numel() * n_scored + attention
 
 
 def builtin_benchmark(options: argparse.Namespace) -> dict:
@@ -133,7 +157,13 @@ def builtin_benchmark(options: argparse.Namespace) -> dict:
         nll["ray"] = np.array([by_id[i] for i in ids])
 
     base = results["methods"]["naive"]["seconds"]
+    flops = useful_flops(model, examples)
+    rate = matmul_tflops(torch.device("cpu"), torch.float32, 2048) * 1e12
+    results["useful_gflop"] = flops / 1e9
+    results["matmul_gflops_measured"] = rate / 1e9
+    results["ceiling_speedup_vs_naive"] = base / (flops / rate)
     for values in results["methods"].values():
+        values["fraction_of_matmul_rate"] = flops / values["seconds"] / rate
         values["tokens_per_second"] = n_tokens / values["seconds"]
         values["speedup_vs_naive"] = base / values["seconds"]
     results["max_abs_diff_nats"] = {
@@ -145,11 +175,17 @@ def builtin_benchmark(options: argparse.Namespace) -> dict:
         f"{results['n_examples']} examples, {n_tokens} scored tokens, mean length "
         f"{results['mean_length']:.0f} tokens; score config {config.score}"
     )
-    print(f"{'method':<10}{'seconds':>10}{'tokens/s':>12}{'x naive':>10}")
+    print(f"{'method':<10}{'seconds':>10}{'tokens/s':>12}{'x naive':>10}{'of matmul':>11}")
     for name, values in results["methods"].items():
         print(
-            f"{name:<10}{values['seconds']:>10.2f}{values['tokens_per_second']:>12.0f}{values['speedup_vs_naive']:>10.2f}"
+            f"{name:<10}{values['seconds']:>10.2f}{values['tokens_per_second']:>12.0f}"
+            f"{values['speedup_vs_naive']:>10.2f}{values['fraction_of_matmul_rate']:>11.2f}"
         )
+    print(
+        f"useful work {results['useful_gflop']:.1f} GFLOP at the measured float32 matmul rate of "
+        f"{results['matmul_gflops_measured']:.0f} GFLOP/s: no exact scorer beats "
+        f"{results['ceiling_speedup_vs_naive']:.2f}x naive here"
+    )
     print(f"max |NLL difference| vs naive: {results['max_abs_diff_nats']}")
     results["speedup_vs_naive"] = results["methods"]["packed"]["speedup_vs_naive"]
     return results
