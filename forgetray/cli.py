@@ -103,10 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="print the resolved sweep config and exit")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     exact = sub.add_parser(
-        "exact-match", help="binary forgetting by greedy exact match, its matrix and completion (<RUN>/exact_match)"
+        "exact-match",
+        help="binary forgetting by greedy exact match, its matrix and completion (<RUN>/exact_match)",
     )
     exact.add_argument("run_dir")
-    exact.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. exact_match.reference_tokens=8")
+    exact.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. exact_match.reference_tokens=8"
+    )
     exact.add_argument("--no-progress", action="store_true")
     return parser
 

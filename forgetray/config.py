@@ -540,10 +540,10 @@ class ExactMatchConfig:
     greedy answers of the base and every fine-tuned model to probes built from the upstream examples;
     forgotten = the base model was right and the fine-tuned model is wrong (Jin & Ren 2024)."""
 
-    prompt_tokens: int = 32
+    prompt_tokens: int = 128
     """Plain-text examples become continuation probes: the text's first `prompt_tokens` tokens are
     the prompt (fewer when the text is short, so that a reference is left)."""
-    reference_tokens: int = 4
+    reference_tokens: int = 1
     """...and its next `reference_tokens` tokens the reference the greedy continuation must equal."""
     answer_margin: int = 8
     """Instruction examples: generation stops at EOS or at the reference's token count + this."""

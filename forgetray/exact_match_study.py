@@ -43,7 +43,9 @@ BASE_CORRECT_FILE = "base_correct.npy"
 def aligned_correct(results: pa.Table, example_ids: Sequence[str], model: str) -> np.ndarray:
     """(examples,) bool `correct` of `results` in the order of `example_ids`; an error names
     duplicated or missing examples (the alignment of NLL scores, on the `correct` column)."""
-    scores = pa.table({"example_id": results.column("example_id"), "nll": results.column("correct").cast(pa.float64())})
+    scores = pa.table(
+        {"example_id": results.column("example_id"), "nll": results.column("correct").cast(pa.float64())}
+    )
     return aligned_nll(scores, example_ids, model) > 0.5
 
 
@@ -62,10 +64,10 @@ def assemble_exact_match_matrix(
     index = {"tasks": tasks, "examples": list(example_ids)}
     paths = {name: os.path.join(out_dir, name) for name in (MATRIX_FILE, CORRECT_FILE, BASE_CORRECT_FILE)}
     index_path = os.path.join(out_dir, INDEX_FILE)
-    if all(os.path.exists(p) for p in paths.values()) and os.path.exists(index_path):
-        if storage.read_json(index_path) == index:
-            log(f"exact match matrix: {len(tasks)} x {len(example_ids)} already assembled, skipped")
-            return False
+    done = all(os.path.exists(p) for p in [*paths.values(), index_path])
+    if done and storage.read_json(index_path) == index:
+        log(f"exact match matrix: {len(tasks)} x {len(example_ids)} already assembled, skipped")
+        return False
     base_correct = aligned_correct(base_results, example_ids, "base")  # (examples,)
     for stale in (paths[MATRIX_FILE], paths[CORRECT_FILE], index_path):
         if os.path.exists(stale):
@@ -91,13 +93,17 @@ def load_exact_match_matrix(run_dir: str) -> tuple[np.ndarray, np.ndarray, dict[
     """(Y (tasks, examples) uint8, base_correct (examples,) bool, index) of a run."""
     matrix_dir = os.path.join(run_dir, EXACT_MATCH_DIR, "matrix")
     if not os.path.exists(os.path.join(matrix_dir, MATRIX_FILE)):
-        raise FileNotFoundError(f"{matrix_dir}/{MATRIX_FILE}: no exact-match matrix yet; run `forgetray exact-match`")
+        raise FileNotFoundError(
+            f"{matrix_dir}/{MATRIX_FILE}: no exact-match matrix yet; run `forgetray exact-match`"
+        )
     y = storage.load_npy(os.path.join(matrix_dir, MATRIX_FILE))
     base = storage.load_npy(os.path.join(matrix_dir, BASE_CORRECT_FILE)).astype(bool)
     return y, base, storage.read_json(os.path.join(matrix_dir, INDEX_FILE))
 
 
-def summarise(y: np.ndarray, correct_after: np.ndarray, base_correct: np.ndarray, tasks: Sequence[str]) -> dict[str, Any]:
+def summarise(
+    y: np.ndarray, correct_after: np.ndarray, base_correct: np.ndarray, tasks: Sequence[str]
+) -> dict[str, Any]:
     """Base accuracy, each task's accuracy and forgetting rate (forgotten / eligible), and overall."""
     eligible = int(base_correct.sum())
     per_task = {
@@ -109,7 +115,7 @@ def summarise(y: np.ndarray, correct_after: np.ndarray, base_correct: np.ndarray
         for i, task in enumerate(tasks)
     }
     return {
-        "n_examples": int(len(base_correct)),
+        "n_examples": len(base_correct),
         "n_eligible": eligible,
         "base_accuracy": float(base_correct.mean()),
         "forgetting_rate": float(y[:, base_correct].mean()) if eligible and len(tasks) else None,
@@ -117,7 +123,9 @@ def summarise(y: np.ndarray, correct_after: np.ndarray, base_correct: np.ndarray
     }
 
 
-def complete_exact_match(y: np.ndarray, base_correct: np.ndarray, tasks: Sequence[str], config: SweepConfig) -> dict[str, Any]:
+def complete_exact_match(
+    y: np.ndarray, base_correct: np.ndarray, tasks: Sequence[str], config: SweepConfig
+) -> dict[str, Any]:
     """The paper's completion protocol (`complete.*`: the same split, k and seeds as `forgetray
     complete`) on the eligible columns of Y, logistic MF and the baselines; F1 / precision /
     recall / AUC with "forgotten" = prediction > 0.5."""
@@ -128,7 +136,9 @@ def complete_exact_match(y: np.ndarray, base_correct: np.ndarray, tasks: Sequenc
     y_eligible = np.asarray(y[:, base_correct], dtype=np.float64)  # (tasks, eligible examples)
     n_tasks, n_eligible = y_eligible.shape
     if n_tasks < 3:
-        raise ValueError(f"exact match completion: needs at least 3 tasks to hold some out, the run has {n_tasks}")
+        raise ValueError(
+            f"exact match completion: needs at least 3 tasks to hold some out, the run has {n_tasks}"
+        )
     if complete.revealed_k >= n_eligible:
         raise ValueError(
             f"complete.revealed_k: {complete.revealed_k} must be below the {n_eligible} eligible examples "
@@ -167,7 +177,9 @@ def _run_models(run_dir: str, config: SweepConfig) -> dict[str, Any]:
     tasks = [t for t in _task_names(config) if os.path.exists(pointer_path(run_dir, t))]
     if not tasks:
         raise ConfigError(f"{run_dir}: no fine-tuned model yet (no checkpoints/<task>.json)")
-    return {BASE: base} | {t: finetuned_model(base, storage.read_json(pointer_path(run_dir, t))) for t in tasks}
+    return {BASE: base} | {
+        t: finetuned_model(base, storage.read_json(pointer_path(run_dir, t))) for t in tasks
+    }
 
 
 def exact_match_run(
@@ -197,7 +209,9 @@ def exact_match_run(
     )
     y, base_correct, _ = load_exact_match_matrix(run_dir)
     correct_after = storage.load_npy(os.path.join(matrix_dir, CORRECT_FILE))
-    summary = {"settings": dataclasses.asdict(config.exact_match)} | summarise(y, correct_after, base_correct, tasks)
+    summary = {"settings": dataclasses.asdict(config.exact_match)} | summarise(
+        y, correct_after, base_correct, tasks
+    )
     storage.write_json(os.path.join(root, "summary.json"), summary)
     rate = summary["forgetting_rate"]
     log(

@@ -24,7 +24,6 @@ pytestmark = pytest.mark.slow
 def models(tmp_path_factory, tiny_model, tiny_tokenizer, tiny_model_dir):
     """The tiny GPT-2 as base and a noisy copy as a "fine-tuned" model, and 20 upstream examples."""
     import torch
-
     from conftest import TEXTS
 
     root = tmp_path_factory.mktemp("exact_match_models")
@@ -60,7 +59,9 @@ def test_ray_scoring_matches_the_core_and_resumes_only_missing_shards(ray_sessio
     first = score_exact_match(refs, upstream, root, config, progress=False)
     assert len(shard_plan(pq.read_table(upstream), 6)) == 4
     table = pq.read_table(upstream)
-    rows = zip(*[table.column(c).to_pylist() for c in ("example_id", "kind", "prompt", "response")], strict=True)
+    rows = zip(
+        *[table.column(c).to_pylist() for c in ("example_id", "kind", "prompt", "response")], strict=True
+    )
     rows = list(rows)
     for name, ref in refs.items():
         model, tokenizer = load_model(ref)
@@ -72,7 +73,10 @@ def test_ray_scoring_matches_the_core_and_resumes_only_missing_shards(ray_sessio
         assert first[name]["accuracy"] == pytest.approx(float(correct.mean()))
 
     parts = sorted(
-        os.path.join(root, name, f) for name in refs for f in os.listdir(os.path.join(root, name)) if f.startswith("part")
+        os.path.join(root, name, f)
+        for name in refs
+        for f in os.listdir(os.path.join(root, name))
+        if f.startswith("part")
     )
     stamps = {p: os.stat(p).st_mtime_ns for p in parts}
     before = read_exact_match(os.path.join(root, "noisy")).sort_by("example_id")
@@ -135,9 +139,10 @@ def test_exact_match_command_writes_matrix_completion_and_report(run_dir):
     base = np.load(os.path.join(em, "matrix", "base_correct.npy"), allow_pickle=False).astype(bool)
     index = json.load(open(os.path.join(em, "matrix", "index.json")))
     assert y.shape == correct.shape == (3, 60) and y.dtype == np.uint8 and index["tasks"] == TASKS
-    assert index["examples"] == pq.read_table(os.path.join(run_dir, "data", "upstream.parquet")).column(
-        "example_id"
-    ).to_pylist()
+    assert (
+        index["examples"]
+        == pq.read_table(os.path.join(run_dir, "data", "upstream.parquet")).column("example_id").to_pylist()
+    )
     np.testing.assert_array_equal(y, base[None, :] & ~correct.astype(bool))
     summary = json.load(open(os.path.join(em, "summary.json")))
     assert summary["n_eligible"] == int(base.sum()) > 3

@@ -78,7 +78,9 @@ def build_probes(
     probes = []
     for example_id, kind, prompt, response in rows:
         if kind == "instruction":
-            prompt_ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"] if prompt else []
+            prompt_ids = (
+                tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"] if prompt else []
+            )
             reference_ids = tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"]
             if not normalise(response):
                 raise EncodingError(
@@ -100,7 +102,9 @@ def build_probes(
             max_new = len(reference_ids)
             reference = tokenizer.decode(reference_ids)
         else:
-            raise EncodingError(f"example {example_id!r}: field 'kind' is {kind!r}; expected text or instruction")
+            raise EncodingError(
+                f"example {example_id!r}: field 'kind' is {kind!r}; expected text or instruction"
+            )
         max_new = min(max_new, max_length - len(prefix) - 1)
         if max_new < 1:
             raise EncodingError(
@@ -114,7 +118,9 @@ def build_probes(
             )
         keep = max_length - max_new - len(prefix)
         prompt_ids = list(prompt_ids)[-keep:] if keep > 0 else []
-        probes.append(Probe(example_id, np.asarray([*prefix, *prompt_ids], dtype=np.int64), reference, max_new))
+        probes.append(
+            Probe(example_id, np.asarray([*prefix, *prompt_ids], dtype=np.int64), reference, max_new)
+        )
     return probes
 
 

@@ -52,7 +52,12 @@ def shard_config(config: ExactMatchConfig) -> ScoreConfig:
 
 
 def score_shard_exact_match(
-    model: Any, tokenizer: Any, upstream: pa.Table, rows: np.ndarray, config: ExactMatchConfig, max_length: int
+    model: Any,
+    tokenizer: Any,
+    upstream: pa.Table,
+    rows: np.ndarray,
+    config: ExactMatchConfig,
+    max_length: int,
 ) -> pa.Table:
     """One shard's exact-match results as an EXACT_MATCH_SCHEMA table (rows in shard order)."""
     from forgetray.score.exact_match import build_probes, exact_match
@@ -159,7 +164,11 @@ def score_exact_match(
             log(f"exact_match/scores/{name}: already complete, skipped")
             continue
         _check_plan(out_dir, plan)
-        todo += [{"model": name, "shard": k} for k in range(len(shards)) if not os.path.exists(part_path(out_dir, k))]
+        todo += [
+            {"model": name, "shard": k}
+            for k in range(len(shards))
+            if not os.path.exists(part_path(out_dir, k))
+        ]
     pending = [name for name in models if name not in summaries]
     if not pending:
         return summaries
@@ -209,5 +218,8 @@ def score_exact_match(
             "plan": _plan_record(upstream, models[name], config),
         }
         storage.write_json(os.path.join(out_dir, "_SUCCESS.json"), summaries[name])
-        log(f"exact_match/scores/{name}: {table.num_rows} examples, accuracy {summaries[name]['accuracy']:.4f}")
+        log(
+            f"exact_match/scores/{name}: {table.num_rows} examples, "
+            f"accuracy {summaries[name]['accuracy']:.4f}"
+        )
     return summaries
