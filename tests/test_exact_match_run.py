@@ -112,9 +112,9 @@ def run_dir(tmp_path_factory, ray_session):
         "model.builtin.n_embd=32",
         "model.builtin.n_head=2",
         "model.builtin.context_length=256",
-        "model.builtin.pretrain_steps=20",
+        "model.builtin.pretrain_steps=60",
         "model.builtin.batch_size=4",
-        "upstream.n_examples=60",
+        "upstream.n_examples=80",
         f"tasks.builtin=[{', '.join(TASKS)}]",
         "tasks.n_examples=16",
         "finetune.max_steps=8",
@@ -138,7 +138,7 @@ def test_exact_match_command_writes_matrix_completion_and_report(run_dir):
     correct = np.load(os.path.join(em, "matrix", "correct_after.npy"), allow_pickle=False)
     base = np.load(os.path.join(em, "matrix", "base_correct.npy"), allow_pickle=False).astype(bool)
     index = json.load(open(os.path.join(em, "matrix", "index.json")))
-    assert y.shape == correct.shape == (3, 60) and y.dtype == np.uint8 and index["tasks"] == TASKS
+    assert y.shape == correct.shape == (3, 80) and y.dtype == np.uint8 and index["tasks"] == TASKS
     assert (
         index["examples"]
         == pq.read_table(os.path.join(run_dir, "data", "upstream.parquet")).column("example_id").to_pylist()
