@@ -25,7 +25,9 @@ What the probe and the reference are:
 
 A pretrained model reproduces some continuations of its own pretraining text (it memorised or can
 predict them), so continuation probes make plain-text upstream data usable for exact match; the
-paper's binary setting had instruction data with answers instead.
+paper's binary setting had instruction data with answers instead (OLMo-7B-Instruct on held-out
+Tulu examples, ../shared/PAPERS.md); its exact answer normalisation is not stated there, so ours is
+the whitespace rule above.
 
 Prompts longer than `max_length - max_new_tokens` keep their last tokens (after the BOS). Greedy
 generation is batched with left padding (`attention_mask` and position ids from it, KV cache on);
