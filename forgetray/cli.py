@@ -10,6 +10,7 @@ forgetray scaling [CONFIG] [--out DIR] [--dry-run] [key.sub=value ...]
 forgetray replay RUN [key.sub=value ...]
 forgetray finetune TASK --protect RUN [--out DIR] [key.sub=value ...]
 forgetray sweep SWEEP_CONFIG [--out DIR] [--dry-run] [key.sub=value ...]
+forgetray exact-match RUN [key.sub=value ...]
 """
 
 from __future__ import annotations
@@ -101,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="sweep directory (overrides out)")
     sweep.add_argument("--dry-run", action="store_true", help="print the resolved sweep config and exit")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    exact = sub.add_parser(
+        "exact-match",
+        help="binary forgetting by greedy exact match, its matrix and completion (<RUN>/exact_match)",
+    )
+    exact.add_argument("run_dir")
+    exact.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. exact_match.reference_tokens=8"
+    )
+    exact.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -109,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         # `forgetray finetune TASK --protect RUN key=value`: overrides after an option land here
-        if args.command not in ("replay", "finetune") or not all("=" in e for e in extra):
+        if args.command not in ("replay", "finetune", "exact-match") or not all("=" in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
@@ -211,6 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stdout.write(yaml.safe_dump(size_sweep.to_dict(), sort_keys=False))
                 return 0
             run_size_sweep(size_sweep, progress=not args.no_progress)
+        elif args.command == "exact-match":
+            from forgetray.exact_match_study import exact_match_run
+            from forgetray.pipeline import RunPaths, setup_logging
+            from forgetray.report.html import build_report
+
+            paths = RunPaths(args.run_dir)
+            config = load_config(paths.config, args.overrides)
+            log = setup_logging(paths)
+            exact_match_run(args.run_dir, config, log, progress=not args.no_progress)
+            log(f"report: {build_report(args.run_dir)}")
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"forgetray: error: {e}", file=sys.stderr)
         return 2

@@ -535,6 +535,42 @@ class FlatnessConfig:
 
 
 @dataclass(frozen=True)
+class ExactMatchConfig:
+    """Exact-match (binary) forgetting (`forgetray exact-match RUN`, forgetray/score/exact_match.py):
+    greedy answers of the base and every fine-tuned model to probes built from the upstream examples;
+    forgotten = the base model was right and the fine-tuned model is wrong (Jin & Ren 2024)."""
+
+    prompt_tokens: int = 128
+    """Plain-text examples become continuation probes: the text's first `prompt_tokens` tokens are
+    the prompt (fewer when the text is short, so that a reference is left)."""
+    reference_tokens: int = 1
+    """...and its next `reference_tokens` tokens the reference the greedy continuation must equal."""
+    answer_margin: int = 8
+    """Instruction examples: generation stops at EOS or at the reference's token count + this."""
+    max_length: int = 256
+    """Prompt + generated tokens, at most (also capped by the model's context); longer prompts keep
+    their last tokens."""
+    max_batch_tokens: int = 8192
+    """Padded prompt + generated tokens per `generate` call."""
+    shard_size: int = 256
+    """Examples per shard: the unit of parallelism, of the part files and of resumption."""
+    num_actors: int | None = None
+    """Generation actors; default: as many as the cluster's CPUs (or GPUs) allow."""
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "reference_tokens", "max_batch_tokens", "shard_size"):
+            _require(getattr(self, name) > 0, name, "must be a positive integer")
+        _require(self.answer_margin >= 0, "answer_margin", "must be >= 0")
+        _require(self.max_length > 1, "max_length", "must be > 1 (a prompt token and a generated one)")
+        _require(self.max_batch_tokens >= self.max_length, "max_batch_tokens", "must be >= max_length")
+        _require(self.num_actors is None or self.num_actors > 0, "num_actors", "must be positive or null")
+        _require(self.cpus_per_actor > 0, "cpus_per_actor", "must be > 0")
+        _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """Everything one forgetray run needs; the resolved copy is saved as `<run>/config.yaml`."""
 
@@ -550,6 +586,7 @@ class SweepConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     flatness: FlatnessConfig = field(default_factory=FlatnessConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    exact_match: ExactMatchConfig = field(default_factory=ExactMatchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

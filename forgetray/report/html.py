@@ -855,6 +855,13 @@ def _flatness(run: _Run) -> str:
     return "".join(parts)
 
 
+def _exact_match(run: _Run) -> str:
+    """Exact-match (binary) forgetting, an optional stage (`forgetray exact-match`)."""
+    from forgetray.report.exact_match_section import exact_match_section
+
+    return exact_match_section(run)
+
+
 def _config(run: _Run) -> str:
     if not run.exists("config.yaml"):
         return _note("no config.yaml: is this a forgetray run directory?")
@@ -884,6 +891,7 @@ _SECTIONS: list[tuple[str, str, Callable[[_Run], str]]] = [
     ("replay", "Replay", _replay),
     ("scaling", "Scaling laws for forgetting (Kalajdzievski 2024)", _scaling),
     ("flatness", "Flatness: loss landscape and forgetting", _flatness),
+    ("exact_match", "Exact-match forgetting (binary)", _exact_match),
     ("config", "Resolved config", _config),
     ("log", "Log", _log),
 ]

@@ -1,0 +1,93 @@
+"""The report's exact-match section: base accuracy, forgetting rates, and completion of the binary
+matrix beside the continuous matrix's thresholded binary results (`<run>/completion/binary.json`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from forgetray.report.html import (
+    _BINARY_METRICS,
+    _completion_methods,
+    _fixed,
+    _kv_table,
+    _Num,
+    _p,
+    _pm,
+    _Run,
+    _table,
+)
+
+
+def _completion_rows(label: str, results: dict[str, Any]) -> list[list[Any]]:
+    return [
+        [
+            label,
+            method,
+            *[
+                _Num(_pm(results[method].get(f"{m}_mean"), results[method].get(f"{m}_std"), decimals=3))
+                for m in _BINARY_METRICS
+            ],
+        ]
+        for method in _completion_methods(results)
+    ]
+
+
+def exact_match_section(run: _Run) -> str:
+    summary = run.json("exact_match", "summary.json")
+    if summary is None:
+        return _p(f"optional; measure it with: {run.command('exact-match')}", "meta")
+    settings = summary["settings"]
+    parts = [
+        _p(
+            "Greedy answers of each model to one probe per upstream example: instructions must "
+            "reproduce their response, plain text its next "
+            f"{settings['reference_tokens']} tokens after the first {settings['prompt_tokens']} "
+            "(whitespace-normalised exact match). An example is forgotten by a task when the base "
+            "model was right and the fine-tuned model is wrong; only examples the base model gets "
+            "right (eligible) can be forgotten. Definitions in forgetray/score/exact_match.py."
+        ),
+        _kv_table(
+            [
+                ("upstream examples", summary["n_examples"]),
+                ("base accuracy", _fixed(summary["base_accuracy"])),
+                ("eligible examples (base right)", summary["n_eligible"]),
+                ("forgetting rate (forgotten / eligible, all tasks)", _fixed(summary["forgetting_rate"])),
+            ]
+        ),
+        "<h3>Per task</h3>",
+        _table(
+            ["task", "accuracy after", "forgotten", "forgetting rate"],
+            [
+                [task, _fixed(row["accuracy_after"]), row["forgotten"], _fixed(row["forgetting_rate"])]
+                for task, row in sorted(
+                    summary["per_task"].items(), key=lambda item: -(item[1]["forgetting_rate"] or 0.0)
+                )
+            ],
+        ),
+    ]
+    completion = run.json("exact_match", "completion.json")
+    if completion is None:
+        parts.append(_p("No completion results (it needs at least 3 tasks).", "meta"))
+        return "".join(parts)
+    split = completion.get("split") or {}
+    parts += [
+        "<h3>Completion of the binary matrix</h3>",
+        _kv_table(
+            [
+                ("columns", f"{completion.get('n_eligible')} eligible examples"),
+                ("revealed entries per held-out task (k)", completion.get("revealed_k")),
+                ("seeds", len(completion.get("seeds") or [])),
+                ("held-out task names", ", ".join(str(t) for t in split.get("test_tasks", []))),
+            ]
+        ),
+    ]
+    rows = _completion_rows("exact match", completion)
+    continuous = run.json("completion", "binary.json")
+    if continuous is not None:
+        rows += _completion_rows(
+            f"NLL forgetting > {continuous.get('binary_threshold', 0):.4g} (all columns)", continuous
+        )
+    parts.append(
+        _table(["matrix", "method", *[f"{name} mean ± std" for name in _BINARY_METRICS.values()]], rows)
+    )
+    return "".join(parts)

@@ -1,0 +1,286 @@
+"""Exact-match forgetting without Ray: probes, batched greedy generation against a one-token-at-a-time
+reference loop, and the binary matrix on a case built to have known answers.
+
+The known-answer case uses a word-level tokenizer (decode then encode gives the same ids back), so
+upstream texts can be written from a model's own greedy continuations: the base model reproduces
+the continuations built from its answers and no other, a copy of it forgets nothing, and a model
+that always says one word forgets exactly the examples the base model got right.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from forgetray.data.encoding import EncodingError
+from forgetray.matrix import MatrixError
+from forgetray.score.exact_match import build_probes, exact_match, greedy_generate, normalise
+
+WORDS = "the a fox dog cat runs jumps over under lazy quick brown red blue green sits".split()  # noqa: SIM905
+EOS = 0
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": EOS, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>"
+    )
+
+
+def word_model(vocab_size: int, seed: int):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def reference_greedy(model, ids, n: int, eos: int | None = EOS) -> list[int]:
+    """Greedy decoding the slow, obvious way: the whole sequence through the model for every token."""
+    import torch
+
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([list(ids) + out])).logits[0, -1].argmax())
+            if token == eos:
+                break
+            out.append(token)
+    return out
+
+
+def constant_model(model, vocab_size: int):
+    """A copy of `model` whose every prediction is one fixed word: the final layer norm outputs a
+    constant vector v (weight 0, bias v), so the logits are wte @ v whatever the input."""
+    import copy
+
+    import torch
+
+    const = copy.deepcopy(model)
+    wte = const.transformer.wte.weight.detach()
+    for k in range(2, vocab_size):
+        word = int((wte @ wte[k]).argmax())
+        if word >= 2:  # neither <eos> nor <unk>
+            break
+    with torch.no_grad():
+        const.transformer.ln_f.weight.zero_()
+        const.transformer.ln_f.bias.copy_(wte[k])
+    return const, word
+
+
+def test_normalise_ignores_whitespace_only():
+    assert normalise("  a\n b\t\tc ") == "a b c"
+    assert normalise("A b") != normalise("a b")
+
+
+def test_exact_match_matrix_on_a_case_with_known_answers(word_tokenizer, tmp_path):
+    import copy
+
+    from forgetray.exact_match_study import assemble_exact_match_matrix, summarise
+    from forgetray.score.exact_match import forgetting_row
+
+    vocab_size = len(word_tokenizer)
+    base = word_model(vocab_size, seed=1)
+    same = copy.deepcopy(base)  # a "fine-tune" that changed nothing
+    const, word = constant_model(base, vocab_size)
+    rng = np.random.default_rng(0)
+    # Categories: E = text continues as the base model would (base right), W = as neither model
+    # would, C = as the constant model would (base wrong, fine-tuned right: still not forgetting).
+    categories = ["E", "W", "E", "C", "E", "W"]
+    rows = []
+    while len(rows) < len(categories):
+        prompt = [int(t) for t in rng.integers(2, vocab_size, size=int(rng.integers(2, 7)))]
+        answer = reference_greedy(base, prompt, 3)
+        if len(answer) < 3 or answer == [word] * 3:
+            continue  # the base model stops early, or agrees with the constant model: not this case
+        category = categories[len(rows)]
+        if category == "E":
+            continuation = answer
+        elif category == "C":
+            continuation = [word] * 3
+        else:
+            continuation = [t for t in range(2, vocab_size) if t not in (answer[0], word)][:3]
+        text = word_tokenizer.decode(prompt + continuation)
+        assert word_tokenizer(text, add_special_tokens=False)["input_ids"] == prompt + continuation
+        rows.append((f"ex{len(rows)}", "text", "", text))
+
+    probes = build_probes(
+        word_tokenizer, rows, prompt_tokens=32, reference_tokens=3, answer_margin=8, max_length=64
+    )
+    assert [len(p.prompt_ids) + 3 for p in probes] == [len(r[3].split()) for r in rows]
+    results = {}
+    for name, model in (("base", base), ("same", same), ("const", const)):
+        correct, answers, n_generated = exact_match(model, word_tokenizer, probes, max_batch_tokens=24)
+        results[name] = pa.table(
+            {
+                "example_id": [r[0] for r in rows],
+                "correct": correct,
+                "answer": answers,
+                "n_tokens": n_generated,
+            }
+        )
+    assert results["base"].column("correct").to_pylist() == [c == "E" for c in categories]
+    assert results["const"].column("correct").to_pylist() == [c == "C" for c in categories]
+    assert results["const"].column("answer").to_pylist()[0] == " ".join([WORDS[word - 2]] * 3)
+
+    ids = [r[0] for r in rows]
+    out = str(tmp_path / "matrix")
+    shuffled = {k: t.take(pa.array([5, 3, 1, 0, 2, 4])) for k, t in results.items()}  # parts are unordered
+    tasks = [("same", lambda: shuffled["same"]), ("const", lambda: shuffled["const"])]
+    assert assemble_exact_match_matrix(out, ids, shuffled["base"], tasks)
+    assert not assemble_exact_match_matrix(out, ids, shuffled["base"], tasks)  # already there
+    y = np.load(os.path.join(out, "forgetting.npy"), allow_pickle=False)
+    assert y.dtype == np.uint8
+    np.testing.assert_array_equal(y, [[0, 0, 0, 0, 0, 0], [1, 0, 1, 0, 1, 0]])
+    np.testing.assert_array_equal(np.load(os.path.join(out, "base_correct.npy")), [1, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(
+        np.load(os.path.join(out, "correct_after.npy")), [[1, 0, 1, 0, 1, 0], [0, 0, 0, 1, 0, 0]]
+    )
+    correct_after = np.load(os.path.join(out, "correct_after.npy"))
+    summary = summarise(y, correct_after, np.array([1, 0, 1, 0, 1, 0], bool), ["same", "const"])
+    assert summary["base_accuracy"] == 0.5 and summary["n_eligible"] == 3
+    assert summary["forgetting_rate"] == 0.5  # 3 of the 6 eligible (task, example) pairs
+    assert summary["per_task"]["const"]["forgetting_rate"] == 1.0
+    assert summary["per_task"]["same"]["forgetting_rate"] == 0.0
+    np.testing.assert_array_equal(forgetting_row([1, 1, 0, 0], [1, 0, 1, 0]), [0, 1, 0, 0])
+
+
+def test_instruction_answers_must_end_at_the_reference(word_tokenizer):
+    """An instruction's answer is everything generated up to EOS or reference tokens + margin: a base
+    model that keeps talking after the reference's words is wrong unless the margin is 0."""
+    vocab_size = len(word_tokenizer)
+    model = word_model(vocab_size, seed=1)
+    rng = np.random.default_rng(1)
+    while True:
+        prompt = [int(t) for t in rng.integers(2, vocab_size, size=4)]
+        answer = reference_greedy(model, prompt, 6)
+        if len(answer) == 6:
+            break
+    row = (
+        "inst",
+        "instruction",
+        word_tokenizer.decode(prompt),
+        "  " + word_tokenizer.decode(answer[:3]) + "\n",
+    )
+    tight = build_probes(word_tokenizer, [row], 32, 4, answer_margin=0, max_length=64)
+    loose = build_probes(word_tokenizer, [row], 32, 4, answer_margin=2, max_length=64)
+    assert tight[0].max_new_tokens == 3 and loose[0].max_new_tokens == 5
+    assert exact_match(model, word_tokenizer, tight)[0].tolist() == [True]
+    assert exact_match(model, word_tokenizer, loose)[0].tolist() == [False]
+
+
+def _models():
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama(vocab_size):
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+        return LlamaForCausalLM(config).eval()
+
+    def lora(model):
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False)
+        wrapped = get_peft_model(copy.deepcopy(model), config)
+        return wrapped.eval()
+
+    return {"gpt2": lambda m, v: m, "llama": lambda m, v: llama(v), "gpt2+lora": lambda m, v: lora(m)}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt2+lora"])
+def test_batched_generation_equals_one_probe_at_a_time(kind, tiny_model, tiny_tokenizer):
+    from conftest import TEXTS
+
+    model = _models()[kind](tiny_model, len(tiny_tokenizer))
+    rows = [(f"t{i}", "text", "", text) for i, text in enumerate(TEXTS[:5])]
+    rows += [(f"i{i}", "instruction", text[:20], text[20:40]) for i, text in enumerate(TEXTS[:4])]
+    probes = build_probes(
+        tiny_tokenizer, rows, prompt_tokens=6, reference_tokens=5, answer_margin=3, max_length=64
+    )
+    assert len({len(p.prompt_ids) for p in probes}) >= 3  # left padding really happens
+    pad, eos = tiny_tokenizer.pad_token_id, tiny_tokenizer.eos_token_id
+    batched = greedy_generate(model, probes, pad, eos, max_batch_tokens=10_000)
+    alone = [greedy_generate(model, [p], pad, eos)[0] for p in probes]
+    expected = [reference_greedy(model, p.prompt_ids, p.max_new_tokens, eos) for p in probes]
+    assert [a.tolist() for a in batched] == [a.tolist() for a in alone] == expected
+    assert any(len(a) > 0 for a in expected)
+
+
+def test_long_prompts_keep_their_last_tokens_within_max_length(tiny_tokenizer):
+    from conftest import TEXTS
+
+    text = " ".join(TEXTS)
+    probes = build_probes(tiny_tokenizer, [("long", "text", "", text)], 1000, 4, 0, max_length=20)
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert probes[0].max_new_tokens == 4
+    assert probes[0].prompt_ids.tolist() == ids[: len(ids) - 4][-16:]
+    assert probes[0].reference == tiny_tokenizer.decode(ids[-4:])
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (("ex7", "instruction", "Say hi", "  "), "example 'ex7': field 'response' is empty"),
+        (("ex8", "text", "", "a"), "example 'ex8': field 'response' (the text) has 1 token"),
+        (("ex9", "code", "", "def f(): pass"), "example 'ex9': field 'kind' is 'code'"),
+        (("ex10", "instruction", "", "hello"), "example 'ex10': field 'prompt' is empty"),
+    ],
+)
+def test_bad_examples_are_errors_naming_example_and_field(tiny_tokenizer, row, message):
+    with pytest.raises(EncodingError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_probes(tiny_tokenizer, [row], 32, 4, 8, 64)
+
+
+def test_missing_or_duplicated_results_name_the_model_and_example(tmp_path):
+    from forgetray.exact_match_study import assemble_exact_match_matrix
+
+    base = pa.table(
+        {"example_id": ["a", "b"], "correct": [True, False], "answer": ["x", "y"], "n_tokens": [1, 1]}
+    )
+    partial = base.slice(0, 1)
+    with pytest.raises(MatrixError, match=r"'rot13'.*1 upstream examples have no score.*\['b'\]"):
+        assemble_exact_match_matrix(str(tmp_path), ["a", "b"], base, [("rot13", lambda: partial)])
+    doubled = pa.concat_tables([base, partial])
+    with pytest.raises(MatrixError, match="'base': example 'a' is scored more than once"):
+        assemble_exact_match_matrix(str(tmp_path / "2"), ["a", "b"], doubled, [])
+    assert not os.path.exists(tmp_path / "forgetting.npy")
+
+
+def test_config_errors_name_the_key():
+    from forgetray.config import ConfigError, load_config
+
+    assert load_config(None, ["exact_match.reference_tokens=8"]).exact_match.reference_tokens == 8
+    with pytest.raises(ConfigError, match=r"exact_match\.reference_tokens"):
+        load_config(None, ["exact_match.reference_tokens=0"])
+    with pytest.raises(ConfigError, match=r"exact_match\.max_batch_tokens"):
+        load_config(None, ["exact_match.max_batch_tokens=10", "exact_match.max_length=20"])
