@@ -17,6 +17,7 @@ JOBS = {
     "report": "report",
     "replay": "replay",
     "sweep": "sweep",
+    "forecast": "forecast",
 }
 
 

@@ -1,0 +1,68 @@
+"""Last-token hidden states of a causal LM: the representations the LM-based forecaster scores.
+
+    python -c "from forgetray.representations import last_token_states; help(last_token_states)"
+
+An example is encoded exactly as scoring encodes it (`forgetray.data.encoding.encode_example`:
+[bos?] prompt response, truncated to its first `max_length` tokens), and its representation is the
+final layer's hidden state (`output_hidden_states[-1]`, after the model's final norm in GPT-2 and
+Llama) at its last token. Batches are right-padded with an attention mask, so the last real token of
+every row sees exactly the tokens a lone forward would; rows are batched in length order to keep
+padding small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from forgetray.data.encoding import EncodedExample, encode_examples
+
+
+def last_token_states(
+    model: Any, encoded: Sequence[EncodedExample], batch_size: int = 32, pad_id: int = 0
+) -> np.ndarray:
+    """(examples, hidden) float32 final-layer hidden states at each example's last token, in order."""
+    import torch
+
+    if not encoded:
+        raise ValueError("last_token_states: no examples to encode")
+    device = next(model.parameters()).device
+    lengths = np.array([len(e.input_ids) for e in encoded])
+    order = np.argsort(lengths, kind="stable")
+    out: np.ndarray | None = None
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = int(lengths[batch].max())
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (batch, width)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, j in enumerate(batch):
+            ids[row, : lengths[j]] = torch.from_numpy(encoded[j].input_ids)
+            mask[row, : lengths[j]] = 1
+        with torch.inference_mode():
+            hidden = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True
+            ).hidden_states[-1]  # (batch, width, hidden)
+        last = torch.as_tensor(lengths[batch] - 1, device=device)
+        states = hidden[torch.arange(len(batch), device=device), last].float().cpu().numpy()
+        if out is None:
+            out = np.empty((len(encoded), states.shape[1]), dtype=np.float32)
+        out[batch] = states
+    assert out is not None
+    return out
+
+
+def encode_rows(
+    tokenizer: Any, rows: Sequence[tuple[str, str, str]], max_length: int
+) -> list[EncodedExample]:
+    """(example_id, prompt, response) rows encoded as the scorer does (loss masks are not used here)."""
+    return encode_examples(tokenizer, rows, max_length)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """Any id works for padding (masked out, and only positions before it are read); prefer the pad."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
