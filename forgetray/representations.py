@@ -4,10 +4,11 @@
 
 An example is encoded exactly as scoring encodes it (`forgetray.data.encoding.encode_example`:
 [bos?] prompt response, truncated to its first `max_length` tokens), and its representation is the
-final layer's hidden state (`output_hidden_states[-1]`, after the model's final norm in GPT-2 and
-Llama) at its last token. Batches are right-padded with an attention mask, so the last real token of
-every row sees exactly the tokens a lone forward would; rows are batched in length order to keep
-padding small.
+final layer's hidden state at its last token: the backbone's `last_hidden_state`, after the
+final norm (GPT-2's ln_f, Llama's norm), the vector the LM head reads; equal to
+`output_hidden_states[-1]` of the causal LM (tests/test_representations.py). Batches are
+right-padded with an attention mask, so the last real token of every row sees exactly the tokens a
+lone forward would; rows are batched in length order to keep padding small.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def last_token_states(
     if not encoded:
         raise ValueError("last_token_states: no examples to encode")
     device = next(model.parameters()).device
+    backbone = getattr(model, "base_model", model)  # GPT-2: .transformer, Llama: .model
     lengths = np.array([len(e.input_ids) for e in encoded])
     order = np.argsort(lengths, kind="stable")
     out: np.ndarray | None = None
@@ -41,9 +43,9 @@ def last_token_states(
             ids[row, : lengths[j]] = torch.from_numpy(encoded[j].input_ids)
             mask[row, : lengths[j]] = 1
         with torch.inference_mode():
-            hidden = model(
-                input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True
-            ).hidden_states[-1]  # (batch, width, hidden)
+            # The backbone without the LM head: a (batch, width, vocab) logits tensor would be the
+            # largest thing in memory (2 GB for SmolLM2 at 32 x 320 tokens) and is not needed.
+            hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         last = torch.as_tensor(lengths[batch] - 1, device=device)
         states = hidden[torch.arange(len(batch), device=device), last].float().cpu().numpy()
         if out is None:

@@ -3,6 +3,8 @@ protocol, and its calibration to revealed entries."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -48,7 +50,7 @@ def test_training_is_seeded_and_deterministic():
     h_t, h_e, z = planted(n_tasks=10, n_examples=50)
     one = fit_forecaster(h_t, h_e, z, FAST)
     two = fit_forecaster(h_t, h_e, z, FAST)
-    other = fit_forecaster(h_t, h_e, z, ForecastSettings(**{**FAST.__dict__, "seed": 1}))
+    other = fit_forecaster(h_t, h_e, z, dataclasses.replace(FAST, seed=1))
     np.testing.assert_array_equal(one.predict(h_t), two.predict(h_t))
     assert one.train_loss == two.train_loss
     assert not np.array_equal(one.predict(h_t), other.predict(h_t))
@@ -73,7 +75,7 @@ def test_calibration_moves_towards_the_revealed_entries_and_shrinks():
     err = np.abs(shrunk - truth).mean()
     assert 0 < err < np.abs(prediction - truth).mean()
     probs = calibrate_row(np.full(100, 0.2), idx, np.ones(50), shrinkage=1.0, binary=True)
-    assert probs.min() > 0.9  # 50 of 50 revealed entries forgotten: the row's offset goes up
+    assert probs.min() > 0.85  # 50 of 50 revealed entries forgotten: the row's offset goes up
 
 
 def test_bad_inputs_name_the_field():

@@ -579,6 +579,8 @@ def _forecast(run: _Run) -> str:
         return _p(f"optional; train and evaluate the forecaster with: {run.command('forecast')}", "meta")
     info = results.get("forecast") or {}
     settings = info.get("settings") or {}
+    shape = f"{settings.get('depth')} x {settings.get('hidden_size')} -> {settings.get('dim')}"
+    training = ", ".join(str(settings.get(k)) for k in ("tau", "learning_rate", "epochs", "weight_decay"))
     parts = [
         _p(
             "Jin & Ren's (ICML 2024) representation-based forecasting: score(task, example) = "
@@ -593,8 +595,8 @@ def _forecast(run: _Run) -> str:
         _kv_table(
             [
                 ("representation features", info.get("representation_features")),
-                ("f, g: hidden layers x width -> dim", f"{settings.get('depth')} x {settings.get('hidden_size')} -> {settings.get('dim')}"),
-                ("tau, learning rate, epochs, weight decay", f"{settings.get('tau')}, {settings.get('learning_rate')}, {settings.get('epochs')}, {settings.get('weight_decay')}"),
+                ("f, g: hidden layers x width -> dim", shape),
+                ("tau, learning rate, epochs, weight decay", training),
                 ("task examples averaged per task", settings.get("n_task_examples")),
                 ("final training loss (standardised Z)", _fixed(info.get("final_train_loss"))),
             ]
@@ -603,7 +605,8 @@ def _forecast(run: _Run) -> str:
         _completion_table(run, "forecast", results),
     ]
     completion = run.json("completion", "results.json")
-    if completion is not None and completion.get("split", {}).get("test_rows") != results["split"].get("test_rows"):
+    other_split = (completion or {}).get("split", {}).get("test_rows") != results["split"].get("test_rows")
+    if completion is not None and other_split:
         parts.append(_note("the completion section used other held-out tasks (another complete.* config)"))
     binary = run.json("forecast", "binary.json")
     if binary is not None:

@@ -143,8 +143,9 @@ def fit_forecaster(
     task_mean, task_std = h_tasks.mean(axis=0), h_tasks.std(axis=0) + 1e-6  # (d,)
     example_mean, example_std = h_examples.mean(axis=0), h_examples.std(axis=0) + 1e-6
 
-    torch.manual_seed(settings.seed)
-    f, g = _mlp(h_tasks.shape[1], settings), _mlp(h_examples.shape[1], settings)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation, the caller's RNG untouched
+        torch.manual_seed(settings.seed)
+        f, g = _mlp(h_tasks.shape[1], settings), _mlp(h_examples.shape[1], settings)
     x_t = torch.tensor(_standardise(h_tasks, task_mean, task_std), dtype=torch.float32)  # (tasks, d)
     x_e = torch.tensor(_standardise(h_examples, example_mean, example_std), dtype=torch.float32)
     target = torch.tensor(z / scale, dtype=torch.float32)  # (tasks, examples)
