@@ -50,11 +50,11 @@ def test_batched_states_equal_a_lone_forward(build, tiny_tokenizer):
     encoded = encode_rows(tokenizer, rows, max_length=24)
     states = last_token_states(model, encoded, batch_size=3, pad_id=pad_token_id(tokenizer))
     assert states.shape == (7, 32) and states.dtype == np.float32
-    lengths = {len(e.input_ids) for e in encoded}
+    lengths = {len(e) for e in encoded}
     assert len(lengths) > 1  # the batches really are padded
     for j, example in enumerate(encoded):
         with torch.no_grad():
-            out = model(torch.from_numpy(example.input_ids)[None], output_hidden_states=True)
+            out = model(torch.from_numpy(example)[None], output_hidden_states=True)
         np.testing.assert_allclose(states[j], out.hidden_states[-1][0, -1].numpy(), atol=1e-5)
 
 
@@ -63,3 +63,12 @@ def test_no_examples_is_an_error(tiny_model):
 
     with pytest.raises(ValueError, match="no examples"):
         last_token_states(tiny_model, [])
+
+
+def test_long_prompts_are_cut_and_empty_texts_named(tiny_tokenizer):
+    from forgetray.representations import encode_rows
+
+    (ids,) = encode_rows(tiny_tokenizer, [("a", "word " * 200, "answer")], max_length=16)
+    assert len(ids) == 16  # the prompt alone fills it: no error, unlike scoring
+    with pytest.raises(ValueError, match="example 'b': no token"):
+        encode_rows(tiny_tokenizer, [("b", "", "")], max_length=16)

@@ -174,7 +174,7 @@ def fit_forecaster(
             loss = torch.nn.functional.mse_loss(s, target)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     f.eval()
     g.eval()
     with torch.no_grad():
@@ -183,7 +183,7 @@ def fit_forecaster(
         f=f,
         g=g,
         example_bias=example_bias.detach().numpy().astype(np.float64),
-        bias=float(bias),
+        bias=bias.item(),
         scale=scale,
         task_mean=task_mean.astype(np.float32),
         task_std=task_std.astype(np.float32),
