@@ -121,7 +121,11 @@ def extract_representations(
     for i, task in enumerate(tasks):
         table = task_tables[task]
         n = len(table["prompt"])
-        chosen = np.sort(np.random.default_rng([config.seed, zlib.crc32(task.encode())]).permutation(n)[: config.n_task_examples])
+        chosen = np.sort(
+            np.random.default_rng([config.seed, zlib.crc32(task.encode())]).permutation(n)[
+                : config.n_task_examples
+            ]
+        )
         task_rows = [(f"{task}/{j}", table["prompt"][j], table["response"][j]) for j in chosen]
         states = last_token_states(
             model, encode_rows(tokenizer, task_rows, config.max_length), config.batch_size, pad
@@ -141,7 +145,9 @@ def extract_representations(
     return h_tasks, h_examples, index
 
 
-def align_examples(h_examples: np.ndarray, stored_ids: list[str], matrix_ids: list[str], where: str) -> np.ndarray:
+def align_examples(
+    h_examples: np.ndarray, stored_ids: list[str], matrix_ids: list[str], where: str
+) -> np.ndarray:
     """(matrix examples, hidden) rows of `h_examples` in the matrix's column order, or an error
     naming the first example without a representation."""
     if len(stored_ids) != len(h_examples):

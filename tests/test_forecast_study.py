@@ -42,7 +42,12 @@ def make_run(root: str, model_dir: str, with_matrix: bool = True) -> SweepConfig
         os.path.join(root, "models", "base.json"), {"model": dataclasses.asdict(ModelRef(model_dir))}
     )
     upstream = [
-        {"example_id": f"u{i}", "kind": "text", "prompt": "", "response": f"def f{i}(x):\n    return x * {i}\n"}
+        {
+            "example_id": f"u{i}",
+            "kind": "text",
+            "prompt": "",
+            "response": f"def f{i}(x):\n    return x * {i}\n",
+        }
         for i in range(N_EXAMPLES)
     ]
     storage.write_parquet(os.path.join(root, "data", "upstream.parquet"), pa.Table.from_pylist(upstream))
@@ -64,7 +69,7 @@ def make_run(root: str, model_dir: str, with_matrix: bool = True) -> SweepConfig
 
 def test_missing_matrix_and_missing_task_file_are_named(tmp_path, tiny_model_dir):
     config = make_run(str(tmp_path / "nomatrix"), tiny_model_dir, with_matrix=False)
-    with pytest.raises(FileNotFoundError, match="matrix/forgetting.npy: no forgetting matrix"):
+    with pytest.raises(FileNotFoundError, match=r"matrix/forgetting\.npy: no forgetting matrix"):
         forecast_run(config.run_dir, config, log=lambda _: None)
     config = make_run(str(tmp_path / "notask"), tiny_model_dir)
     os.unlink(os.path.join(config.run_dir, "data", "tasks", "rot13.parquet"))
@@ -77,7 +82,7 @@ def test_representations_must_cover_the_matrix_examples():
     np.testing.assert_array_equal(align_examples(h, ["a", "b", "c"], ["c", "a"], "f.json"), h[[2, 0]])
     with pytest.raises(ValueError, match=r"f.json: 1 matrix examples have no representation, e.g. 'd'"):
         align_examples(h, ["a", "b", "c"], ["a", "d"], "f.json")
-    with pytest.raises(ValueError, match="f.json: 2 example ids for 3 representations"):
+    with pytest.raises(ValueError, match=r"f\.json: 2 example ids for 3 representations"):
         align_examples(h, ["a", "b"], ["a"], "f.json")
 
 
@@ -88,7 +93,7 @@ def test_split_is_the_completion_stages():
     expected = split_tasks(12, 3, 0)
     np.testing.assert_array_equal(train, expected[0])
     np.testing.assert_array_equal(test, expected[1])
-    with pytest.raises(ValueError, match="complete.revealed_k"):
+    with pytest.raises(ValueError, match=r"complete\.revealed_k"):
         protocol_split(12, 30, CompleteConfig())
 
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from conftest import TEXTS
 
 
@@ -16,7 +15,9 @@ def builtin_model(tokenizer: Any) -> Any:
     from forgetray.builtin_model import pretrain_builtin
     from forgetray.config import BuiltinModelConfig
 
-    config = BuiltinModelConfig(vocab_size=300, n_layer=2, n_head=2, n_embd=32, context_length=128, pretrain_steps=0)
+    config = BuiltinModelConfig(
+        vocab_size=300, n_layer=2, n_head=2, n_embd=32, context_length=128, pretrain_steps=0
+    )
     model, built_tokenizer, _ = pretrain_builtin(config, TEXTS, TEXTS[:2], log=lambda _: None)
     return model.eval(), built_tokenizer
 

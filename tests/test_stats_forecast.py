@@ -14,7 +14,9 @@ from forgetray.stats.forecast import ForecastSettings, LMForecast, calibrate_row
 FAST = ForecastSettings(hidden_size=32, depth=1, dim=8, epochs=300, learning_rate=0.02, seed=0)
 
 
-def planted(n_tasks: int = 40, n_examples: int = 300, d: int = 12, rank: int = 4, noise: float = 0.05, seed: int = 0):
+def planted(
+    n_tasks: int = 40, n_examples: int = 300, d: int = 12, rank: int = 4, noise: float = 0.05, seed: int = 0
+):
     """h_task, h_example ~ N(0, I); z = -<A h_t, B h_e> / tau + noise with tau = 2."""
     rng = np.random.default_rng(seed)
     h_t, h_e = rng.normal(size=(n_tasks, d)), rng.normal(size=(n_examples, d))
@@ -26,7 +28,9 @@ def planted(n_tasks: int = 40, n_examples: int = 300, d: int = 12, rank: int = 4
 def test_fits_a_planted_bilinear_structure_on_held_out_tasks():
     h_t, h_e, z = planted()
     train, test = split_tasks(len(z), 8, seed=0)
-    model = fit_forecaster(h_t[train], h_e, z[train], ForecastSettings(depth=0, dim=8, epochs=400, learning_rate=0.02))
+    model = fit_forecaster(
+        h_t[train], h_e, z[train], ForecastSettings(depth=0, dim=8, epochs=400, learning_rate=0.02)
+    )
     rmse = float(np.sqrt(np.mean((model.predict(h_t[test]) - z[test]) ** 2)))
     baseline = float(np.sqrt(np.mean((z[train].mean() - z[test]) ** 2)))
     assert model.train_loss[-1] < 0.1 * model.train_loss[0]
@@ -39,7 +43,12 @@ def test_in_the_completion_protocol_it_beats_the_global_mean():
     forecast = LMForecast(h_t, h_e, train, ForecastSettings(depth=0, dim=8, epochs=400, learning_rate=0.02))
     calibrated = LMForecast(h_t, h_e, train, forecast.settings, calibrate=True)
     results = evaluate_completion(
-        z, test, {"global_mean": GlobalMean(), "lm": forecast, "lm_cal": calibrated}, 30, range(3), train_rows=train
+        z,
+        test,
+        {"global_mean": GlobalMean(), "lm": forecast, "lm_cal": calibrated},
+        30,
+        range(3),
+        train_rows=train,
     )
     assert results["lm"]["rmse_mean"] < 0.4 * results["global_mean"]["rmse_mean"]
     assert results["lm_cal"]["rmse_mean"] < 0.4 * results["global_mean"]["rmse_mean"]
@@ -89,4 +98,6 @@ def test_bad_inputs_name_the_field():
     with pytest.raises(ValueError, match="z: contains NaN"):
         fit_forecaster(h_t, h_e, z_nan, FAST)
     with pytest.raises(ValueError, match="train_rows names 3 tasks"):
-        LMForecast(h_t, h_e, np.array([0, 1, 2]), FAST).for_task(5).fit_predict(z[:4], np.array([0]), z[5, :1])
+        LMForecast(h_t, h_e, np.array([0, 1, 2]), FAST).for_task(5).fit_predict(
+            z[:4], np.array([0]), z[5, :1]
+        )

@@ -108,9 +108,7 @@ class Forecaster:
 
 def _check_inputs(h_tasks: np.ndarray, h_examples: np.ndarray, z: np.ndarray) -> None:
     if h_tasks.ndim != 2 or h_examples.ndim != 2:
-        raise ValueError(
-            f"representations must be 2-D: tasks {h_tasks.shape}, examples {h_examples.shape}"
-        )
+        raise ValueError(f"representations must be 2-D: tasks {h_tasks.shape}, examples {h_examples.shape}")
     if h_tasks.shape[1] != h_examples.shape[1]:
         raise ValueError(
             f"task representations have {h_tasks.shape[1]} features, example ones {h_examples.shape[1]}"
