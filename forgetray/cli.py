@@ -11,6 +11,7 @@ forgetray replay RUN [key.sub=value ...]
 forgetray finetune TASK --protect RUN [--out DIR] [key.sub=value ...]
 forgetray sweep SWEEP_CONFIG [--out DIR] [--dry-run] [key.sub=value ...]
 forgetray exact-match RUN [key.sub=value ...]
+forgetray forecast RUN [key.sub=value ...]
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flatness.add_argument("run_dir")
     flatness.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. flatness.resolution=7")
+    forecast = sub.add_parser(
+        "forecast", help="LM-based forecasting baseline from hidden states, next to matrix completion"
+    )
+    forecast.add_argument("run_dir")
+    forecast.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. forecast.epochs=500")
     compare = sub.add_parser(
         "compare", help="runs side by side per task: forgetting, fine-tuning loss, flatness"
     )
@@ -200,6 +206,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths = RunPaths(args.run_dir)
             config = load_config(paths.config, args.overrides)
             flatness_run(args.run_dir, config.flatness, setup_logging(paths))
+        elif args.command == "forecast":
+            from forgetray.forecast_study import forecast_run
+            from forgetray.pipeline import RunPaths, setup_logging
+            from forgetray.report.html import build_report
+
+            paths = RunPaths(args.run_dir)
+            config = load_config(paths.config, args.overrides)
+            log = setup_logging(paths)
+            forecast_run(args.run_dir, config, log)
+            log(f"report: {build_report(args.run_dir)}")
         elif args.command == "compare":
             from forgetray import storage
             from forgetray.flatness_study import compare_runs, comparison_markdown

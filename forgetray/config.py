@@ -571,6 +571,44 @@ class ExactMatchConfig:
 
 
 @dataclass(frozen=True)
+class ForecastConfig:
+    """LM-based forecasting (`forgetray forecast RUN`, forgetray/stats/forecast.py): a scorer of (task,
+    upstream example) pairs from the base model's last-token hidden states, trained on the training
+    tasks' rows and evaluated with the completion protocol of `complete` (same split, k, seeds)."""
+
+    n_task_examples: int = 64
+    """Training examples per task (a seeded sample) whose hidden states are averaged into the task's."""
+    max_length: int = 128
+    """Tokens per example (its start) fed to the model, as in scoring."""
+    batch_size: int = 32
+    hidden_size: int = 64
+    depth: int = 1
+    """Hidden layers of the projections f and g (0: linear)."""
+    dim: int = 16
+    """Dimension of the space f(h_task) and g(h_example) meet in."""
+    tau: float = 1.0
+    learning_rate: float = 0.01
+    epochs: int = 300
+    weight_decay: float = 0.001
+    example_bias: bool = True
+    """A learned per-example bias b_j (the paper's prior) added to -<f, g> / tau."""
+    calibration_shrinkage: float = 15.0
+    """The calibrated variant fits a per-task offset and scale on the k revealed entries, shrunk by
+    k / (k + calibration_shrinkage) (the additive baseline's reg_task)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_task_examples", "max_length", "batch_size", "hidden_size", "dim", "epochs"):
+            _require(getattr(self, name) > 0, name, "must be a positive integer")
+        _require(self.max_length > 1, "max_length", "must be > 1")
+        _require(self.depth >= 0, "depth", "must be >= 0")
+        _require(self.tau > 0, "tau", "must be > 0")
+        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(self.calibration_shrinkage >= 0, "calibration_shrinkage", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """Everything one forgetray run needs; the resolved copy is saved as `<run>/config.yaml`."""
 
@@ -587,6 +625,7 @@ class SweepConfig:
     flatness: FlatnessConfig = field(default_factory=FlatnessConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     exact_match: ExactMatchConfig = field(default_factory=ExactMatchConfig)
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

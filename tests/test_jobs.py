@@ -18,6 +18,7 @@ JOBS = {
     "replay": "replay",
     "sweep": "sweep",
     "exact_match": "exact-match",
+    "forecast": "forecast",
 }
 
 

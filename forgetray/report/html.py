@@ -571,6 +571,49 @@ def _completion(run: _Run) -> str:
     return "".join(parts)
 
 
+def _forecast(run: _Run) -> str:
+    """The LM-based forecaster (forgetray.forecast_study) in the completion protocol's tables."""
+    results = run.json("forecast", "results.json")
+    if results is None:
+        # An optional stage (not part of `forgetray run`): say how to get it, not that it is missing.
+        return _p(f"optional; train and evaluate the forecaster with: {run.command('forecast')}", "meta")
+    info = results.get("forecast") or {}
+    settings = info.get("settings") or {}
+    shape = f"{settings.get('depth')} x {settings.get('hidden_size')} -> {settings.get('dim')}"
+    training = ", ".join(str(settings.get(k)) for k in ("tau", "learning_rate", "epochs", "weight_decay"))
+    parts = [
+        _p(
+            "Jin & Ren's (ICML 2024) representation-based forecasting: score(task, example) = "
+            "-<f(h_task), g(h_example)> / tau + b_example + c, h the base model's final-layer hidden "
+            "state at the last token (a task: the mean over a sample of its training examples), f and g "
+            "MLPs trained with MSE (BCE for binary forgetting) on the training tasks' rows. "
+            "lm_forecast predicts a held-out task's row from its representation alone; "
+            "lm_forecast_calibrated also fits a shrunk offset and scale to the k revealed entries. "
+            "Evaluated in the same call as the completion methods: same held-out tasks, revealed "
+            "entries and seeds."
+        ),
+        _kv_table(
+            [
+                ("representation features", info.get("representation_features")),
+                ("f, g: hidden layers x width -> dim", shape),
+                ("tau, learning rate, epochs, weight decay", training),
+                ("task examples averaged per task", settings.get("n_task_examples")),
+                ("final training loss (standardised Z)", _fixed(info.get("final_train_loss"))),
+            ]
+        ),
+        "<h3>Forgetting (real-valued)</h3>",
+        _completion_table(run, "forecast", results),
+    ]
+    completion = run.json("completion", "results.json")
+    other_split = (completion or {}).get("split", {}).get("test_rows") != results["split"].get("test_rows")
+    if completion is not None and other_split:
+        parts.append(_note("the completion section used other held-out tasks (another complete.* config)"))
+    binary = run.json("forecast", "binary.json")
+    if binary is not None:
+        parts += ["<h3>Binary forgetting</h3>", _completion_table(run, "forecast_binary", binary)]
+    return "".join(parts)
+
+
 def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
 
@@ -888,6 +931,7 @@ _SECTIONS: list[tuple[str, str, Callable[[_Run], str]]] = [
     ("matrix", "Forgetting matrix", _matrix),
     ("analysis", "Analysis: how much simple structure explains", _analysis),
     ("completion", "Completion: predicting held-out tasks' forgetting", _completion),
+    ("forecast", "LM-based forecasting: hidden states vs matrix completion", _forecast),
     ("replay", "Replay", _replay),
     ("scaling", "Scaling laws for forgetting (Kalajdzievski 2024)", _scaling),
     ("flatness", "Flatness: loss landscape and forgetting", _flatness),

@@ -46,6 +46,15 @@ class Completer(Protocol):
         ...
 
 
+@runtime_checkable
+class TaskCompleter(Protocol):
+    """A method that needs to know which held-out task it completes (e.g. from the task's own
+    representation, `forgetray.stats.forecast.LMForecast`): `evaluate_completion` calls
+    `for_task(row)` with the matrix row and scores the `Completer` it returns like any other."""
+
+    def for_task(self, row: int) -> Completer: ...
+
+
 def _validate(z_train: np.ndarray, revealed_idx: np.ndarray, revealed_values: np.ndarray) -> None:
     if z_train.ndim != 2:
         raise ValueError(f"z_train must be (train tasks, examples), got shape {z_train.shape}")
@@ -454,7 +463,7 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
 def evaluate_completion(
     z: np.ndarray,
     test_rows: Sequence[int] | np.ndarray,
-    methods: Mapping[str, Completer],
+    methods: Mapping[str, Completer | TaskCompleter],
     revealed_k: int = 30,
     seeds: Iterable[int] = range(10),
     binary_threshold: float | None = None,
@@ -504,7 +513,8 @@ def evaluate_completion(
                 hidden = np.ones(n, dtype=bool)
                 hidden[idx] = False
                 started = time.perf_counter()
-                prediction = np.asarray(method.fit_predict(z_train, idx, target[row, idx].copy()))
+                completer = method.for_task(int(row)) if isinstance(method, TaskCompleter) else method
+                prediction = np.asarray(completer.fit_predict(z_train, idx, target[row, idx].copy()))
                 seconds[name] += time.perf_counter() - started
                 if prediction.shape != (n,):
                     raise ValueError(f"method {name!r} returned shape {prediction.shape}, expected ({n},)")
