@@ -338,7 +338,8 @@ class FinetuneConfig:
         _require(
             not (self.iv_guided.enabled and self.zero_stage == 3),
             "zero_stage",
-            "IV-guided training (iv_guided.enabled) supports ZeRO stages 0, 1 and 2, not 3: set zero_stage to 2",
+            "IV-guided training (iv_guided.enabled) supports ZeRO stages 0, 1 and 2, not 3: "
+            "set zero_stage to 2",
         )
         _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
         _require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")

@@ -188,7 +188,9 @@ def compare_run(
     summary = extract_run(run_dir, config, log)
     tasks = [t for t in summary if os.path.exists(pointer_path(run_dir, t))][: config.iv.n_compare_tasks]
     if not tasks:
-        raise FileNotFoundError(f"{run_dir}/checkpoints: no plain fine-tune of {list(summary)} to compare with")
+        raise FileNotFoundError(
+            f"{run_dir}/checkpoints: no plain fine-tune of {list(summary)} to compare with"
+        )
     base = base_model(run_dir)
     task_paths = {t: os.path.join(run_dir, "data", "tasks", f"{t}.parquet") for t in tasks}
     ensure_ray()

@@ -163,8 +163,12 @@ def extract(
     """Everything about one task's instruction vector: arrays (means, effects, vector) and a summary."""
     access = head_access(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    clean, answers = zip(*(prompt_and_answer(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)), strict=True)
-    corrupted = [prompt_and_answer(tokenizer, p, r, max_length)[0] for p, r in zip(corrupted_prompts, responses, strict=True)]
+    encoded = [prompt_and_answer(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
+    clean, answers = [ids for ids, _ in encoded], [answer for _, answer in encoded]
+    corrupted = [
+        prompt_and_answer(tokenizer, p, r, max_length)[0]
+        for p, r in zip(corrupted_prompts, responses, strict=True)
+    ]
     means = mean_head_outputs(model, access, clean, pad_id, batch_rows)
     effects, p_corrupted = indirect_effects(model, access, corrupted, answers, means, pad_id, batch_rows)
     p_clean = torch.cat(

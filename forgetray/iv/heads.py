@@ -104,7 +104,7 @@ def edit_heads(access: HeadAccess, edit: HeadEdit) -> Iterator[None]:
     def hook_for(layer: int) -> Callable[..., Any]:
         def hook(_module: Any, args: tuple[Any, ...]) -> Any:
             x = args[0]  # (batch, tokens, n_heads * head_dim)
-            z = x.view(*x.shape[:-1], access.n_heads, access.head_dim)
+            z = x.reshape(*x.shape[:-1], access.n_heads, access.head_dim)
             new = edit(layer, z)
             if new is None:
                 return None
@@ -120,8 +120,8 @@ def edit_heads(access: HeadAccess, edit: HeadEdit) -> Iterator[None]:
             handle.remove()
 
 
-def _rows(positions: torch.Tensor) -> torch.Tensor:
-    return torch.arange(len(positions), device=positions.device)
+def _rows(n: int, device: Any) -> torch.Tensor:
+    return torch.arange(n, device=device)
 
 
 @contextmanager
@@ -131,7 +131,7 @@ def capture_heads(access: HeadAccess, positions: torch.Tensor) -> Iterator[dict[
     captured: dict[int, torch.Tensor] = {}
 
     def edit(layer: int, z: torch.Tensor) -> None:
-        captured[layer] = z[_rows(positions), positions.to(z.device)]
+        captured[layer] = z[_rows(len(positions), z.device), positions.to(z.device)]
         return None
 
     with edit_heads(access, edit):
@@ -160,7 +160,7 @@ def patch_heads(
         z = z.clone()
         if positions is None:
             return torch.where(m[:, None, :, None], value[None, None], z)
-        rows, cols = _rows(positions), positions.to(z.device)
+        rows, cols = _rows(len(positions), z.device), positions.to(z.device)
         z[rows, cols] = torch.where(m[..., None], value[None], z[rows, cols])
         return z
 
@@ -199,7 +199,7 @@ def add_to_residual(
         else:
             hidden, rest = kwargs["hidden_states"], ()
         hidden = hidden.clone()  # (batch, tokens, d_model)
-        rows, cols = _rows(positions), positions.to(hidden.device)
+        rows, cols = _rows(len(positions), hidden.device), positions.to(hidden.device)
         hidden[rows, cols] += vector.to(device=hidden.device, dtype=hidden.dtype)
         if args:
             return (hidden, *rest), kwargs
