@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     iv.add_argument("run_dir")
     iv.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. iv.n_prompts=8")
-    iv.add_argument("--train", action="store_true", help="also fine-tune iv.n_compare_tasks tasks with IV guidance")
+    iv.add_argument(
+        "--train", action="store_true", help="also fine-tune iv.n_compare_tasks tasks with IV guidance"
+    )
     iv.add_argument("--no-progress", action="store_true")
     sweep = sub.add_parser("sweep", help="one run per base model (e.g. sizes), then a summary across them")
     sweep.add_argument(

@@ -24,7 +24,9 @@ def tiny(arch: str) -> Any:
 
     torch.manual_seed(0)
     if arch == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4)).eval()
+        return GPT2LMHeadModel(
+            GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+        ).eval()
     if arch == "llama":
         config = LlamaConfig(
             vocab_size=64,
@@ -139,9 +141,11 @@ def test_add_to_residual_moves_only_the_given_positions() -> None:
     changed = (moved - clean).abs().amax(dim=-1) > 1e-5  # (batch, tokens)
     # causal: positions before the patched one are untouched; the patched one and later ones move
     assert changed.tolist() == [[False, False, True, True, True, True], [False] * 4 + [True, True]]
-    with pytest.raises(ValueError, match="decoder layers 0 .. 1"):
-        with add_to_residual(access, 2, torch.ones(32), positions):
-            pass
+    with (
+        pytest.raises(ValueError, match=r"decoder layers 0 \.\. 1"),
+        add_to_residual(access, 2, torch.ones(32), positions),
+    ):
+        pass
 
 
 INSTRUCTION, ANSWER, PAD = 0, 11, 12

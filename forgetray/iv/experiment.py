@@ -75,13 +75,17 @@ def extract_run(run_dir: str, config: SweepConfig, log: Callable[[str], None] = 
     todo = [
         t
         for t in tasks
-        if not (is_done(os.path.join(out, t)) and load_iv(os.path.join(out, t))[1].get("settings") == settings)
+        if not (
+            is_done(os.path.join(out, t)) and load_iv(os.path.join(out, t))[1].get("settings") == settings
+        )
     ]
     if todo:
         base = base_model(run_dir)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer = load_model(base, device)
-        max_length = min(config.finetune.max_length, context_length(model.config) or config.finetune.max_length)
+        max_length = min(
+            config.finetune.max_length, context_length(model.config) or config.finetune.max_length
+        )
         tables = {
             t: pq.read_table(os.path.join(run_dir, "data", "tasks", f"{t}.parquet")).to_pydict()
             for t in all_tasks
@@ -220,14 +224,22 @@ def compare_run(
     before = aligned_nll(read_scores(os.path.join(run_dir, "scores", BASE)), ids, BASE)
     plain_pointers = {t: storage.read_json(pointer_path(run_dir, t)) for t in tasks}
     forgetting = {
-        PLAIN: np.stack([aligned_nll(read_scores(os.path.join(run_dir, "scores", t)), ids, t) - before for t in tasks]),
-        GUIDED: np.stack([aligned_nll(read_scores(os.path.join(scores_root, t)), ids, t) - before for t in tasks]),
+        PLAIN: np.stack(
+            [aligned_nll(read_scores(os.path.join(run_dir, "scores", t)), ids, t) - before for t in tasks]
+        ),
+        GUIDED: np.stack(
+            [aligned_nll(read_scores(os.path.join(scores_root, t)), ids, t) - before for t in tasks]
+        ),
     }  # each (tasks, examples)
     task_loss: dict[str, dict[str, float]] = {PLAIN: {}, GUIDED: {}}
     for t in tasks:
         for condition, pointer in ((PLAIN, plain_pointers[t]), (GUIDED, pointers[t])):
             task_loss[condition][t] = _task_loss(
-                finetuned_model(base, pointer), task_paths[t], t, config.iv.n_task_eval, config.finetune.max_length
+                finetuned_model(base, pointer),
+                task_paths[t],
+                t,
+                config.iv.n_task_eval,
+                config.finetune.max_length,
             )
         task_loss.setdefault(BASE, {})[t] = _task_loss(
             base, task_paths[t], t, config.iv.n_task_eval, config.finetune.max_length

@@ -114,7 +114,12 @@ def indirect_effects(
         ]
     )
     # every (prompt, layer, head) once, batch_rows at a time: row r patches one head of one prompt
-    pairs = [(i, layer, head) for layer in range(n_layers) for head in range(n_heads) for i in range(len(corrupted))]
+    pairs = [
+        (i, layer, head)
+        for layer in range(n_layers)
+        for head in range(n_heads)
+        for i in range(len(corrupted))
+    ]
     effects = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     for start in range(0, len(pairs), batch_rows):
         chunk = pairs[start : start + batch_rows]
@@ -138,7 +143,9 @@ def top_heads(effects: torch.Tensor, k: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def instruction_vector(access: HeadAccess, means: torch.Tensor, heads: Sequence[tuple[int, int]]) -> torch.Tensor:
+def instruction_vector(
+    access: HeadAccess, means: torch.Tensor, heads: Sequence[tuple[int, int]]
+) -> torch.Tensor:
     """(d_model,) float32: sum over `heads` of W_O[l, h] @ means[l, h] (no projection bias)."""
     parts = [access.head_contribution(layer, head, means[layer, head]).float() for layer, head in heads]
     return torch.stack(parts).sum(dim=0)
@@ -163,7 +170,9 @@ def extract(
     """Everything about one task's instruction vector: arrays (means, effects, vector) and a summary."""
     access = head_access(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [prompt_and_answer(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
+    encoded = [
+        prompt_and_answer(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)
+    ]
     clean, answers = [ids for ids, _ in encoded], [answer for _, answer in encoded]
     corrupted = [
         prompt_and_answer(tokenizer, p, r, max_length)[0]

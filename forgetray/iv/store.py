@@ -1,10 +1,10 @@
 """A task's instruction vector on disk: `<run>/iv/<task>/`, open formats only.
 
-    vector.npy      (d_model,) float32   the instruction vector
-    means.npy       (n_layers, n_heads, head_dim) float32   mean head outputs at the last prompt token
-    effects.npy     (n_layers, n_heads) float32   mean indirect effect of each head
-    iv.json         heads (best first), their effects, the layer the vector is added at, settings,
-                    P(answer) on clean and corrupted prompts; written last: its presence means done
+vector.npy      (d_model,) float32   the instruction vector
+means.npy       (n_layers, n_heads, head_dim) float32   mean head outputs at the last prompt token
+effects.npy     (n_layers, n_heads) float32   mean indirect effect of each head
+iv.json         heads (best first), their effects, the layer the vector is added at, settings,
+                P(answer) on clean and corrupted prompts; written last: its presence means done
 """
 
 from __future__ import annotations

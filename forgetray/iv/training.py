@@ -51,7 +51,9 @@ class IVGuidance:
         """(batch, selected heads, head_dim) from {layer: (batch, n_heads, head_dim)}."""
         return torch.stack([captured[layer][:, head] for layer, head in self.heads], dim=1)
 
-    def loss(self, forward: Callable[[dict[str, torch.Tensor]], Any], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(
+        self, forward: Callable[[dict[str, torch.Tensor]], Any], batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         positions = last_prompt_positions(batch["labels"])  # (batch,)
         with capture_heads(self.access, positions) as current:
             output = forward(batch)

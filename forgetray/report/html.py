@@ -740,7 +740,10 @@ def _iv(run: _Run) -> str:
         rows = [
             [
                 task,
-                ", ".join(f"L{h[0]}H{h[1]} ({e:+.3f})" for h, e in zip(s["heads"][:5], s["head_effects"][:5], strict=False)),
+                ", ".join(
+                    f"L{h[0]}H{h[1]} ({e:+.3f})"
+                    for h, e in zip(s["heads"][:5], s["head_effects"][:5], strict=False)
+                ),
                 s["layer"],
                 _fixed(s["vector_norm"], 3),
                 _fixed(s["p_answer_clean"], 3),
@@ -750,7 +753,14 @@ def _iv(run: _Run) -> str:
         ]
         parts.append(
             _table(
-                ["task", "top heads (indirect effect)", "layer", "|IV|", "P(answer)", "P(answer), no instruction"],
+                [
+                    "task",
+                    "top heads (indirect effect)",
+                    "layer",
+                    "|IV|",
+                    "P(answer)",
+                    "P(answer), no instruction",
+                ],
                 rows,
             )
         )
@@ -791,7 +801,15 @@ def _iv(run: _Run) -> str:
             )
         parts.append(
             _table(
-                ["comparison (A vs B)", "mean A - B", "pairs", "Wilcoxon p", "paired t p", "tasks", "Wilcoxon p (tasks)"],
+                [
+                    "comparison (A vs B)",
+                    "mean A - B",
+                    "pairs",
+                    "Wilcoxon p",
+                    "paired t p",
+                    "tasks",
+                    "Wilcoxon p (tasks)",
+                ],
                 test_rows,
             )
         )
