@@ -94,6 +94,32 @@ def answer_probabilities(
     return probs[torch.arange(len(answers)), torch.as_tensor(list(answers))].cpu()
 
 
+def _last_token_probs(
+    model: Any,
+    access: HeadAccess,
+    cache: Any,
+    last_token: int,
+    answer: int,
+    means: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """(rows,) P(answer) after the prompt's last token, run against a copy of its prefix's KV cache,
+    with the heads in `mask` (rows, n_layers, n_heads) patched to `means` (rows = 1 without)."""
+    import copy
+
+    rows = 1 if mask is None else len(mask)
+    device = next(model.parameters()).device
+    past = copy.deepcopy(cache)
+    past.batch_repeat_interleave(rows)
+    ids = torch.full((rows, 1), int(last_token), device=device)
+    if mask is None:
+        logits = model(input_ids=ids, past_key_values=past, use_cache=True).logits
+    else:
+        with patch_heads(access, means, mask, torch.zeros(rows, dtype=torch.long)):
+            logits = model(input_ids=ids, past_key_values=past, use_cache=True).logits
+    return torch.softmax(logits[:, -1].float(), dim=-1)[:, answer].double().cpu()
+
+
 @torch.no_grad()
 def indirect_effects(
     model: Any,
@@ -105,34 +131,33 @@ def indirect_effects(
     batch_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """((n_layers, n_heads) mean over prompts of P(answer | corrupted, head patched to its mean) -
-    P(answer | corrupted), (prompts,) the unpatched probabilities)."""
+    P(answer | corrupted), (prompts,) the unpatched probabilities).
+
+    A patch at the last token changes nothing before it (causal attention), so each prompt's prefix
+    runs once into a KV cache and every patched row recomputes only the last token against a copy of
+    it: n_prompts x (1 + ceil(layers x heads / batch_rows)) forwards, all but one of one token."""
     n_layers, n_heads = access.n_layers, access.n_heads
-    baseline = torch.cat(
-        [
-            answer_probabilities(model, corrupted[s : s + batch_rows], answers[s : s + batch_rows], pad_id)
-            for s in range(0, len(corrupted), batch_rows)
-        ]
-    )
-    # every (prompt, layer, head) once, batch_rows at a time: row r patches one head of one prompt
-    pairs = [
-        (i, layer, head)
-        for layer in range(n_layers)
-        for head in range(n_heads)
-        for i in range(len(corrupted))
-    ]
+    heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    device = next(model.parameters()).device
     effects = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    for start in range(0, len(pairs), batch_rows):
-        chunk = pairs[start : start + batch_rows]
-        batch = left_padded([corrupted[i] for i, _, _ in chunk], pad_id)
-        mask = torch.zeros(len(chunk), n_layers, n_heads, dtype=torch.bool)
-        for row, (_, layer, head) in enumerate(chunk):
-            mask[row, layer, head] = True
-        last = torch.full((len(chunk),), batch["input_ids"].shape[1] - 1)
-        with patch_heads(access, means, mask, last):
-            probs = torch.softmax(_last_logits(model, batch), dim=-1)
-        for row, (i, layer, head) in enumerate(chunk):
-            effects[layer, head] += float(probs[row, answers[i]]) - float(baseline[i])
-    return (effects / len(corrupted)).float(), baseline
+    baseline = torch.zeros(len(corrupted), dtype=torch.float64)
+    for i, prompt in enumerate(corrupted):
+        if len(prompt) < 2:
+            raise ValueError(f"corrupted prompt {i} has {len(prompt)} token(s); at least 2 are needed")
+        cache = model(
+            input_ids=torch.tensor([list(prompt[:-1])], device=device), use_cache=True
+        ).past_key_values
+
+        baseline[i] = _last_token_probs(model, access, cache, prompt[-1], answers[i], means, None)[0]
+        for start in range(0, len(heads), batch_rows):
+            chunk = heads[start : start + batch_rows]
+            mask = torch.zeros(len(chunk), n_layers, n_heads, dtype=torch.bool)
+            for row, (layer, head) in enumerate(chunk):
+                mask[row, layer, head] = True
+            probs = _last_token_probs(model, access, cache, prompt[-1], answers[i], means, mask)
+            for row, (layer, head) in enumerate(chunk):
+                effects[layer, head] += float(probs[row] - baseline[i])
+    return (effects / len(corrupted)).float(), baseline.float()
 
 
 def top_heads(effects: torch.Tensor, k: int) -> list[tuple[int, int]]:
