@@ -43,9 +43,14 @@ def remove_lines(prompt: str, lines: set[str]) -> str:
 
 
 def prompt_and_answer(tokenizer: Any, prompt: str, response: str, max_length: int) -> tuple[list[int], int]:
-    """(prompt token ids, first answer token id), tokenised exactly as training tokenises them."""
+    """(prompt token ids, first answer token id), tokenised as training tokenises them, except that
+    when the prompt ends in whitespace (a chat template's "assistant" line) the response's leading
+    whitespace is dropped: the built-in tasks' responses start with a space that there becomes a
+    token of its own, which would make the "answer" a space the model never predicts."""
     from forgetray.data.encoding import encode_example
 
+    if prompt[-1:].isspace():
+        response = response.lstrip() or response
     example = encode_example(tokenizer, prompt, response, max_length, append_eos=True)
     first = int(np.argmax(example.loss_mask))
     return example.input_ids[:first].tolist(), int(example.input_ids[first])
