@@ -15,8 +15,9 @@ task format: the lines that at least `instruction_share` of the task's prompts c
 task's prompts contain (template lines, answer separators and system prompts are shared by every
 task and stay).
 
-Batching: prompts are left-padded with explicit position ids so every row's last prompt token is the
-last column (logits only there), and one forward patches a different (prompt, head) pair per row.
+Batching: mean outputs come from left-padded prompts with explicit position ids (every row's last
+prompt token in the last column, logits only there); indirect effects run each corrupted prompt's
+prefix once into a KV cache and recompute only the last token, one patched head per row.
 """
 
 from __future__ import annotations
