@@ -9,6 +9,7 @@ forgetray report RUN
 forgetray scaling [CONFIG] [--out DIR] [--dry-run] [key.sub=value ...]
 forgetray replay RUN [key.sub=value ...]
 forgetray finetune TASK --protect RUN [--out DIR] [key.sub=value ...]
+forgetray iv RUN [--train] [key.sub=value ...]
 forgetray sweep SWEEP_CONFIG [--out DIR] [--dry-run] [key.sub=value ...]
 forgetray exact-match RUN [key.sub=value ...]
 forgetray forecast RUN [key.sub=value ...]
@@ -97,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--protect", required=True, metavar="RUN", help="the run whose examples to protect")
     finetune.add_argument("--out", help="output directory (default <RUN>/protect)")
     finetune.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. replay.ratio=0.125")
+    iv = sub.add_parser(
+        "iv", help="instruction vectors per task (<RUN>/iv); --train: IV-guided vs plain fine-tuning"
+    )
+    iv.add_argument("run_dir")
+    iv.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. iv.n_prompts=8")
+    iv.add_argument(
+        "--train", action="store_true", help="also fine-tune iv.n_compare_tasks tasks with IV guidance"
+    )
+    iv.add_argument("--no-progress", action="store_true")
     sweep = sub.add_parser("sweep", help="one run per base model (e.g. sizes), then a summary across them")
     sweep.add_argument(
         "args",
@@ -125,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         # `forgetray finetune TASK --protect RUN key=value`: overrides after an option land here
-        if args.command not in ("replay", "finetune", "exact-match") or not all("=" in e for e in extra):
+        if args.command not in ("replay", "finetune", "exact-match", "iv") or not all(
+            "=" in e for e in extra
+        ):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
@@ -185,6 +197,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 protect_finetune(
                     run_dir, args.task, args.out or os.path.join(run_dir, "protect"), config, log
                 )
+        elif args.command == "iv":
+            from forgetray.iv.experiment import compare_run, extract_run
+            from forgetray.pipeline import RunPaths, setup_logging
+            from forgetray.report.html import build_report
+
+            paths = RunPaths(args.run_dir)
+            config = load_config(paths.config, args.overrides)
+            log = setup_logging(paths)
+            if args.train:
+                compare_run(args.run_dir, config, log, progress=not args.no_progress)
+            else:
+                extract_run(args.run_dir, config, log)
+            log(f"report: {build_report(args.run_dir)}")
         elif args.command == "report":
             from forgetray.report.html import build_report
 

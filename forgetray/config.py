@@ -242,6 +242,33 @@ class SamConfig:
 
 
 @dataclass(frozen=True)
+class IVGuidedConfig:
+    """IV-guided fine-tuning (Jiang et al. 2024, forgetray/iv/guided.py): cross-entropy plus KL to the
+    frozen base model with the task's instruction vector added, plus head-output consistency. The
+    defaults are the reference code's (T 2, weights 20 / 0.1 / 1, thresholds 0.1 / 0.01). Needs the
+    task's vector from `forgetray iv RUN` (`forgetray iv RUN --train` runs both)."""
+
+    enabled: bool = False
+    temperature: float = 2.0
+    """T of the softmaxes compared by both KL terms."""
+    weight_last: float = 20.0
+    """Weight of KL(p_theta || p_ref) at the last prompt token."""
+    weight_all: float = 0.1
+    """Weight of the same KL averaged over all (non-padding) positions."""
+    threshold: float = 0.1
+    """A KL term counts only while it exceeds this (value and gradient are 0 below it)."""
+    weight_consistency: float = 1.0
+    """Weight of the sum over the selected heads of the MSE between fine-tuned and reference outputs."""
+    consistency_threshold: float = 0.01
+    """A head's MSE counts only while it exceeds this."""
+
+    def __post_init__(self) -> None:
+        _require(self.temperature > 0, "temperature", "must be > 0")
+        for name in ("weight_last", "weight_all", "threshold", "weight_consistency", "consistency_threshold"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0")
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Fine-tuning one model per task: a DeepSpeed loop in Ray Train workers, tasks run through Ray Tune.
 
@@ -276,6 +303,8 @@ class FinetuneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     sam: SamConfig = field(default_factory=SamConfig)
     """`sam.enabled: true` wraps the optimizer above in SAM (forgetray/finetune/sam.py)."""
+    iv_guided: IVGuidedConfig = field(default_factory=IVGuidedConfig)
+    """`iv_guided.enabled: true` adds the instruction-vector terms to the loss (forgetray/iv/guided.py)."""
     num_workers: int = 1
     """Ray Train workers (data-parallel ranks) per task."""
     cpus_per_worker: float = 1.0
@@ -305,6 +334,12 @@ class FinetuneConfig:
             not (self.sam.enabled and self.zero_stage == 3),
             "zero_stage",
             "SAM (sam.enabled) supports ZeRO stages 0, 1 and 2, not 3: set zero_stage to 2",
+        )
+        _require(
+            not (self.iv_guided.enabled and self.zero_stage == 3),
+            "zero_stage",
+            "IV-guided training (iv_guided.enabled) supports ZeRO stages 0, 1 and 2, not 3: "
+            "set zero_stage to 2",
         )
         _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
         _require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
@@ -609,6 +644,39 @@ class ForecastConfig:
 
 
 @dataclass(frozen=True)
+class IVConfig:
+    """Instruction vectors (`forgetray iv RUN`, forgetray/iv/): head outputs, indirect effects and the
+    vector per task, and (`--train`) IV-guided vs plain fine-tuning of a few of the run's tasks."""
+
+    tasks: tuple[str, ...] = ()
+    """Tasks to extract vectors for; empty: every task of the run."""
+    n_prompts: int = 16
+    """Task prompts averaged over and corrupted (the paper: about 100); cost grows with
+    n_prompts x layers x heads forward rows."""
+    top_k: int = 10
+    """Heads summed into the vector (the paper's 10), at most all of the model's heads."""
+    layer: int | None = None
+    """Decoder layer whose input (residual stream) the vector is added to; null: n_layers // 3."""
+    instruction_share: float = 0.9
+    """A line in this share of a task's prompts and in no other task's is its instruction (removed
+    to corrupt the prompt)."""
+    batch_rows: int = 32
+    """Prompts (or patched prompt copies) per forward pass."""
+    n_compare_tasks: int = 3
+    """`--train`: the first this many of the tasks are fine-tuned with IV guidance and compared."""
+    n_task_eval: int = 64
+    """`--train`: task examples on which the plain and guided models' task loss is measured."""
+    seed: int = 0
+    """Seeds which of a task's prompts are used."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_prompts", "top_k", "batch_rows", "n_compare_tasks", "n_task_eval"):
+            _require(getattr(self, name) > 0, name, "must be a positive integer")
+        _require(self.layer is None or self.layer >= 0, "layer", "must be >= 0 or null")
+        _require(0 < self.instruction_share <= 1, "instruction_share", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """Everything one forgetray run needs; the resolved copy is saved as `<run>/config.yaml`."""
 
@@ -626,6 +694,7 @@ class SweepConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     exact_match: ExactMatchConfig = field(default_factory=ExactMatchConfig)
     forecast: ForecastConfig = field(default_factory=ForecastConfig)
+    iv: IVConfig = field(default_factory=IVConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

@@ -145,6 +145,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # SAM: a first pass and a perturbation before each step's ordinary passes (forgetray/finetune/sam.py).
     sam_log = loop_config.get("sam_norm_log")  # test hook: where each rank records the norms it used
     sam = build_sam(config.sam, engine, world_size, sam_log.format(rank=rank) if sam_log else None)
+    # IV guidance: KL to a frozen base + instruction vector, head consistency (forgetray/iv/training.py).
+    from forgetray.iv.training import build_guidance
+
+    guidance = build_guidance(config.iv_guided, engine, loop_config, device)
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -186,7 +190,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if sam is not None:
             sam.ascend(lambda batch: engine.module(**batch).loss, batches)
         for batch in batches:
-            loss = engine(**batch).loss
+            loss = engine(**batch).loss if guidance is None else guidance.loss(lambda b: engine(**b), batch)
             engine.backward(loss)
             if sam is not None and engine.is_gradient_accumulation_boundary():
                 sam.restore()
@@ -234,6 +238,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         if replay is not None:
             metrics["replay"] = replay.summary()
+        if guidance is not None:
+            metrics["iv_guided"] = guidance.summary()
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
         )

@@ -113,6 +113,8 @@ def train_task(tune_config: dict[str, Any]) -> None:
     }
     if metrics.get("replay") is not None:
         pointer["replay"] = metrics["replay"]  # steps and examples replayed (forgetray.replay.mixing)
+    if metrics.get("iv_guided") is not None:
+        pointer["iv_guided"] = metrics["iv_guided"]  # mean loss parts (forgetray.iv.training)
     storage.write_json(trial["pointer_path"], pointer)
     print(
         f"finetune {task}: {pointer['steps']} steps, final loss {pointer['loss']:.4f}, "

@@ -761,6 +761,104 @@ def _replay(run: _Run) -> str:
     return "".join(parts)
 
 
+def _iv(run: _Run) -> str:
+    """Instruction vectors per task and IV-guided vs plain fine-tuning (`forgetray iv RUN [--train]`,
+    forgetray.iv.experiment)."""
+    summary = run.json("iv", "summary.json")
+    results = run.json("iv", "results.json")
+    if summary is None and results is None:
+        # An optional stage (not part of `forgetray run`): say how to get it, not that it is missing.
+        return _p(f"optional; extract with {run.command('iv')}, compare fine-tuning with --train", "meta")
+    parts = []
+    if summary is not None:
+        tasks = summary["tasks"]
+        parts.append(
+            _p(
+                "Heads ranked by indirect effect: the mean change of P(first answer token) when the "
+                "head's mean output over the task's prompts is patched into prompts with the "
+                "instruction removed. The instruction vector is the sum of the top heads' outputs "
+                "through the output projection, added to the residual stream entering the given layer."
+            )
+        )
+        rows = [
+            [
+                task,
+                ", ".join(
+                    f"L{h[0]}H{h[1]} ({e:+.3f})"
+                    for h, e in zip(s["heads"][:5], s["head_effects"][:5], strict=False)
+                ),
+                s["layer"],
+                _fixed(s["vector_norm"], 3),
+                _fixed(s["p_answer_clean"], 3),
+                _fixed(s["p_answer_corrupted"], 3),
+            ]
+            for task, s in tasks.items()
+        ]
+        parts.append(
+            _table(
+                [
+                    "task",
+                    "top heads (indirect effect)",
+                    "layer",
+                    "|IV|",
+                    "P(answer)",
+                    "P(answer), no instruction",
+                ],
+                rows,
+            )
+        )
+    if results is not None:
+        tasks = results["tasks"]
+        conditions = results["conditions"]
+        parts.append(
+            _p(
+                f"IV-guided vs plain fine-tuning of {len(tasks)} tasks (same config and seed): forgetting is "
+                f"the mean increase of the run's score ({results['metric']}) over the base model on "
+                f"{results['n_examples']} upstream examples; task loss is the mean response NLL on the "
+                "task's own examples. Lower is better for both."
+            )
+        )
+        rows = [
+            [
+                name,
+                _fixed(c["mean_forgetting"]),
+                *[_fixed(c["per_task"].get(t)) for t in tasks],
+                _fixed(c["mean_task_loss"]),
+            ]
+            for name, c in conditions.items()
+        ]
+        parts.append(_table(["condition", "mean forgetting", *tasks, "mean task loss"], rows))
+        test_rows = []
+        for key, test in results["tests"].items():
+            e, t = test["over_examples"], test["over_tasks"]
+            test_rows.append(
+                [
+                    key.replace("_vs_", " vs "),
+                    _fixed(e["mean_difference"]),
+                    e["n"],
+                    _Num(_num(e["wilcoxon_p"])),
+                    _Num(_num(e["t_p"])),
+                    t["n"],
+                    _Num(_num(t["wilcoxon_p"])),
+                ]
+            )
+        parts.append(
+            _table(
+                [
+                    "comparison (A vs B)",
+                    "mean A - B",
+                    "pairs",
+                    "Wilcoxon p",
+                    "paired t p",
+                    "tasks",
+                    "Wilcoxon p (tasks)",
+                ],
+                test_rows,
+            )
+        )
+    return "".join(parts)
+
+
 def _power_law_row(name: str, fit: Mapping[str, Any]) -> list[Any]:
     if "error" in fit:
         return [name, _Markup(escape(str(fit["error"]))), *[""] * 9]
@@ -933,6 +1031,7 @@ _SECTIONS: list[tuple[str, str, Callable[[_Run], str]]] = [
     ("completion", "Completion: predicting held-out tasks' forgetting", _completion),
     ("forecast", "LM-based forecasting: hidden states vs matrix completion", _forecast),
     ("replay", "Replay", _replay),
+    ("iv", "Instruction vectors (Jiang et al. 2024)", _iv),
     ("scaling", "Scaling laws for forgetting (Kalajdzievski 2024)", _scaling),
     ("flatness", "Flatness: loss landscape and forgetting", _flatness),
     ("exact_match", "Exact-match forgetting (binary)", _exact_match),
