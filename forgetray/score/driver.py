@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -211,6 +211,41 @@ def _actor_count(config: ScoreConfig, n_shards: int) -> int:
     return max(1, min(by_cpu, by_gpu, n_shards))
 
 
+def run_shard_actors(
+    actor: type,
+    constructor: Mapping[str, Any],
+    todo: list[dict[str, Any]],
+    n_examples: int,
+    n_actors: int,
+    resources: Any,
+    desc: str,
+    progress: bool,
+) -> Iterator[dict[str, Any]]:
+    """Run a `ShardActor` subclass over (model, shard) items on one Ray Data actor pool.
+
+    Yields each finished item's row (`n_examples` and what the actor returns) while one bar counts
+    examples across shards; `resources` has `cpus_per_actor` / `gpus_per_actor`.
+    """
+    import ray
+    from tqdm import tqdm
+
+    # Our bar counts examples across shards; Ray Data's own bars and notices would interleave with it.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+        actor,
+        fn_constructor_kwargs=dict(constructor),
+        batch_size=1,
+        concurrency=n_actors,
+        num_cpus=resources.cpus_per_actor,
+        num_gpus=resources.gpus_per_actor,
+    )
+    with tqdm(total=n_examples, desc=desc, unit="ex", disable=not progress) as bar:
+        for row in results.iter_rows():
+            bar.update(int(row["n_examples"]))
+            yield row
+
+
 def _check_plan(out_dir: str, plan: dict[str, Any]) -> None:
     """Record what the parts are cut from, or check that a partial run was cut the same way."""
     plan_file = os.path.join(out_dir, "plan.json")
@@ -245,8 +280,6 @@ def score_models(
     Returns each model's summary.
     """
     import pyarrow.parquet as pq
-    import ray
-    from tqdm import tqdm
 
     summaries: dict[str, dict[str, Any]] = {}
     upstream = pq.read_table(upstream_path)
@@ -282,29 +315,17 @@ def score_models(
             f"scores: {len(todo)} shard(s) of {len(pending)} model(s) to score "
             f"({sum(len(shards[item['shard']]) for item in todo)} model-examples) on {n_actors} actor(s)"
         )
-        # Our bar counts examples across shards; Ray Data's own bars and notices would interleave with it.
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        ray.data.DataContext.get_current().enable_progress_bars = False
         scorer, scorer_kwargs = _scorer(config, reference)
-        results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            scorer,
-            fn_constructor_kwargs={
-                "models": {name: dataclasses.asdict(models[name]) for name in pending},
-                "upstream_path": os.path.abspath(upstream_path),
-                "scores_root": os.path.abspath(scores_root),
-                "score": dataclasses.asdict(config),
-                **scorer_kwargs,
-            },
-            batch_size=1,
-            concurrency=n_actors,
-            num_cpus=config.cpus_per_actor,
-            num_gpus=config.gpus_per_actor,
-        )
-        total = sum(len(shards[item["shard"]]) for item in todo)
-        with tqdm(total=total, desc="score", unit="ex", disable=not progress) as bar:
-            for row in results.iter_rows():
-                bar.update(int(row["n_examples"]))
-                tokens[str(row["model"])] += int(row["n_tokens"])
+        constructor = {
+            "models": {name: dataclasses.asdict(models[name]) for name in pending},
+            "upstream_path": os.path.abspath(upstream_path),
+            "scores_root": os.path.abspath(scores_root),
+            "score": dataclasses.asdict(config),
+            **scorer_kwargs,
+        }
+        examples = sum(len(shards[item["shard"]]) for item in todo)
+        for row in run_shard_actors(scorer, constructor, todo, examples, n_actors, config, "score", progress):
+            tokens[str(row["model"])] += int(row["n_tokens"])
     seconds = time.perf_counter() - start
     rate = sum(tokens.values()) / seconds if seconds > 0 and todo else None
     for name in pending:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -27,7 +26,14 @@ import pyarrow as pa
 from forgetray import storage
 from forgetray.config import ExactMatchConfig, ScoreConfig
 from forgetray.models import ModelRef
-from forgetray.score.driver import ScoreError, ShardActor, _check_plan, part_path, shard_plan
+from forgetray.score.driver import (
+    ScoreError,
+    ShardActor,
+    _check_plan,
+    part_path,
+    run_shard_actors,
+    shard_plan,
+)
 from forgetray.score.loaded import ModelCache
 
 EXACT_MATCH_SCHEMA = pa.schema(
@@ -141,8 +147,6 @@ def score_exact_match(
     all models. Returns each model's summary (examples, accuracy).
     """
     import pyarrow.parquet as pq
-    import ray
-    from tqdm import tqdm
 
     from forgetray.score.driver import _actor_count
 
@@ -181,26 +185,19 @@ def score_exact_match(
             f"exact match: {len(todo)} shard(s) of {len(pending)} model(s) to generate "
             f"({sum(len(shards[item['shard']]) for item in todo)} model-examples) on {n_actors} actor(s)"
         )
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            ExactMatchScorer,
-            fn_constructor_kwargs={
-                "models": {name: dataclasses.asdict(models[name]) for name in pending},
-                "upstream_path": os.path.abspath(upstream_path),
-                "scores_root": os.path.abspath(root),
-                "score": dataclasses.asdict(score),
-                "exact_match": dataclasses.asdict(config),
-            },
-            batch_size=1,
-            concurrency=n_actors,
-            num_cpus=config.cpus_per_actor,
-            num_gpus=config.gpus_per_actor,
-        )
+        constructor = {
+            "models": {name: dataclasses.asdict(models[name]) for name in pending},
+            "upstream_path": os.path.abspath(upstream_path),
+            "scores_root": os.path.abspath(root),
+            "score": dataclasses.asdict(score),
+            "exact_match": dataclasses.asdict(config),
+        }
         total = sum(len(shards[item["shard"]]) for item in todo)
-        with tqdm(total=total, desc="exact match", unit="ex", disable=not progress) as bar:
-            for row in results.iter_rows():
-                bar.update(int(row["n_examples"]))
+        rows = run_shard_actors(
+            ExactMatchScorer, constructor, todo, total, n_actors, config, "exact match", progress
+        )
+        for _ in rows:
+            pass
     seconds = time.perf_counter() - start
     for name in pending:
         out_dir = os.path.join(root, name)
