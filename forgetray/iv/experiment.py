@@ -151,31 +151,42 @@ def extract_run(run_dir: str, config: SweepConfig, log: Callable[[str], None] = 
     return summary
 
 
-def _task_loss(ref: Any, task_path: str, task: str, n: int, max_length: int) -> float:
-    """Mean response NLL of a model on the first `n` examples of a task."""
-    import torch
+def _task_losses(
+    refs: dict[str, Any], task_path: str, task: str, n: int, max_length: int, cache: Any
+) -> dict[str, float]:
+    """Mean response NLL of each named model on the first `n` examples of a task.
 
+    The task's examples are read and encoded once; `cache` (a `ModelCache`) keeps the base model
+    loaded across tasks and conditions and swaps LoRA adapters on it.
+    """
     from forgetray.finetune.batches import encode_task
-    from forgetray.models import context_length, load_model
     from forgetray.score.nll import per_example_nll
 
-    model, tokenizer = load_model(ref, "cuda" if torch.cuda.is_available() else "cpu")
     table = pq.read_table(task_path).slice(0, n)
-    length = min(max_length, context_length(model.config) or max_length)
-    nll, _ = per_example_nll(model, encode_task(tokenizer, task, table, length))
-    return float(nll.mean())
+    first = next(iter(refs.values()))
+    length = min(max_length, cache.context(first) or max_length)
+    with cache.use(first) as (_, tokenizer):
+        examples = encode_task(tokenizer, task, table, length)
+    losses = {}
+    for name, ref in refs.items():
+        with cache.use(ref) as (model, _):
+            losses[name] = float(per_example_nll(model, examples)[0].mean())
+    return losses
 
 
 def compare_run(
     run_dir: str, config: SweepConfig, log: Callable[[str], None] = print, progress: bool = True
 ) -> dict[str, Any]:
     """IV-guided vs plain fine-tuning of `iv.n_compare_tasks` tasks; writes `<run>/iv/results.json`."""
+    import torch
+
     from forgetray.finetune.sweep import finetune_tasks, finetuned_model, pointer_path
     from forgetray.matrix import aligned_nll
     from forgetray.pipeline import BASE, ensure_ray, torch_extensions_dir
     from forgetray.replay.compare import compare_conditions
     from forgetray.replay.experiment import base_model, check_settings
     from forgetray.score.driver import read_scores, score_models
+    from forgetray.score.loaded import ModelCache
 
     out = os.path.join(run_dir, "iv")
     guided_config = dataclasses.replace(
@@ -231,19 +242,19 @@ def compare_run(
             [aligned_nll(read_scores(os.path.join(scores_root, t)), ids, t) - before for t in tasks]
         ),
     }  # each (tasks, examples)
-    task_loss: dict[str, dict[str, float]] = {PLAIN: {}, GUIDED: {}}
+    task_loss: dict[str, dict[str, float]] = {PLAIN: {}, GUIDED: {}, BASE: {}}
+    cache = ModelCache("cuda" if torch.cuda.is_available() else "cpu")
     for t in tasks:
-        for condition, pointer in ((PLAIN, plain_pointers[t]), (GUIDED, pointers[t])):
-            task_loss[condition][t] = _task_loss(
-                finetuned_model(base, pointer),
-                task_paths[t],
-                t,
-                config.iv.n_task_eval,
-                config.finetune.max_length,
-            )
-        task_loss.setdefault(BASE, {})[t] = _task_loss(
-            base, task_paths[t], t, config.iv.n_task_eval, config.finetune.max_length
+        refs = {
+            PLAIN: finetuned_model(base, plain_pointers[t]),
+            GUIDED: finetuned_model(base, pointers[t]),
+            BASE: base,
+        }
+        losses = _task_losses(
+            refs, task_paths[t], t, config.iv.n_task_eval, config.finetune.max_length, cache
         )
+        for condition, loss in losses.items():
+            task_loss[condition][t] = loss
     results = {
         "tasks": tasks,
         "n_examples": len(ids),
