@@ -662,6 +662,27 @@ def _flat(value: Any) -> Any:
     return _compact(value, 80) if isinstance(value, list) else value
 
 
+def _paired_tests_table(tests: Mapping[str, Any], task_t: bool) -> str:
+    """`forgetray.replay.compare.compare_conditions` results: one row per (A vs B) comparison,
+    tests over (task, example) pairs and over task means (`task_t`: with the t test's p too)."""
+    rows = []
+    for key, test in tests.items():
+        e, t = test["over_examples"], test["over_tasks"]
+        row = [
+            key.replace("_vs_", " vs "),
+            _fixed(e["mean_difference"]),
+            e["n"],
+            _Num(_num(e["wilcoxon_p"])),
+            _Num(_num(e["t_p"])),
+            t["n"],
+            _Num(_num(t["wilcoxon_p"])),
+        ]
+        rows.append([*row, _Num(_num(t["t_p"]))] if task_t else row)
+    headers = ["comparison (A vs B)", "mean A - B", "pairs", "Wilcoxon p", "paired t p", "tasks"]
+    headers += ["Wilcoxon p (tasks)", "t p (tasks)"] if task_t else ["Wilcoxon p (tasks)"]
+    return _table(headers, rows)
+
+
 def _replay(run: _Run) -> str:
     """Forgetting on never-replayed examples per replay condition, the paired tests, prediction
     quality, and the active-probe evaluation (`forgetray replay`, forgetray.replay.experiment)."""
@@ -688,36 +709,7 @@ def _replay(run: _Run) -> str:
             for name, c in results["conditions"].items()
         ]
         parts.append(_table(["condition", "mean forgetting", *tasks], rows))
-        test_rows = []
-        for key, test in results["tests"].items():
-            e, t = test["over_examples"], test["over_tasks"]
-            test_rows.append(
-                [
-                    key.replace("_vs_", " vs "),
-                    _fixed(e["mean_difference"]),
-                    e["n"],
-                    _Num(_num(e["wilcoxon_p"])),
-                    _Num(_num(e["t_p"])),
-                    t["n"],
-                    _Num(_num(t["wilcoxon_p"])),
-                    _Num(_num(t["t_p"])),
-                ]
-            )
-        parts.append(
-            _table(
-                [
-                    "comparison (A vs B)",
-                    "mean A - B",
-                    "pairs",
-                    "Wilcoxon p",
-                    "paired t p",
-                    "tasks",
-                    "Wilcoxon p (tasks)",
-                    "t p (tasks)",
-                ],
-                test_rows,
-            )
-        )
+        parts.append(_paired_tests_table(results["tests"], task_t=True))
         versus = results["tests"].get("predicted_vs_random", {}).get("over_examples")
         if versus and versus.get("wilcoxon_p") is not None:
             significant = versus["wilcoxon_p"] < 0.05
@@ -828,34 +820,7 @@ def _iv(run: _Run) -> str:
             for name, c in conditions.items()
         ]
         parts.append(_table(["condition", "mean forgetting", *tasks, "mean task loss"], rows))
-        test_rows = []
-        for key, test in results["tests"].items():
-            e, t = test["over_examples"], test["over_tasks"]
-            test_rows.append(
-                [
-                    key.replace("_vs_", " vs "),
-                    _fixed(e["mean_difference"]),
-                    e["n"],
-                    _Num(_num(e["wilcoxon_p"])),
-                    _Num(_num(e["t_p"])),
-                    t["n"],
-                    _Num(_num(t["wilcoxon_p"])),
-                ]
-            )
-        parts.append(
-            _table(
-                [
-                    "comparison (A vs B)",
-                    "mean A - B",
-                    "pairs",
-                    "Wilcoxon p",
-                    "paired t p",
-                    "tasks",
-                    "Wilcoxon p (tasks)",
-                ],
-                test_rows,
-            )
-        )
+        parts.append(_paired_tests_table(results["tests"], task_t=False))
     return "".join(parts)
 
 
