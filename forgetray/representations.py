@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetray.data.encoding import _prefix_ids
+from forgetray.data.encoding import prefix_ids_of
 
 
 def last_token_states(
@@ -60,7 +60,7 @@ def encode_rows(tokenizer: Any, rows: Sequence[tuple[str, str, str]], max_length
     """(L,) int64 token ids of each (example_id, prompt, response) row: [bos?] prompt response, its first
     `max_length` tokens, tokenised as `encode_example` does. No loss mask, so unlike scoring a prompt
     longer than `max_length` is no error: the state is then the prompt's."""
-    prefix = _prefix_ids(tokenizer)
+    prefix = prefix_ids_of(tokenizer)
     encoded = []
     for example_id, prompt, response in rows:
         # verbose=False: over-long texts are expected and cut below, not warned about.

@@ -37,7 +37,7 @@ class EncodedExample:
         return int(self.loss_mask.sum())
 
 
-def _prefix_ids(tokenizer: Any) -> list[int]:
+def prefix_ids_of(tokenizer: Any) -> list[int]:
     """The special tokens the tokenizer puts before text (a BOS for Llama-style models, none for GPT-2)."""
     with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
     without = list(tokenizer("a", add_special_tokens=False)["input_ids"])
@@ -57,7 +57,7 @@ def encode_example(
     prefix_ids: list[int] | None = None,
 ) -> EncodedExample:
     """One example as token ids and a loss mask (see the module docstring for which tokens count)."""
-    prefix = _prefix_ids(tokenizer) if prefix_ids is None else prefix_ids
+    prefix = prefix_ids_of(tokenizer) if prefix_ids is None else prefix_ids
     # verbose=False: over-long examples are expected here and truncated below, not warned about.
     prompt_ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"] if prompt else []
     response_ids = list(tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"])
@@ -85,7 +85,7 @@ def encode_examples(
     append_eos: bool = False,
 ) -> list[EncodedExample]:
     """`rows` of (example_id, prompt, response), encoded in order."""
-    prefix = _prefix_ids(tokenizer)
+    prefix = prefix_ids_of(tokenizer)
     return [
         encode_example(tokenizer, prompt, response, max_length, append_eos, example_id, prefix)
         for example_id, prompt, response in rows

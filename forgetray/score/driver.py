@@ -200,7 +200,7 @@ def _scorer(config: ScoreConfig, reference: ModelRef | None) -> tuple[Any, dict[
     return SoftCEShardScorer, {"reference": dataclasses.asdict(reference)}
 
 
-def _actor_count(config: ScoreConfig, n_shards: int) -> int:
+def actor_count(config: ScoreConfig, n_shards: int) -> int:
     import ray
 
     if config.num_actors is not None:
@@ -246,7 +246,14 @@ def run_shard_actors(
             yield row
 
 
-def _check_plan(out_dir: str, plan: dict[str, Any]) -> None:
+def require_parts(out_dir: str, n_shards: int, stage: str) -> None:
+    """Every shard's part exists once the actor pool is done (an actor that died leaves a gap)."""
+    missing = [k for k in range(n_shards) if not os.path.exists(part_path(out_dir, k))]
+    if missing:
+        raise ScoreError(f"{out_dir}: shards {missing[:10]} have no part file after {stage}")
+
+
+def check_plan(out_dir: str, plan: dict[str, Any]) -> None:
     """Record what the parts are cut from, or check that a partial run was cut the same way."""
     plan_file = os.path.join(out_dir, "plan.json")
     if not os.path.exists(plan_file):
@@ -297,7 +304,7 @@ def score_models(
                 )
             log(f"scores/{name}: already complete, skipped")
             continue
-        _check_plan(out_dir, _plan_record(upstream, ref, config))
+        check_plan(out_dir, _plan_record(upstream, ref, config))
         todo += [
             {"model": name, "shard": k}
             for k in range(len(shards))
@@ -310,7 +317,7 @@ def score_models(
     start = time.perf_counter()
     tokens: dict[str, int] = dict.fromkeys(pending, 0)
     if todo:
-        n_actors = _actor_count(config, len(todo))
+        n_actors = actor_count(config, len(todo))
         log(
             f"scores: {len(todo)} shard(s) of {len(pending)} model(s) to score "
             f"({sum(len(shards[item['shard']]) for item in todo)} model-examples) on {n_actors} actor(s)"
@@ -330,9 +337,7 @@ def score_models(
     rate = sum(tokens.values()) / seconds if seconds > 0 and todo else None
     for name in pending:
         out_dir = os.path.join(scores_root, name)
-        missing = [k for k in range(len(shards)) if not os.path.exists(part_path(out_dir, k))]
-        if missing:
-            raise ScoreError(f"{out_dir}: shards {missing[:10]} have no part file after scoring")
+        require_parts(out_dir, len(shards), "scoring")
         scores = read_scores(out_dir)
         summaries[name] = {
             "model": name,

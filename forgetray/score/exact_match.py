@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetray.data.encoding import EncodingError, _prefix_ids
+from forgetray.data.encoding import EncodingError, prefix_ids_of
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def build_probes(
     An empty instruction response, a text of fewer than 2 tokens or an unknown kind is an
     `EncodingError` naming the example and the field.
     """
-    prefix = _prefix_ids(tokenizer)
+    prefix = prefix_ids_of(tokenizer)
     probes = []
     for example_id, kind, prompt, response in rows:
         if kind == "instruction":

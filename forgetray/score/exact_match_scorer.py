@@ -29,8 +29,9 @@ from forgetray.models import ModelRef
 from forgetray.score.driver import (
     ScoreError,
     ShardActor,
-    _check_plan,
+    check_plan,
     part_path,
+    require_parts,
     run_shard_actors,
     shard_plan,
 )
@@ -148,7 +149,7 @@ def score_exact_match(
     """
     import pyarrow.parquet as pq
 
-    from forgetray.score.driver import _actor_count
+    from forgetray.score.driver import actor_count
 
     summaries: dict[str, dict[str, Any]] = {}
     upstream = pq.read_table(upstream_path)
@@ -167,7 +168,7 @@ def score_exact_match(
                 )
             log(f"exact_match/scores/{name}: already complete, skipped")
             continue
-        _check_plan(out_dir, plan)
+        check_plan(out_dir, plan)
         todo += [
             {"model": name, "shard": k}
             for k in range(len(shards))
@@ -180,7 +181,7 @@ def score_exact_match(
     start = time.perf_counter()
     if todo:
         score = shard_config(config)
-        n_actors = _actor_count(score, len(todo))
+        n_actors = actor_count(score, len(todo))
         log(
             f"exact match: {len(todo)} shard(s) of {len(pending)} model(s) to generate "
             f"({sum(len(shards[item['shard']]) for item in todo)} model-examples) on {n_actors} actor(s)"
@@ -201,9 +202,7 @@ def score_exact_match(
     seconds = time.perf_counter() - start
     for name in pending:
         out_dir = os.path.join(root, name)
-        missing = [k for k in range(len(shards)) if not os.path.exists(part_path(out_dir, k))]
-        if missing:
-            raise ScoreError(f"{out_dir}: shards {missing[:10]} have no part file after generation")
+        require_parts(out_dir, len(shards), "generation")
         table = read_exact_match(out_dir)
         summaries[name] = {
             "model": name,
