@@ -40,6 +40,21 @@ def join_cluster(argv: Sequence[str] = ()) -> None:
     connect()
 
 
+RAY_HOST_VARIABLE = "FORGETRAY_RAY_HOST"
+"""The address a local cluster's node (and dashboard) binds to; default loopback."""
+
+
+def ray_init_kwargs() -> dict[str, Any]:
+    """`ray.init` arguments: none when RAY_ADDRESS names a cluster to join (a submitted job's, or
+    `auto`); otherwise a new local cluster of this process's own (`address="local"`: never another
+    user's cluster on the same machine), bound to 127.0.0.1 (node, dashboard and the agents that
+    follow the node's address) unless FORGETRAY_RAY_HOST says otherwise."""
+    if os.environ.get("RAY_ADDRESS"):
+        return {}
+    host = os.environ.get(RAY_HOST_VARIABLE) or "127.0.0.1"
+    return {"address": "local", "_node_ip_address": host, "dashboard_host": host}
+
+
 def connect() -> None:
     """Join the cluster RAY_ADDRESS names (a submitted job's) or start a local one; torch first."""
     # torch is loaded before Ray connects: in a job driver that connected first (Ray 2.60, CPU torch
@@ -49,7 +64,7 @@ def connect() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, configure_logging=True)
+        ray.init(logging_level=logging.WARNING, configure_logging=True, **ray_init_kwargs())
 
 
 def alive_nodes() -> list[dict]:
