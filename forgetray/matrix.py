@@ -112,9 +112,9 @@ def matrix_is_current(out_dir: str, index: Mapping[str, Any]) -> bool:
     except storage.DamagedFileError:
         return False
     shape = (len(index["tasks"]), len(index["examples"]))
-    return storage.npy_is_whole(os.path.join(out_dir, MATRIX_FILE), "float32", shape) and storage.npy_is_whole(
-        os.path.join(out_dir, BEFORE_FILE), "float64", shape[1:]
-    )
+    return storage.npy_is_whole(
+        os.path.join(out_dir, MATRIX_FILE), "float32", shape
+    ) and storage.npy_is_whole(os.path.join(out_dir, BEFORE_FILE), "float64", shape[1:])
 
 
 def load_forgetting_matrix(run_matrix_dir: str, mmap: bool = False) -> tuple[np.ndarray, dict[str, Any]]:

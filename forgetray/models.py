@@ -120,7 +120,9 @@ def check_weight_files(directory: str, key: str) -> None:
                 with safe_open(path, "np"):
                     pass
             except (SafetensorError, OSError) as e:
-                raise ConfigError(f"{key}: {path}: not a whole safetensors file ({e}); copy it again") from None
+                raise ConfigError(
+                    f"{key}: {path}: not a whole safetensors file ({e}); copy it again"
+                ) from None
 
 
 def check_model_loads(ref: ModelRef, key: str) -> None:

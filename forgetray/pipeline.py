@@ -258,15 +258,18 @@ def matrix_inputs(paths: RunPaths, config: SweepConfig, models: Sequence[str]) -
     the upstream table, the score settings, and per model (base and every row) its `_SUCCESS.json`
     digest with the inputs it records. Every model must have been scored under the run's score
     settings: mixing 128- and 32-token scores in one matrix is refused, naming the key."""
-    from forgetray.score.driver import SUCCESS_FILE, check_score_settings, nll_settings
+    from forgetray.score.driver import SUCCESS_FILE, check_score_settings, nll_settings, verify_scores
 
     records = {}
     for name in models:
         out_dir = os.path.join(paths.scores, name)
         success = os.path.join(out_dir, SUCCESS_FILE)
         if not os.path.exists(success):
-            raise ConfigError(f"{success}: missing; score this model first (`forgetray run` or `forgetray score`)")
+            raise ConfigError(
+                f"{success}: missing; score this model first (`forgetray run` or `forgetray score`)"
+            )
         check_score_settings(out_dir, config.score)
+        verify_scores(out_dir)
         record = storage.read_json(success)
         records[name] = {"success_sha256": digests.sha256_file(success), **(record.get("inputs") or {})}
     return {
@@ -339,10 +342,8 @@ class StageTimer:
 def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
     """Every stage of a run, each skipped when its outputs are already there."""
     from forgetray.finetune.sweep import finetune_tasks, finetuned_model
-    from forgetray.score.driver import score_models
+    from forgetray.score.driver import check_finished_scores, score_models
     from forgetray.study import analyse_run, complete_run
-
-    from forgetray.score.driver import check_finished_scores
 
     paths = RunPaths(config.run_dir)
     # Everything checkable is checked before the first write: a refused run leaves the directory as

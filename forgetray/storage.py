@@ -92,7 +92,9 @@ def npy_is_whole(path: str, dtype: str, shape: tuple[int, ...]) -> bool:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
             read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
             )
             header_shape, fortran, file_dtype = read_header(f)
             offset = f.tell()

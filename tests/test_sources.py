@@ -148,5 +148,7 @@ def test_all_builtin_tasks_and_unknown_name():
 
     assert list(load_tasks(TasksConfig(builtin=("all",), n_examples=3))) == list(BUILTIN_TASKS)
     # Refused when the config is built (so `--dry-run` shows it), before any data is loaded.
-    with pytest.raises(ConfigError, match=r"builtin.1: unknown built-in task 'poetry'; choose from all, addition"):
+    with pytest.raises(
+        ConfigError, match=r"builtin.1: unknown built-in task 'poetry'; choose from all, addition"
+    ):
         TasksConfig(builtin=("addition", "poetry"))

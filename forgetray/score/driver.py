@@ -95,7 +95,10 @@ def recorded_settings(out_dir: str) -> dict[str, Any] | None:
     if os.path.exists(plan_file):
         plan = storage.read_json(plan_file)
         if "max_length" in plan:
-            return {"max_length": plan["max_length"], "metric": plan.get("metric", success.get("metric", "nll"))}
+            return {
+                "max_length": plan["max_length"],
+                "metric": plan.get("metric", success.get("metric", "nll")),
+            }
     return None
 
 
@@ -105,9 +108,7 @@ def check_score_settings(out_dir: str, config: ScoreConfig) -> None:
     recorded = recorded_settings(out_dir)
     success = os.path.join(out_dir, SUCCESS_FILE)
     if recorded is None:
-        raise ConfigError(
-            f"{success}: records no score settings; delete {out_dir} to score this model again"
-        )
+        raise ConfigError(f"{success}: records no score settings; delete {out_dir} to score this model again")
     wanted = nll_settings(config)
     for key in NLL_SETTINGS:
         if recorded.get(key) != wanted[key]:
@@ -484,42 +485,64 @@ def clear_scores(out_dir: str) -> None:
         os.unlink(part)
 
 
-def read_scores(out_dir: str) -> pa.Table:
-    """All part files of one model's scores as one table (unordered).
-
-    When `_SUCCESS.json` records the parts, exactly those are read and each must still have its
-    recorded size and sha256: a part replaced, truncated or added after scoring is an error.
-    """
-    import pyarrow.parquet as pq
-
-    parts = sorted(glob.glob(os.path.join(out_dir, "part-*.parquet")))
-    if not parts:
-        raise ScoreError(f"{out_dir}: no score parts found")
+def _recorded_parts(out_dir: str) -> dict[str, dict[str, Any]] | None:
+    """The parts `_SUCCESS.json` records (name -> bytes, sha256), refusing parts it does not record."""
     success = os.path.join(out_dir, SUCCESS_FILE)
     recorded = storage.read_json(success).get("parts") if os.path.exists(success) else None
     if recorded is not None:
-        extra = sorted(set(map(os.path.basename, parts)) - set(recorded))
+        present = {os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "part-*.parquet"))}
+        extra = sorted(present - set(recorded))
         if extra:
             raise ScoreError(
                 f"{os.path.join(out_dir, extra[0])}: not one of the parts {success} records; "
                 f"remove it, or delete {out_dir} to score this model again"
             )
+    return recorded
+
+
+def _checked_part(out_dir: str, name: str, record: dict[str, Any] | None) -> bytes:
+    path = os.path.join(out_dir, name)
+    success = os.path.join(out_dir, SUCCESS_FILE)
+    if not os.path.exists(path):
+        raise ScoreError(f"{path}: missing, though {success} records it; delete {out_dir} to re-score")
+    with open(path, "rb") as f:
+        data = f.read()
+    if record is not None and (len(data) != record["bytes"] or digests.sha256_bytes(data) != record["sha256"]):
+        raise ScoreError(
+            f"{path}: changed since it was scored (size or sha256 differs from {success}); "
+            f"delete {out_dir} to score this model again"
+        )
+    return data
+
+
+def verify_scores(out_dir: str) -> None:
+    """Every part `_SUCCESS.json` records is there, unchanged (size and sha256), and no other is.
+    Parts are small (about 20 bytes per example), so this reads them whole."""
+    recorded = _recorded_parts(out_dir)
+    for name, record in (recorded or {}).items():
+        _checked_part(out_dir, name, record)
+
+
+def read_scores(out_dir: str) -> pa.Table:
+    """All part files of one model's scores as one table (unordered).
+
+    When `_SUCCESS.json` records the parts, exactly those are read and each must still have its
+    recorded size and sha256 (`verify_scores`): a part replaced, truncated or added after scoring is
+    an error, never a silently different matrix.
+    """
+    import pyarrow.parquet as pq
+
+    parts = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "part-*.parquet")))
+    recorded = _recorded_parts(out_dir)
+    if not parts and not recorded:
+        raise ScoreError(f"{out_dir}: no score parts found")
     tables = []
-    for path in parts if recorded is None else [os.path.join(out_dir, p) for p in recorded]:
-        if not os.path.exists(path):
-            raise ScoreError(f"{path}: missing, though {success} records it; delete {out_dir} to re-score")
-        with open(path, "rb") as f:
-            data = f.read()
-        if recorded is not None and (
-            len(data) != recorded[os.path.basename(path)]["bytes"]
-            or digests.sha256_bytes(data) != recorded[os.path.basename(path)]["sha256"]
-        ):
-            raise ScoreError(
-                f"{path}: changed since it was scored (size or sha256 differs from {success}); "
-                f"delete {out_dir} to score this model again"
-            )
+    for name in parts if recorded is None else list(recorded):
+        data = _checked_part(out_dir, name, None if recorded is None else recorded[name])
         try:
             tables.append(pq.read_table(pa.BufferReader(data), schema=SCORES_SCHEMA))
         except (pa.ArrowException, ValueError) as e:
-            raise ScoreError(f"{path}: not a readable score part ({e}); delete {out_dir} to re-score") from None
+            raise ScoreError(
+                f"{os.path.join(out_dir, name)}: not a readable score part ({e}); delete {out_dir} to re-score"
+            ) from None
     return pa.concat_tables(tables)
