@@ -83,12 +83,20 @@ CONFIG_CASES: list[tuple[str, list[str], str]] = [
     ("inf epochs", ["finetune.max_epochs=.inf"], "finetune.max_epochs"),
     ("bad method", ["finetune.method=qlora"], "finetune.method: expected one of"),
     ("zero stage 5", ["finetune.zero_stage=5"], "finetune.zero_stage"),
-    ("missing deepspeed json", ["finetune.deepspeed_config=/nonexistent/ds.json"], "finetune.deepspeed_config"),
+    (
+        "missing deepspeed json",
+        ["finetune.deepspeed_config=/nonexistent/ds.json"],
+        "finetune.deepspeed_config",
+    ),
     ("score max_length 0", ["score.max_length=0"], "score.max_length"),
     ("batch below length", ["score.max_batch_tokens=1"], "score.max_batch_tokens"),
     ("zero actors", ["score.num_actors=0"], "score.num_actors"),
     ("unknown builtin task", ["tasks.builtin=[nope]"], "tasks.builtin.0: unknown built-in task 'nope'"),
-    ("builtin task twice", ["tasks.builtin=[addition, addition]"], "tasks.builtin: task 'addition' is listed twice"),
+    (
+        "builtin task twice",
+        ["tasks.builtin=[addition, addition]"],
+        "tasks.builtin: task 'addition' is listed twice",
+    ),
     ("no tasks", ["tasks.builtin=[]"], "tasks: no tasks to fine-tune"),
     ("task named base", ["tasks.builtin=[base]"], "tasks.builtin.0: unknown built-in task 'base'"),
     ("empty run_dir", ["run_dir="], "run_dir: must not be empty"),
@@ -100,7 +108,11 @@ CONFIG_CASES: list[tuple[str, list[str], str]] = [
     ("hidden source name", ["tasks.sources=[{name: .x, path: x.jsonl}]"], "tasks.sources.0.name: '.x'"),
     ("source name with space", ["tasks.sources=[{name: 'a b', path: x.jsonl}]"], "tasks.sources.0.name"),
     ("empty source name", ["tasks.sources=[{name: '', path: x.jsonl}]"], "tasks.sources.0.name"),
-    ("source name too long", [f"tasks.sources=[{{name: {'a' * 101}, path: x.jsonl}}]"], "tasks.sources.0.name"),
+    (
+        "source name too long",
+        [f"tasks.sources=[{{name: {'a' * 101}, path: x.jsonl}}]"],
+        "tasks.sources.0.name",
+    ),
     (
         "two sources one name",
         ["tasks.sources=[{name: t, path: a.jsonl}, {name: t, path: b.jsonl}]"],
@@ -127,7 +139,9 @@ CONFIG_CASES: list[tuple[str, list[str], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "culprit"), [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
+@pytest.mark.parametrize(
+    ("overrides", "culprit"), [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES]
+)
 @pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
 def test_config_errors(tmp_path, capsys, overrides, culprit, dry_run):
     out = tmp_path / "run"
@@ -147,7 +161,9 @@ CONFIG_FILE_CASES: list[tuple[str, bytes, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("content", "culprit"), [c[1:] for c in CONFIG_FILE_CASES], ids=[c[0] for c in CONFIG_FILE_CASES])
+@pytest.mark.parametrize(
+    ("content", "culprit"), [c[1:] for c in CONFIG_FILE_CASES], ids=[c[0] for c in CONFIG_FILE_CASES]
+)
 def test_config_file_errors(tmp_path, capsys, content, culprit):
     path = tmp_path / "bad.yaml"
     path.write_bytes(content)
@@ -323,7 +339,8 @@ def write_scores(run: Path, name: str, nll: np.ndarray, max_length: int = 64) ->
     for k, start in enumerate(range(0, len(EXAMPLES), 4)):
         ids = EXAMPLES[start : start + 4]
         table = pa.table(
-            {"example_id": ids, "nll": nll[start : start + 4], "n_tokens": [10] * len(ids)}, schema=SCORES_SCHEMA
+            {"example_id": ids, "nll": nll[start : start + 4], "n_tokens": [10] * len(ids)},
+            schema=SCORES_SCHEMA,
         )
         storage.write_parquet(part_path(str(out), k), table)
     parts = sorted(p.name for p in out.glob("part-*.parquet"))
@@ -344,7 +361,9 @@ def synthetic_run(tmp_path_factory) -> Path:
     from forgetray.config import load_config
 
     run = tmp_path_factory.mktemp("synthetic") / "run"
-    config = load_config(None, [f"run_dir={run}", f"tasks.builtin=[{', '.join(TASKS)}]", "score.max_length=64"])
+    config = load_config(
+        None, [f"run_dir={run}", f"tasks.builtin=[{', '.join(TASKS)}]", "score.max_length=64"]
+    )
     storage.write_text(str(run / "config.yaml"), config.to_yaml())
     upstream = pa.table(
         {
@@ -396,7 +415,10 @@ def damage(kind: str, run: Path) -> tuple[list[str], str]:
         path.unlink()
         return matrix, str(path)
     if kind == "part added":
-        shutil.copy(run / "scores" / "uppercase" / "part-00000.parquet", run / "scores" / "uppercase" / "part-00009.parquet")
+        shutil.copy(
+            run / "scores" / "uppercase" / "part-00000.parquet",
+            run / "scores" / "uppercase" / "part-00009.parquet",
+        )
         return matrix, str(run / "scores" / "uppercase" / "part-00009.parquet")
     if kind == "task scored with another max_length":
         write_scores(run, "uppercase", np.ones(len(EXAMPLES)), max_length=32)
@@ -419,10 +441,19 @@ def damage(kind: str, run: Path) -> tuple[list[str], str]:
             "score.max_length=64"
         )
     if kind == "resume with another learning rate":
-        overrides = [f"tasks.builtin=[{', '.join(TASKS)}]", "score.max_length=64", "finetune.learning_rate=0.5"]
+        overrides = [
+            f"tasks.builtin=[{', '.join(TASKS)}]",
+            "score.max_length=64",
+            "finetune.learning_rate=0.5",
+        ]
         (run / "checkpoints").mkdir()
         (run / "checkpoints" / "addition.json").write_text("{}")
-        return ["run", "--out", str(run), *overrides], f"{run / 'config.yaml'}: this run directory holds results"
+        return [
+            "run",
+            "--out",
+            str(run),
+            *overrides,
+        ], f"{run / 'config.yaml'}: this run directory holds results"
     if kind == "report of a damaged config":
         (run / "config.yaml").write_bytes(b"\xff")
         return ["score", str(run), "--model", "x", "--name", "t"], str(run / "config.yaml")
@@ -461,7 +492,13 @@ def test_damaged_run_directories(tmp_path, capsys, synthetic_run, kind):
     assert snapshot(run) == before
 
 
-NAME_CASES = [("../../x", "'../../x'"), ("base", "'base' is reserved"), ("a.b", "'a.b'"), ("", "''"), ("a/b", "'a/b'")]
+NAME_CASES = [
+    ("../../x", "'../../x'"),
+    ("base", "'base' is reserved"),
+    ("a.b", "'a.b'"),
+    ("", "''"),
+    ("a/b", "'a/b'"),
+]
 
 
 @pytest.mark.parametrize(("name", "culprit"), NAME_CASES, ids=[c[0] or "empty" for c in NAME_CASES])
@@ -541,9 +578,10 @@ def test_matrix_index_records_each_input_per_row(synthetic_run):
     assert inputs["score_settings"] == {"max_length": 64, "metric": "nll"}
     success = json.loads((synthetic_run / "scores" / "addition" / "_SUCCESS.json").read_text())
     row = inputs["models"]["addition"]
-    assert row["success_sha256"] == hashlib.sha256(
-        (synthetic_run / "scores" / "addition" / "_SUCCESS.json").read_bytes()
-    ).hexdigest()
+    assert (
+        row["success_sha256"]
+        == hashlib.sha256((synthetic_run / "scores" / "addition" / "_SUCCESS.json").read_bytes()).hexdigest()
+    )
     for key in ("score_settings_sha256", "examples_sha256", "plan_sha256", "model_sha256"):
         assert row[key] == success["inputs"][key] and len(row[key]) == 64
     assert inputs["models"]["addition"]["model_sha256"] != inputs["models"]["uppercase"]["model_sha256"]

@@ -85,7 +85,9 @@ def test_deepspeed_resume_loads_weights_only_and_refuses_a_planted_file(tmp_path
             "zero_allow_untested_optimizer": True,
         }
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        return deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=optimizer, config=config)[0]
+        return deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), optimizer=optimizer, config=config
+        )[0]
 
     trained = engine()
     batch = torch.randint(0, 64, (2, 8))

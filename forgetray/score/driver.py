@@ -507,7 +507,9 @@ def _checked_part(out_dir: str, name: str, record: dict[str, Any] | None) -> byt
         raise ScoreError(f"{path}: missing, though {success} records it; delete {out_dir} to re-score")
     with open(path, "rb") as f:
         data = f.read()
-    if record is not None and (len(data) != record["bytes"] or digests.sha256_bytes(data) != record["sha256"]):
+    if record is not None and (
+        len(data) != record["bytes"] or digests.sha256_bytes(data) != record["sha256"]
+    ):
         raise ScoreError(
             f"{path}: changed since it was scored (size or sha256 differs from {success}); "
             f"delete {out_dir} to score this model again"
