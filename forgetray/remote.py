@@ -130,7 +130,8 @@ class StagedRunDir:
             target = os.path.join(self.local, *relative.split("/"))
             if not is_inside(self.local, target):
                 raise ValueError(
-                    f"{self.uri}/{relative}: this name leads outside the run directory; refusing to download it"
+                    f"{self.uri}/{relative}: this name leads outside the run directory; "
+                    "refusing to download it"
                 )
             with (
                 storage.atomic_path(target) as tmp,

@@ -545,6 +545,7 @@ def read_scores(out_dir: str) -> pa.Table:
             tables.append(pq.read_table(pa.BufferReader(data), schema=SCORES_SCHEMA))
         except (pa.ArrowException, ValueError) as e:
             raise ScoreError(
-                f"{os.path.join(out_dir, name)}: not a readable score part ({e}); delete {out_dir} to re-score"
+                f"{os.path.join(out_dir, name)}: not a readable score part ({e}); "
+                f"delete {out_dir} to re-score"
             ) from None
     return pa.concat_tables(tables)
