@@ -134,12 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        # `forgetray finetune TASK --protect RUN key=value`: overrides after an option land here
-        if args.command not in ("replay", "finetune", "exact-match", "iv") or not all(
-            "=" in e for e in extra
-        ):
+        # `forgetray run CONFIG --out DIR key=value`, `forgetray finetune TASK --protect RUN key=value`:
+        # overrides after an option land here
+        if args.command in ("run", "scaling", "sweep") and all("=" in e for e in extra):
+            args.args = [*args.args, *extra]
+        elif args.command in ("replay", "finetune", "exact-match", "iv") and all("=" in e for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "run":
             config = resolve_config(args.args, args.out)
@@ -160,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from forgetray.pipeline import RunPaths, assemble_matrix, load_run_config, setup_logging
 
             paths = RunPaths(args.run_dir)
-            if not assemble_matrix(paths, load_run_config(args.run_dir), setup_logging(paths)):
+            config = load_run_config(args.run_dir)
+            if not assemble_matrix(paths, config, setup_logging(paths)):
                 print(f"{args.run_dir}: no scored fine-tuned model yet; nothing to assemble", file=sys.stderr)
                 return 1
         elif args.command in ("analyse", "complete"):
@@ -272,8 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log = setup_logging(paths)
             exact_match_run(args.run_dir, config, log, progress=not args.no_progress)
             log(f"report: {build_report(args.run_dir)}")
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"forgetray: error: {e}", file=sys.stderr)
+    except Exception as e:
+        from forgetray.errors import user_message
+
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f"forgetray: error: {message}", file=sys.stderr)
         return 2
     return 0
 

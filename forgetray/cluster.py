@@ -19,10 +19,12 @@ import dataclasses
 import importlib
 import logging
 import os
+import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from forgetray import ray_reaper
 from forgetray.config import ConfigError
 
 if TYPE_CHECKING:
@@ -40,16 +42,48 @@ def join_cluster(argv: Sequence[str] = ()) -> None:
     connect()
 
 
+RAY_HOST_VARIABLE = "FORGETRAY_RAY_HOST"
+"""The address a local cluster's node (and dashboard) binds to; default loopback."""
+
+
+def ray_init_kwargs() -> dict[str, Any]:
+    """`ray.init` arguments: none when RAY_ADDRESS names a cluster to join (a submitted job's, or
+    `auto`); otherwise a new local cluster of this process's own (`address="local"`: never another
+    user's cluster on the same machine), bound to 127.0.0.1 (node, dashboard and the agents that
+    follow the node's address) unless FORGETRAY_RAY_HOST says otherwise."""
+    if os.environ.get("RAY_ADDRESS"):
+        return {}
+    host = os.environ.get(RAY_HOST_VARIABLE) or "127.0.0.1"
+    return {"address": "local", "_node_ip_address": host, "dashboard_host": host}
+
+
+def use_loopback_node_ip() -> None:
+    """Make Ray take 127.0.0.1 as this node's address. Ray turns a loopback `_node_ip_address` into
+    the machine's routable address (`resolve_ip_for_localhost`) unless its single-machine mode is on
+    (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the macOS/Windows default): the variable reaches the
+    processes Ray starts, and Ray's constant, read at import, is set too in case Ray is imported."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 def connect() -> None:
     """Join the cluster RAY_ADDRESS names (a submitted job's) or start a local one; torch first."""
     # torch is loaded before Ray connects: in a job driver that connected first (Ray 2.60, CPU torch
     # 2.13), the first training step died with "Intel oneMKL FATAL ERROR: Cannot load
     # libtorch_cpu.so"; the same job with torch imported first ran (tests/test_ray_cluster.py).
     importlib.import_module("torch")
+    kwargs = ray_init_kwargs()
+    if kwargs.get("_node_ip_address") in ("127.0.0.1", "localhost"):
+        use_loopback_node_ip()
     import ray
 
     if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, configure_logging=True)
+        ray.init(logging_level=logging.WARNING, configure_logging=True, **kwargs)
+        if kwargs.get("address") == "local":
+            # a cluster of this process's own: nothing of it may outlive a killed driver
+            ray_reaper.start_watchdog()
 
 
 def alive_nodes() -> list[dict]:

@@ -10,7 +10,9 @@ configs travel as Ray `train_loop_config` / Tune `param_space` dicts. Every erro
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import yaml
+
+from forgetray.data.builtin_tasks import BUILTIN_TASKS
 
 T = TypeVar("T")
 
@@ -34,6 +38,35 @@ class ConfigError(ValueError):
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+"""A task or model name: it becomes a directory and file name under the run (`scores/<name>/`,
+`data/tasks/<name>.parquet`, `checkpoints/<name>.json`) on every filesystem and object store, so
+letters, digits, `_` and `-`, starting with a letter or digit, at most 100 characters."""
+RESERVED_NAMES = frozenset({"base"})
+"""`base` is the base model's scores directory; a task of that name would replace them."""
+
+
+def check_name(name: Any, key: str) -> str:
+    """`name` if it is a safe task or model name, else a ConfigError naming `key` and what is accepted."""
+    _require(isinstance(name, str), key, f"expected a name (str), got {name!r}")
+    _require(
+        NAME_PATTERN.fullmatch(name) is not None,
+        key,
+        f"{name!r} is not a usable name: use letters, digits, '_' and '-' (starting with a letter or "
+        "digit, at most 100 characters), no '.', '..', '/' or spaces",
+    )
+    _require(name not in RESERVED_NAMES, key, f"{name!r} is reserved (the base model's scores)")
+    return name
+
+
+def check_unique_names(names: Sequence[str], key: str) -> None:
+    """Refuse a name given twice: two tasks of one name would train into one directory."""
+    seen: set[str] = set()
+    for name in names:
+        _require(name not in seen, key, f"task {name!r} is listed twice; task names must be unique")
+        seen.add(name)
 
 
 @dataclass(frozen=True)
@@ -165,7 +198,7 @@ class TaskSourceConfig:
     limit: int | None = None
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        check_name(self.name, "name")
         _require(bool(self.path), "path", "must not be empty")
         _require(self.limit is None or self.limit > 0, "limit", "must be a positive integer or null")
 
@@ -203,8 +236,20 @@ class TasksConfig:
 
     def __post_init__(self) -> None:
         _require(self.n_examples > 0, "n_examples", "must be a positive integer")
-        names = [s.name for s in self.sources]
-        _require(len(set(names)) == len(names), "sources", f"task names must be unique, got {names}")
+        if self.builtin != ("all",):
+            for i, name in enumerate(self.builtin):
+                _require(
+                    name in BUILTIN_TASKS,
+                    f"builtin.{i}",
+                    f"unknown built-in task {name!r}; choose from all, {', '.join(BUILTIN_TASKS)}",
+                )
+        check_unique_names(self.names, "builtin" if len(set(self.builtin)) < len(self.builtin) else "sources")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every task's name in row order: the built-in tasks, then the sources."""
+        builtin = BUILTIN_TASKS if self.builtin == ("all",) else self.builtin
+        return (*builtin, *(s.name for s in self.sources))
 
 
 @dataclass(frozen=True)
@@ -696,6 +741,14 @@ class SweepConfig:
     forecast: ForecastConfig = field(default_factory=ForecastConfig)
     iv: IVConfig = field(default_factory=IVConfig)
 
+    def __post_init__(self) -> None:
+        _require(bool(self.run_dir.strip()), "run_dir", "must not be empty (give --out DIR or run_dir=DIR)")
+        _require(
+            len(self.tasks.names) > 0,
+            "tasks",
+            "no tasks to fine-tune: tasks.builtin is empty and tasks.sources has none",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
 
@@ -767,6 +820,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -853,8 +908,10 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
         with open(source, encoding="utf-8") as f:
             try:
                 loaded = yaml.safe_load(f)
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             except yaml.YAMLError as e:
-                raise ConfigError(f"{source}: not valid YAML: {e}") from None
+                raise ConfigError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of stage names to settings")
         raw = loaded or {}

@@ -1,8 +1,13 @@
 """The M x N forgetting matrix Z[i, j] = NLL_after(task i, example j) - NLL_before(example j).
 
     <run>/matrix/forgetting.npy   float32, shape (tasks, examples), rows in index["tasks"] order
-    <run>/matrix/index.json       {"tasks": [...], "examples": [...]}: row and column labels
+    <run>/matrix/index.json       {"tasks": [...], "examples": [...], "inputs": {...}}: row and
+                                  column labels and the digests of every input (docs/errors.md)
     <run>/matrix/nll_before.npy   float64, shape (examples,): the base model's scores, same columns
+
+A matrix is reused only while its index, labels and inputs included, equals the one asked for and
+both .npy files are whole (header parses, size as the header promises); otherwise it is assembled
+again, so a re-scored task, changed score settings or a truncated file never leave a stale matrix.
 
 Rows are written one at a time into a memory-mapped temporary .npy, so 1,000 tasks x 1,000,000
 examples (4 GB) never has to sit in memory, and the file appears under its name only when whole.
@@ -11,7 +16,7 @@ examples (4 GB) never has to sit in memory, and the file appears under its name 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,17 +66,21 @@ def assemble_forgetting_matrix(
     base_scores: pa.Table,
     task_scores: Sequence[tuple[str, Callable[[], pa.Table]]],
     log: Callable[[str], None] = print,
+    inputs: Mapping[str, Any] | None = None,
 ) -> bool:
     """Write the matrix for `task_scores` ((name, loader) in row order); False if it was already there.
 
-    Loaders are called one task at a time so only one row of scores is in memory.
+    Loaders are called one task at a time so only one row of scores is in memory. `inputs` (the
+    digests of what the matrix is made from) is stored in the index and must match for a reuse.
     """
     tasks = [name for name, _ in task_scores]
-    index = {"tasks": tasks, "examples": list(example_ids)}
+    index: dict[str, Any] = {"tasks": tasks, "examples": list(example_ids)}
+    if inputs is not None:
+        index["inputs"] = dict(inputs)
     matrix_path = os.path.join(out_dir, MATRIX_FILE)
     index_path = os.path.join(out_dir, INDEX_FILE)
-    if os.path.exists(matrix_path) and os.path.exists(index_path) and storage.read_json(index_path) == index:
-        log(f"matrix: {len(tasks)} x {len(example_ids)} already assembled, skipped")
+    if matrix_is_current(out_dir, index):
+        log(f"matrix: {len(tasks)} x {len(example_ids)} already assembled, skipped (inputs unchanged)")
         return False
     before = aligned_nll(base_scores, example_ids, "base")
     # The index goes first and the matrix last: a matrix file next to a stale index never exists.
@@ -92,7 +101,30 @@ def assemble_forgetting_matrix(
     return True
 
 
+def matrix_is_current(out_dir: str, index: Mapping[str, Any]) -> bool:
+    """Whether `out_dir` holds a whole matrix whose index (labels and inputs) equals `index`."""
+    index_path = os.path.join(out_dir, INDEX_FILE)
+    if not os.path.exists(index_path):
+        return False
+    try:
+        if storage.read_json(index_path) != index:
+            return False
+    except storage.DamagedFileError:
+        return False
+    shape = (len(index["tasks"]), len(index["examples"]))
+    return storage.npy_is_whole(
+        os.path.join(out_dir, MATRIX_FILE), "float32", shape
+    ) and storage.npy_is_whole(os.path.join(out_dir, BEFORE_FILE), "float64", shape[1:])
+
+
 def load_forgetting_matrix(run_matrix_dir: str, mmap: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """(Z, index) as written by `assemble_forgetting_matrix`; `mmap` for matrices larger than memory."""
     index = storage.read_json(os.path.join(run_matrix_dir, INDEX_FILE))
-    return storage.load_npy(os.path.join(run_matrix_dir, MATRIX_FILE), mmap=mmap), index
+    path = os.path.join(run_matrix_dir, MATRIX_FILE)
+    matrix = storage.load_npy(path, mmap=mmap)
+    shape = (len(index["tasks"]), len(index["examples"]))
+    if matrix.shape != shape:
+        raise storage.DamagedFileError(
+            f"{path}: shape {matrix.shape} does not match its index {shape}; run `forgetray matrix` again"
+        )
+    return matrix, index

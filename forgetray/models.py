@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from forgetray.config import ModelConfig
+from forgetray.config import ConfigError, ModelConfig
 
 BUILTIN_EVAL_EXAMPLES = 256
 """Upstream examples on which the built-in model's pretraining loss is reported."""
@@ -106,6 +106,49 @@ def load_model(ref: ModelRef, device: Any = "cpu") -> tuple[Any, Any]:
         model = PeftModel.from_pretrained(model, ref.adapter_path)
     model.to(device).eval()
     return model, load_tokenizer(ref)
+
+
+def check_weight_files(directory: str, key: str) -> None:
+    """Every safetensors file in `directory` has a whole header covering the whole file (a truncated
+    download or copy fails here, named, instead of deep inside a worker)."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            path = os.path.join(directory, name)
+            try:
+                with safe_open(path, "np"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise ConfigError(
+                    f"{key}: {path}: not a whole safetensors file ({e}); copy it again"
+                ) from None
+
+
+def check_model_loads(ref: ModelRef, key: str) -> None:
+    """Check, cheaply and in the calling process, that `ref` can load: its config, tokenizer and weight
+    file headers (and the adapter's), so that a broken model directory is one named error before any
+    Ray worker starts (and is retried). A hub id that is not a local directory is left to the hub."""
+    for where, what in ((ref.path, "model"), (ref.adapter_path, "adapter")):
+        if where is None or not os.path.isdir(where):
+            continue
+        wanted = "adapter_config.json" if what == "adapter" else "config.json"
+        config_file = os.path.join(where, wanted)
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"{key}: {where}: no {wanted}; not a transformers {what} directory")
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{key}: {config_file}: not valid UTF-8 JSON ({e})") from None
+        check_weight_files(where, key)
+    if os.path.isdir(ref.path):
+        try:
+            load_model_config(ref)
+            load_tokenizer(ref)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{key}: {ref.path}: cannot load this model directory ({first})") from None
 
 
 def context_length(config: Any) -> int | None:

@@ -23,14 +23,21 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from forgetray import storage
-from forgetray.config import ConfigError, FinetuneConfig, SweepConfig, config_from_dict, default_cache_dir
-from forgetray.models import ModelRef, builtin_pretrain_report, resolve_base_model
+from forgetray import cluster, digests, storage
+from forgetray.config import (
+    ConfigError,
+    FinetuneConfig,
+    SweepConfig,
+    check_name,
+    config_from_dict,
+    default_cache_dir,
+)
+from forgetray.models import ModelRef, builtin_pretrain_report, check_model_loads, resolve_base_model
 
 BASE = "base"
 """Name of the base model's scores directory."""
@@ -92,11 +99,8 @@ def setup_logging(paths: RunPaths | None) -> Callable[[str], None]:
 
 
 def ensure_ray() -> None:
-    """Join the cluster a job was submitted to (RAY_ADDRESS) or start a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, configure_logging=True)
+    """Join the cluster a job was submitted to (RAY_ADDRESS) or start a local one on loopback."""
+    cluster.connect()
 
 
 _RESUME_SECTIONS = ("seed", "model", "upstream", "tasks", "finetune")
@@ -118,30 +122,67 @@ def _result_settings(config: SweepConfig, section: str) -> Any:
     return value
 
 
-def write_run_config(paths: RunPaths, config: SweepConfig) -> None:
-    """Save the resolved config, or check a re-run against the one already there."""
-    if os.path.exists(paths.config):
-        import yaml
+RESULT_DIRS = ("checkpoints", "train", "scores", "matrix")
+"""Sub-directories that hold a run's results; a run directory without any holds none."""
 
-        with open(paths.config, encoding="utf-8") as f:
-            previous = config_from_dict(yaml.safe_load(f), paths.config)
-        changed = [
-            k for k in _RESUME_SECTIONS if _result_settings(previous, k) != _result_settings(config, k)
-        ]
-        if changed:
-            raise ConfigError(
-                f"{paths.config}: this run directory holds a run with different "
-                f"{', '.join(changed)} settings; "
-                "use another --out, or delete the directory to start over"
-            )
+
+def run_results(paths: RunPaths) -> list[str]:
+    """The result sub-directories of a run that are not empty (what a config change would orphan)."""
+    return [d for d in RESULT_DIRS if os.path.isdir(p := os.path.join(paths.root, d)) and os.listdir(p)]
+
+
+def read_run_config(path: str) -> SweepConfig:
+    """The config saved at `path`; a damaged file is a one-line ConfigError naming it."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not valid UTF-8 YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: not a forgetray config (expected a mapping of stage names)")
+    return config_from_dict(raw, path)
+
+
+def check_run_config(paths: RunPaths, config: SweepConfig) -> bool:
+    """Whether the run directory's data and config can be reused as they are (True) or are to be
+    written fresh (False: no config yet, or one that may be replaced because the run holds no
+    results). Raises when the config changes settings that decide results the directory holds."""
+    if not os.path.exists(paths.config):
+        return False
+    previous = read_run_config(paths.config)
+    changed = [k for k in _RESUME_SECTIONS if _result_settings(previous, k) != _result_settings(config, k)]
+    if not changed:
+        return True
+    results = run_results(paths)
+    if not results:
+        return False
+    raise ConfigError(
+        f"{paths.config}: this run directory holds results ({', '.join(results)}) of a run with "
+        f"different {', '.join(changed)} settings; use another --out, or delete the directory to start over"
+    )
+
+
+def write_run_config(paths: RunPaths, config: SweepConfig) -> None:
+    """Save the resolved config, after checking it against the one already there."""
+    check_run_config(paths, config)
     storage.write_text(paths.config, config.to_yaml())
 
 
 def prepare_data(
-    paths: RunPaths, config: SweepConfig, log: Callable[[str], None], base: ModelRef | None = None
+    paths: RunPaths,
+    config: SweepConfig,
+    log: Callable[[str], None],
+    base: ModelRef | None = None,
+    reuse: bool = True,
 ) -> None:
     """Write the run's upstream and task tables. `base` is needed only for chat templates (its
-    tokenizer) and for the `builtin_instructions` source (the model answers those questions)."""
+    tokenizer) and for the `builtin_instructions` source (the model answers those questions).
+
+    Every table is loaded (and so validated) before the first is written, so bad data leaves the run
+    directory as it was. With `reuse`, tables already there are kept; without, they are rewritten
+    (leftovers of an attempt that never got as far as saving its config)."""
     from forgetray.data import instructions
     from forgetray.data.sources import load_tasks, load_upstream
     from forgetray.models import load_model, load_tokenizer
@@ -151,7 +192,11 @@ def prepare_data(
             raise ValueError("prepare_data: this config's data needs the base model; pass `base`")
         return base
 
-    if not os.path.exists(paths.upstream):
+    def present(path: str) -> bool:
+        return reuse and os.path.exists(path)
+
+    upstream = None
+    if not present(paths.upstream):
         upstream = load_upstream(config.upstream)
         if config.upstream.chat_template:
             upstream = instructions.apply_chat_template(upstream, load_tokenizer(require_base()), "upstream")
@@ -160,32 +205,44 @@ def prepare_data(
             upstream = instructions.answer_pending(
                 upstream, model, tokenizer, config.upstream.answer_max_new_tokens, log
             )
+    tables = {}
+    if any(not present(paths.task(name)) for name in _task_names(config)):
+        tokenizer = load_tokenizer(require_base()) if config.tasks.chat_template else None
+        for name, table in load_tasks(config.tasks).items():
+            if not present(paths.task(name)):
+                if tokenizer is not None:
+                    table = instructions.apply_chat_template(table, tokenizer, "tasks")
+                tables[name] = table
+    if upstream is not None:
         storage.write_parquet(paths.upstream, upstream)
         kinds = Counter(upstream.column("kind").to_pylist())
         log(
             f"data: {upstream.num_rows} upstream examples "
             f"({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))})"
         )
-    task_names = [name for name in _task_names(config) if not os.path.exists(paths.task(name))]
-    if task_names:
-        tokenizer = load_tokenizer(require_base()) if config.tasks.chat_template else None
-        for name, table in load_tasks(config.tasks).items():
-            if not os.path.exists(paths.task(name)):
-                if tokenizer is not None:
-                    table = instructions.apply_chat_template(table, tokenizer, "tasks")
-                storage.write_parquet(paths.task(name), table)
+    for name, table in tables.items():
+        storage.write_parquet(paths.task(name), table)
+    if tables:
         log(f"data: {len(_task_names(config))} tasks in {os.path.dirname(paths.task('x'))}")
 
 
 def _task_names(config: SweepConfig) -> list[str]:
-    from forgetray.data.builtin_tasks import BUILTIN_TASKS
-
-    builtin = list(BUILTIN_TASKS) if tuple(config.tasks.builtin) == ("all",) else list(config.tasks.builtin)
-    return builtin + [s.name for s in config.tasks.sources]
+    return list(config.tasks.names)
 
 
-def prepare_base_model(paths: RunPaths, config: SweepConfig, log: Callable[[str], None]) -> ModelRef:
+def prepare_base_model(
+    paths: RunPaths, config: SweepConfig, log: Callable[[str], None], write: bool = True
+) -> ModelRef:
+    """The base model, checked to load (config, tokenizer, weight files) here in the driver, so a
+    broken model directory fails once, named, before any worker tries it."""
     ref = resolve_base_model(config.model, log=log)
+    check_model_loads(ref, "model.name_or_path")
+    if write:
+        save_base_model(paths, config, ref, log)
+    return ref
+
+
+def save_base_model(paths: RunPaths, config: SweepConfig, ref: ModelRef, log: Callable[[str], None]) -> None:
     report = builtin_pretrain_report(ref) if config.model.is_builtin else None
     if report is not None:
         log(
@@ -194,31 +251,64 @@ def prepare_base_model(paths: RunPaths, config: SweepConfig, log: Callable[[str]
             f"({report['seconds']:.0f} s when it was trained)"
         )
     storage.write_json(paths.base_model, {"model": dataclasses.asdict(ref), "pretrain_report": report})
-    return ref
+
+
+def matrix_inputs(paths: RunPaths, config: SweepConfig, models: Sequence[str]) -> dict[str, Any]:
+    """The digests of everything the matrix is assembled from (the `inputs` of matrix/index.json):
+    the upstream table, the score settings, and per model (base and every row) its `_SUCCESS.json`
+    digest with the inputs it records. Every model must have been scored under the run's score
+    settings: mixing 128- and 32-token scores in one matrix is refused, naming the key."""
+    from forgetray.score.driver import SUCCESS_FILE, check_score_settings, nll_settings, verify_scores
+
+    records = {}
+    for name in models:
+        out_dir = os.path.join(paths.scores, name)
+        success = os.path.join(out_dir, SUCCESS_FILE)
+        if not os.path.exists(success):
+            raise ConfigError(
+                f"{success}: missing; score this model first (`forgetray run` or `forgetray score`)"
+            )
+        check_score_settings(out_dir, config.score)
+        verify_scores(out_dir)
+        record = storage.read_json(success)
+        records[name] = {"success_sha256": digests.sha256_file(success), **(record.get("inputs") or {})}
+    return {
+        "upstream_sha256": digests.sha256_file(paths.upstream),
+        "score_settings": nll_settings(config.score),
+        "models": records,
+    }
 
 
 def assemble_matrix(paths: RunPaths, config: SweepConfig, log: Callable[[str], None]) -> bool:
     """Assemble the matrix from every model scored besides the base, configured tasks first, then any
-    checkpoint scored by hand (`forgetray score`) in name order; False when there is none yet."""
+    checkpoint scored by hand (`forgetray score`) in name order; False when there is none yet.
+    The matrix is assembled again whenever any input changed (`matrix_inputs`)."""
     from forgetray.matrix import assemble_forgetting_matrix
-    from forgetray.score.driver import read_scores
+    from forgetray.score.driver import SUCCESS_FILE, read_scores
 
     complete = {
         name
         for name in (os.listdir(paths.scores) if os.path.isdir(paths.scores) else [])
-        if name != BASE and os.path.exists(os.path.join(paths.scores, name, "_SUCCESS.json"))
+        if name != BASE and os.path.exists(os.path.join(paths.scores, name, SUCCESS_FILE))
     }
     configured = [t for t in _task_names(config) if t in complete]
     scored = configured + sorted(complete - set(configured))
     if not scored:
         return False
-    upstream_ids = pq.read_table(paths.upstream, columns=["example_id"]).column("example_id").to_pylist()
+    if not os.path.exists(paths.upstream):
+        raise ConfigError(f"{paths.upstream}: missing; run `forgetray run` for this directory first")
+    inputs = matrix_inputs(paths, config, [BASE, *scored])
+    try:
+        upstream_ids = pq.read_table(paths.upstream, columns=["example_id"]).column("example_id").to_pylist()
+    except (OSError, ValueError) as e:
+        raise storage.DamagedFileError(f"{paths.upstream}: not a readable upstream table ({e})") from None
     assemble_forgetting_matrix(
         paths.matrix,
         upstream_ids,
         read_scores(os.path.join(paths.scores, BASE)),
         [(t, lambda t=t: read_scores(os.path.join(paths.scores, t))) for t in scored],
         log=log,
+        inputs=inputs,
     )
     return True
 
@@ -252,18 +342,24 @@ class StageTimer:
 def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
     """Every stage of a run, each skipped when its outputs are already there."""
     from forgetray.finetune.sweep import finetune_tasks, finetuned_model
-    from forgetray.score.driver import score_models
+    from forgetray.score.driver import check_finished_scores, score_models
     from forgetray.study import analyse_run, complete_run
 
     paths = RunPaths(config.run_dir)
-    log = setup_logging(paths)
-    log(f"run directory {os.path.abspath(paths.root)}")
-    write_run_config(paths, config)
+    # Everything checkable is checked before the first write: a refused run leaves the directory as
+    # it was (logs go to stderr until then).
+    log = setup_logging(None)
+    reuse = check_run_config(paths, config)
+    check_finished_scores(paths.scores, config.score)
     timer = StageTimer(paths, log)
     with timer.stage("base_model"):
-        base = prepare_base_model(paths, config, log)
+        base = prepare_base_model(paths, config, log, write=False)
     with timer.stage("data"):
-        prepare_data(paths, config, log, base)
+        prepare_data(paths, config, log, base, reuse=reuse)
+    log = setup_logging(paths)
+    log(f"run directory {os.path.abspath(paths.root)}")
+    storage.write_text(paths.config, config.to_yaml())
+    save_base_model(paths, config, base, log)
     with timer.stage("ray_init"):
         ensure_ray()
     tasks = _task_names(config)
@@ -298,24 +394,26 @@ def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def load_run_config(run_dir: str) -> SweepConfig:
-    import yaml
-
     path = RunPaths(run_dir).config
     if not os.path.exists(path):
         raise ConfigError(f"{path}: not a forgetray run directory (no config.yaml)")
-    with open(path, encoding="utf-8") as f:
-        return config_from_dict(yaml.safe_load(f), path)
+    return read_run_config(path)
 
 
 def score_checkpoint(run_dir: str, name: str, ref: ModelRef, progress: bool = True) -> dict[str, Any]:
     """Score an extra model (a fine-tuned checkpoint) on the run's upstream examples."""
     from forgetray.score.driver import score_model
 
+    check_name(name, "score --name")
     config = load_run_config(run_dir)
     paths = RunPaths(run_dir)
-    log = setup_logging(paths)
     if not os.path.exists(paths.upstream):
         raise ConfigError(f"{paths.upstream}: missing; run `forgetray run` for this directory first")
+    from forgetray.score.driver import check_finished_scores
+
+    check_finished_scores(paths.scores, config.score)
+    check_model_loads(ref, "score --model")
+    log = setup_logging(paths)
     ensure_ray()
     reference = None
     if config.score.metric != "nll":  # kl_ce scores against the run's base model

@@ -67,6 +67,12 @@ def staging_dir(uri: str) -> str:
     return os.path.join(root, hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16])
 
 
+def is_inside(root: str, path: str) -> bool:
+    """Whether `path`, symlinks and `..` resolved, lies under `root` (itself resolved)."""
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
+
+
 def _is_temporary(relative: str) -> bool:
     """Hidden names: in-flight atomic writes (forgetray's `.name.tmp`, uploads) and sync state."""
     return any(part.startswith(".") for part in relative.split("/"))
@@ -98,13 +104,19 @@ class StagedRunDir:
         return found
 
     def local_files(self) -> dict[str, os.stat_result]:
+        """Relative path -> stat of every file of the staging copy that is uploaded: regular files
+        and symlinks that resolve inside it; a symlink out of the run is skipped, with a warning."""
         found = {}
         for directory, _, names in os.walk(self.local):
             for name in names:
                 path = os.path.join(directory, name)
                 relative = os.path.relpath(path, self.local).replace(os.sep, "/")
-                if not _is_temporary(relative) and os.path.isfile(path):
-                    found[relative] = os.stat(path)
+                if _is_temporary(relative) or not os.path.isfile(path):
+                    continue
+                if not is_inside(self.local, path):
+                    logger.warning(f"storage: {path} links outside the run directory; not uploaded")
+                    continue
+                found[relative] = os.stat(path)
         return found
 
     def pull(self) -> int:
@@ -116,6 +128,11 @@ class StagedRunDir:
             if relative in have and have[relative].st_size == size:
                 continue
             target = os.path.join(self.local, *relative.split("/"))
+            if not is_inside(self.local, target):
+                raise ValueError(
+                    f"{self.uri}/{relative}: this name leads outside the run directory; "
+                    "refusing to download it"
+                )
             with (
                 storage.atomic_path(target) as tmp,
                 self.fs.open_input_stream(f"{self.root}/{relative}") as src,

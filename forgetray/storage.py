@@ -44,9 +44,18 @@ def write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
+class DamagedFileError(ValueError):
+    """A file of the run directory that cannot be read as what it should be (truncated, not UTF-8,
+    not the format); the message names the file."""
+
+
 def read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """The JSON in `path`; a truncated or non-UTF-8 file is a `DamagedFileError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedFileError(f"{path}: not valid UTF-8 JSON (truncated or damaged?): {e}") from None
 
 
 def write_text(path: str, text: str) -> None:
@@ -67,4 +76,34 @@ def save_npy(path: str, array: np.ndarray) -> None:
 
 
 def load_npy(path: str, mmap: bool = False) -> np.ndarray:
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    """The array in `path` (never unpickled); a truncated or damaged file is a `DamagedFileError`."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DamagedFileError(f"{path}: not a readable .npy file (truncated or damaged?): {e}") from None
+
+
+def npy_is_whole(path: str, dtype: str, shape: tuple[int, ...]) -> bool:
+    """Whether `path` is a complete .npy of `dtype` and `shape`: the header parses and the file holds
+    exactly the bytes that header promises (a truncated or padded file is not whole)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            header_shape, fortran, file_dtype = read_header(f)
+            offset = f.tell()
+    except (OSError, ValueError, EOFError):
+        return False
+    expected = offset + int(np.prod(header_shape, dtype=np.int64)) * file_dtype.itemsize
+    return (
+        tuple(header_shape) == tuple(shape)
+        and file_dtype == np.dtype(dtype)
+        and not fortran
+        and os.path.getsize(path) == expected
+    )

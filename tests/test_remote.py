@@ -111,3 +111,31 @@ def test_any_fsspec_filesystem_through_pyarrow(tmp_path):
     uri = f"memory://forgetray-test/{tmp_path.name}/run"
     assert type(filesystem(uri)[0]).__name__ == "PyFileSystem"
     roundtrip(uri, tmp_path)
+
+
+def test_uploads_never_follow_a_symlink_out_of_the_run(tmp_path):
+    """A symlink planted in the staging copy that points outside it (here at a secret file) is not
+    uploaded; one that points inside the run is."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    local = tmp_path / "staging"
+    (local / "scores").mkdir(parents=True)
+    (local / "config.yaml").write_text("seed: 0\n")
+    (local / "scores" / "leak.txt").symlink_to(secret)
+    (local / "scores" / "alias.yaml").symlink_to(local / "config.yaml")
+    run = StagedRunDir(f"file://{tmp_path}/bucket/run", local=str(local))
+    assert run.push() == 2
+    uploaded = sorted(
+        os.path.relpath(os.path.join(d, n), tmp_path / "bucket" / "run")
+        for d, _, names in os.walk(tmp_path / "bucket" / "run")
+        for n in names
+    )
+    assert uploaded == ["config.yaml", "scores/alias.yaml"]
+
+
+def test_a_remote_name_that_leads_outside_the_staging_copy_is_refused(tmp_path):
+    run = StagedRunDir(f"file://{tmp_path}/bucket/run", local=str(tmp_path / "staging"))
+    run.remote_files = lambda: {"../outside.txt": 3}  # an object key with '..' in it
+    with pytest.raises(ValueError, match=r"outside.txt: this name leads outside the run directory"):
+        run.pull()
+    assert not (tmp_path / "outside.txt").exists()

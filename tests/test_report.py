@@ -260,7 +260,7 @@ def test_an_unreadable_input_only_breaks_its_own_section(tmp_path: Path, run_dir
     (tmp_path / "completion").mkdir()
     (tmp_path / "completion" / "results.json").write_text("{not json")
     text = Path(build_report(str(tmp_path))).read_text(encoding="utf-8")
-    assert "could not be rendered: JSONDecodeError" in text
+    assert "could not be rendered: DamagedFileError" in text
     assert "json_format" in text  # the fine-tuning section still rendered
 
 

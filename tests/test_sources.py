@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from forgetray.config import SourceConfig, TasksConfig, TaskSourceConfig, UpstreamConfig
+from forgetray.config import ConfigError, SourceConfig, TasksConfig, TaskSourceConfig, UpstreamConfig
 from forgetray.data.sources import DataError, load_tasks, load_upstream
 
 
@@ -147,7 +147,8 @@ def test_all_builtin_tasks_and_unknown_name():
     from forgetray.data.builtin_tasks import BUILTIN_TASKS
 
     assert list(load_tasks(TasksConfig(builtin=("all",), n_examples=3))) == list(BUILTIN_TASKS)
+    # Refused when the config is built (so `--dry-run` shows it), before any data is loaded.
     with pytest.raises(
-        DataError, match=r"tasks.builtin.1: unknown built-in task 'poetry'; built-in tasks: addition"
+        ConfigError, match=r"builtin.1: unknown built-in task 'poetry'; choose from all, addition"
     ):
-        load_tasks(TasksConfig(builtin=("addition", "poetry")))
+        TasksConfig(builtin=("addition", "poetry"))

@@ -51,6 +51,12 @@ def load_rows(path: str, split: str, subset: str | None, key: str) -> pa.Table:
     import datasets
 
     local = _looks_local(path)
+    # A file that fails to load is reported once, by the DataError below, not also by datasets' own
+    # log and progress bar.
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    bars = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     try:
         if local:
             full = os.path.expanduser(path)
@@ -78,7 +84,15 @@ def load_rows(path: str, split: str, subset: str | None, key: str) -> pa.Table:
     except Exception as e:
         where = "file" if local else "hub dataset"
         hint = "" if local else " (is the machine online, or is HF_DATASETS_OFFLINE set with a cached copy?)"
-        raise DataError(f"{key}: could not load {where} {path!r} split {split!r}: {e}{hint}") from e
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        detail = " ".join(str(e).split()) + (f" ({' '.join(str(root).split())})" if root is not e else "")
+        raise DataError(f"{key}: could not load {where} {path!r} split {split!r}: {detail}{hint}") from e
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if not bars:
+            datasets.enable_progress_bars()
     return ds.data.table if hasattr(ds.data, "table") else ds.to_arrow()  # type: ignore[no-any-return]
 
 
@@ -87,7 +101,20 @@ def _string_column(
 ) -> list[str]:
     if field not in table.column_names:
         raise DataError(f"{key}: {source}: no field {field!r}; the data has fields {table.column_names}")
-    values = table.column(field).to_pylist()
+    column = table.column(field)
+    try:
+        values = column.to_pylist()
+    except UnicodeDecodeError:
+        # some readers keep invalid bytes in string columns; name the first example that has them
+        for row in range(len(column)):
+            try:
+                column[row].as_py()
+            except UnicodeDecodeError as e:
+                label = ids[row] if ids is not None else f"row {row}"
+                raise DataError(
+                    f"{key}: {source}: example {label!r}: field {field!r} is not UTF-8 text ({e.reason})"
+                ) from None
+        raise
     for row, value in enumerate(values):
         if not isinstance(value, str) or not value.strip():
             label = ids[row] if ids is not None else f"row {row}"

@@ -5,7 +5,8 @@ with the config from `deepspeed_config.py`; Ray Train has already set up the pro
 CPU, NCCL on GPU) and DeepSpeed reuses it. Loss counts response tokens only (labels from the loss
 mask). Checkpoints are reported through `ray.train.report`:
 
-    intermediate   <ckpt>/state/       DeepSpeed's own checkpoint (weights, optimizer, scheduler, per rank)
+    intermediate   <ckpt>/state/       DeepSpeed's own checkpoint (weights, optimizer, scheduler, per rank),
+                                       read back weights-only (`forgetray.finetune.safe_load`)
                    <ckpt>/progress.json  {"step": s}  -> a restarted worker group resumes at step s
     final          <ckpt>/model/       what the scorer loads: consolidated weights (ZeRO-3 shards
                                        gathered) plus tokenizer for full fine-tuning, the adapter for LoRA
@@ -23,6 +24,7 @@ import time
 from typing import Any
 
 from forgetray.config import FinetuneConfig, LoraConfig, config_from_dict
+from forgetray.finetune.safe_load import load_deepspeed_checkpoint
 from forgetray.models import ModelRef
 
 PROGRESS_FILE = "progress.json"
@@ -157,7 +159,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with open(os.path.join(directory, PROGRESS_FILE)) as f:
                 progress = json.load(f)
             if os.path.isdir(os.path.join(directory, STATE_DIR)):
-                engine.load_checkpoint(directory, tag=STATE_DIR)
+                # weights-only: a file planted in the run directory must not run code on resume
+                load_deepspeed_checkpoint(engine, directory, STATE_DIR)
                 start_step = int(progress["step"])
                 if replay is not None:
                     replay.load_state(progress)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -66,6 +67,22 @@ def check_task_encodings(base: ModelRef, task_paths: dict[str, str], config: Fin
         encode_task(tokenizer, task, pq.read_table(path), max_length)
 
 
+def unregistered_checkpoints(train_dir: str, kept: Sequence[str]) -> list[str]:
+    """`checkpoint_*` directories under a task's Ray Train storage that are not in `kept` (the final
+    and the registered ones): what a worker uploaded but died before reporting. Removed after a
+    successful fit, so a killed worker leaves no orphan weights behind."""
+    if not os.path.isdir(train_dir):
+        return []
+    keep = {os.path.realpath(p) for p in kept}
+    return sorted(
+        os.path.join(train_dir, name)
+        for name in os.listdir(train_dir)
+        if name.startswith("checkpoint_")
+        and os.path.isdir(os.path.join(train_dir, name))
+        and os.path.realpath(os.path.join(train_dir, name)) not in keep
+    )
+
+
 def train_task(tune_config: dict[str, Any]) -> None:
     """Tune trial body: fine-tune one task with a TorchTrainer, then write its pointer file."""
     import ray.train
@@ -98,6 +115,10 @@ def train_task(tune_config: dict[str, Any]) -> None:
     result = trainer.fit()
     if result.checkpoint is None or not (result.metrics or {}).get("final"):
         raise RuntimeError(f"task {task!r}: training ended without a final checkpoint ({result.error})")
+    kept = [result.checkpoint.path, *(c.path for c, _ in result.best_checkpoints or [])]
+    for stray in unregistered_checkpoints(os.path.join(trial["storage_path"], task), kept):
+        print(f"finetune {task}: removing {stray}, a checkpoint no report registered", flush=True)
+        shutil.rmtree(stray, ignore_errors=True)
     model_dir = os.path.join(result.checkpoint.path, MODEL_DIR)
     metrics = result.metrics
     pointer = {

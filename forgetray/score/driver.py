@@ -8,7 +8,13 @@ examples as parts complete.
 
     <run>/scores/<model>/plan.json           what the parts were cut from (checked on resume)
     <run>/scores/<model>/part-00000.parquet  example_id, nll (float64, nats), n_tokens (int64)
-    <run>/scores/<model>/_SUCCESS.json       written last: examples, tokens, seconds, tokens/s
+    <run>/scores/<model>/_SUCCESS.json       written last: examples, tokens, seconds, tokens/s, and
+                                             the digests of its inputs and parts (`scores_inputs`)
+
+A model whose `_SUCCESS.json` exists is done, but only for the inputs it records: scores made under
+other score settings or of another upstream example set are refused (naming the key), and a model
+whose checkpoint changed since is scored again. Parts are checked against their recorded size and
+sha256 when read, so a part changed after scoring is an error, never a silently different matrix.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from forgetray import storage
-from forgetray.config import ScoreConfig
+from forgetray import digests, storage
+from forgetray.config import ConfigError, ScoreConfig
 from forgetray.models import ModelRef
 from forgetray.score.loaded import ModelCache
 
@@ -40,6 +46,87 @@ def packing_tolerance(dtype: str) -> float:
 
 class ScoreError(RuntimeError):
     """Scoring cannot go on (a stale plan, missing parts); the message names the directory."""
+
+
+SUCCESS_FILE = "_SUCCESS.json"
+NLL_SETTINGS = ("max_length", "metric")
+"""The `score` fields that change a model's NLLs; the others (shard size, actors, packing, whose
+results agree within `packing_tolerance`) decide only how the work is cut and placed."""
+
+
+def nll_settings(config: ScoreConfig) -> dict[str, Any]:
+    """The score settings recorded with (and checked against) every model's scores."""
+    return {name: getattr(config, name) for name in NLL_SETTINGS}
+
+
+def examples_digest(upstream: pa.Table) -> str:
+    """Digest of the scored example set: every example's id, prompt and response, in order."""
+    columns = [upstream.column(c).to_pylist() for c in ("example_id", "prompt", "response")]
+    return digests.sha256_strings(v for row in zip(*columns, strict=True) for v in row)
+
+
+def scores_inputs(
+    examples_sha256: str,
+    plan: dict[str, Any],
+    ref: ModelRef,
+    config: ScoreConfig,
+    reference: ModelRef | None = None,
+) -> dict[str, Any]:
+    """What one model's scores were computed from, as `_SUCCESS.json` records it (docs/errors.md)."""
+    inputs = {
+        "score_settings": nll_settings(config),
+        "score_settings_sha256": digests.sha256_json(nll_settings(config)),
+        "examples_sha256": examples_sha256,
+        "plan_sha256": digests.sha256_json(plan),
+        "model_sha256": digests.model_fingerprint(dataclasses.asdict(ref)),
+    }
+    if reference is not None and config.metric != "nll":
+        inputs["reference_sha256"] = digests.model_fingerprint(dataclasses.asdict(reference))
+    return inputs
+
+
+def recorded_settings(out_dir: str) -> dict[str, Any] | None:
+    """The score settings a finished model's scores were made with: from `_SUCCESS.json`, or for
+    scores written before it recorded them, from `plan.json`; None when neither says."""
+    success = storage.read_json(os.path.join(out_dir, SUCCESS_FILE))
+    if isinstance(success.get("inputs"), dict) and "score_settings" in success["inputs"]:
+        return dict(success["inputs"]["score_settings"])
+    plan_file = os.path.join(out_dir, "plan.json")
+    if os.path.exists(plan_file):
+        plan = storage.read_json(plan_file)
+        if "max_length" in plan:
+            return {
+                "max_length": plan["max_length"],
+                "metric": plan.get("metric", success.get("metric", "nll")),
+            }
+    return None
+
+
+def check_score_settings(out_dir: str, config: ScoreConfig) -> None:
+    """Refuse finished scores made under other NLL settings than `config`: mixing them in one matrix
+    would compare 128-token NLLs with 32-token ones. The message names the key and both values."""
+    recorded = recorded_settings(out_dir)
+    success = os.path.join(out_dir, SUCCESS_FILE)
+    if recorded is None:
+        raise ConfigError(f"{success}: records no score settings; delete {out_dir} to score this model again")
+    wanted = nll_settings(config)
+    for key in NLL_SETTINGS:
+        if recorded.get(key) != wanted[key]:
+            raise ConfigError(
+                f"{success}: scored with score.{key}={recorded.get(key)}, this run asks score.{key}="
+                f"{wanted[key]}; set score.{key}={recorded.get(key)} to resume, or delete "
+                f"{os.path.dirname(out_dir)} to score every model again"
+            )
+
+
+def check_finished_scores(scores_root: str, config: ScoreConfig) -> None:
+    """`check_score_settings` for every finished model under `scores_root` (before any work starts)."""
+    if not os.path.isdir(scores_root):
+        return
+    for name in sorted(os.listdir(scores_root)):
+        out_dir = os.path.join(scores_root, name)
+        if os.path.exists(os.path.join(out_dir, SUCCESS_FILE)):
+            check_score_settings(out_dir, config)
 
 
 def shard_plan(upstream: pa.Table, shard_size: int, interleave: bool = False) -> list[np.ndarray]:
@@ -291,20 +378,29 @@ def score_models(
     summaries: dict[str, dict[str, Any]] = {}
     upstream = pq.read_table(upstream_path)
     shards = shard_plan(upstream, config.shard_size, interleave=config.packing)
+    examples_sha256 = examples_digest(upstream)
     todo: list[dict[str, Any]] = []
+    inputs: dict[str, dict[str, Any]] = {}
     for name, ref in models.items():
         out_dir = os.path.join(scores_root, name)
-        success = os.path.join(out_dir, "_SUCCESS.json")
+        success = os.path.join(out_dir, SUCCESS_FILE)
+        plan = _plan_record(upstream, ref, config)
+        inputs[name] = scores_inputs(examples_sha256, plan, ref, config, reference)
         if os.path.exists(success):
-            summaries[name] = storage.read_json(success)
-            if summaries[name].get("metric", "nll") != config.metric:
+            check_score_settings(out_dir, config)
+            recorded = storage.read_json(success).get("inputs") or {}
+            if recorded.get("examples_sha256", examples_sha256) != examples_sha256:
                 raise ScoreError(
-                    f"{out_dir}: scored with metric {summaries[name].get('metric', 'nll')}, "
-                    f"not score.metric {config.metric}; use another run directory"
+                    f"{success}: scored on another upstream example set than {upstream_path}; "
+                    f"delete {out_dir} to score this model again"
                 )
-            log(f"scores/{name}: already complete, skipped")
-            continue
-        check_plan(out_dir, _plan_record(upstream, ref, config))
+            if recorded.get("model_sha256", inputs[name]["model_sha256"]) == inputs[name]["model_sha256"]:
+                summaries[name] = storage.read_json(success)
+                log(f"scores/{name}: already complete, skipped")
+                continue
+            log(f"scores/{name}: the model changed since it was scored; scoring it again")
+            clear_scores(out_dir)
+        check_plan(out_dir, plan)
         todo += [
             {"model": name, "shard": k}
             for k in range(len(shards))
@@ -349,8 +445,13 @@ def score_models(
             "scored_tokens_this_call": tokens[name],
             "tokens_per_second_all_models": round(rate, 1) if rate else None,
             "metric": config.metric,
+            "inputs": inputs[name],
+            "parts": {
+                os.path.basename(part_path(out_dir, k)): digests.file_record(part_path(out_dir, k))
+                for k in range(len(shards))
+            },
         }
-        storage.write_json(os.path.join(out_dir, "_SUCCESS.json"), summaries[name])
+        storage.write_json(os.path.join(out_dir, SUCCESS_FILE), summaries[name])
         log(f"scores/{name}: {scores.num_rows} examples, mean NLL {summaries[name]['mean_nll']:.4f}")
     if rate:
         log(
@@ -374,11 +475,77 @@ def score_model(
     return score_models({name: ref}, upstream_path, scores_root, config, log, progress, reference)[name]
 
 
+def clear_scores(out_dir: str) -> None:
+    """Remove one model's finished scores (its marker first, so a crash never leaves a marker over
+    missing parts), to score it again."""
+    for path in [os.path.join(out_dir, SUCCESS_FILE), os.path.join(out_dir, "plan.json")]:
+        if os.path.exists(path):
+            os.unlink(path)
+    for part in glob.glob(os.path.join(out_dir, "part-*.parquet")):
+        os.unlink(part)
+
+
+def _recorded_parts(out_dir: str) -> dict[str, dict[str, Any]] | None:
+    """The parts `_SUCCESS.json` records (name -> bytes, sha256), refusing parts it does not record."""
+    success = os.path.join(out_dir, SUCCESS_FILE)
+    recorded = storage.read_json(success).get("parts") if os.path.exists(success) else None
+    if recorded is not None:
+        present = {os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "part-*.parquet"))}
+        extra = sorted(present - set(recorded))
+        if extra:
+            raise ScoreError(
+                f"{os.path.join(out_dir, extra[0])}: not one of the parts {success} records; "
+                f"remove it, or delete {out_dir} to score this model again"
+            )
+    return recorded
+
+
+def _checked_part(out_dir: str, name: str, record: dict[str, Any] | None) -> bytes:
+    path = os.path.join(out_dir, name)
+    success = os.path.join(out_dir, SUCCESS_FILE)
+    if not os.path.exists(path):
+        raise ScoreError(f"{path}: missing, though {success} records it; delete {out_dir} to re-score")
+    with open(path, "rb") as f:
+        data = f.read()
+    if record is not None and (
+        len(data) != record["bytes"] or digests.sha256_bytes(data) != record["sha256"]
+    ):
+        raise ScoreError(
+            f"{path}: changed since it was scored (size or sha256 differs from {success}); "
+            f"delete {out_dir} to score this model again"
+        )
+    return data
+
+
+def verify_scores(out_dir: str) -> None:
+    """Every part `_SUCCESS.json` records is there, unchanged (size and sha256), and no other is.
+    Parts are small (about 20 bytes per example), so this reads them whole."""
+    recorded = _recorded_parts(out_dir)
+    for name, record in (recorded or {}).items():
+        _checked_part(out_dir, name, record)
+
+
 def read_scores(out_dir: str) -> pa.Table:
-    """All part files of one model's scores as one table (unordered)."""
+    """All part files of one model's scores as one table (unordered).
+
+    When `_SUCCESS.json` records the parts, exactly those are read and each must still have its
+    recorded size and sha256 (`verify_scores`): a part replaced, truncated or added after scoring is
+    an error, never a silently different matrix.
+    """
     import pyarrow.parquet as pq
 
-    parts = sorted(glob.glob(os.path.join(out_dir, "part-*.parquet")))
-    if not parts:
+    parts = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "part-*.parquet")))
+    recorded = _recorded_parts(out_dir)
+    if not parts and not recorded:
         raise ScoreError(f"{out_dir}: no score parts found")
-    return pa.concat_tables([pq.read_table(p, schema=SCORES_SCHEMA) for p in parts])
+    tables = []
+    for name in parts if recorded is None else list(recorded):
+        data = _checked_part(out_dir, name, None if recorded is None else recorded[name])
+        try:
+            tables.append(pq.read_table(pa.BufferReader(data), schema=SCORES_SCHEMA))
+        except (pa.ArrowException, ValueError) as e:
+            raise ScoreError(
+                f"{os.path.join(out_dir, name)}: not a readable score part ({e}); "
+                f"delete {out_dir} to re-score"
+            ) from None
+    return pa.concat_tables(tables)
