@@ -165,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
         elif args.command in ("analyse", "complete"):
             from forgetray.pipeline import RunPaths, setup_logging
+            from forgetray.data.sources import task_families
             from forgetray.study import analyse_run, complete_run
 
             paths = RunPaths(args.run_dir)
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "analyse":
                 analyse_run(args.run_dir, config.analyse, log)
             else:
-                complete_run(args.run_dir, config.complete, log)
+                complete_run(args.run_dir, config.complete, log, task_families(config.tasks))
         elif args.command in ("replay", "finetune"):
             from forgetray.pipeline import RunPaths, setup_logging
 

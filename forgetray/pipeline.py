@@ -253,6 +253,7 @@ def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
     """Every stage of a run, each skipped when its outputs are already there."""
     from forgetray.finetune.sweep import finetune_tasks, finetuned_model
     from forgetray.score.driver import score_models
+    from forgetray.data.sources import task_families
     from forgetray.study import analyse_run, complete_run
 
     paths = RunPaths(config.run_dir)
@@ -288,7 +289,7 @@ def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
         analyse_run(paths.root, config.analyse, log)
     if len(tasks) >= 3:
         with timer.stage("complete"):
-            complete_run(paths.root, config.complete, log)
+            complete_run(paths.root, config.complete, log, task_families(config.tasks))
     with timer.stage("report"):
         from forgetray.report.html import build_report
 

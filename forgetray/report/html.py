@@ -520,6 +520,7 @@ def _completion_table(run: _Run, name: str, results: Mapping[str, Any]) -> str:
             test_tasks = [index["tasks"][i] for i in test if i < len(index["tasks"])]
     seeds = results.get("seeds") or []
     pairs: list[tuple[str, Any]] = [
+        ("protocol", results.get("protocol", "forgetray")),
         ("revealed entries per held-out task (k)", results.get("revealed_k")),
         ("seeds", f"{len(seeds)}: {_compact(seeds, 60)}"),
         ("training tasks", len(train)),
