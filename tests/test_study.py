@@ -103,6 +103,7 @@ def surprise_lrf_rmse(z, train_rows, test_rows, revealed, algorithm):
     return float(np.sqrt(np.mean(np.square(np.array(predictions) - np.array(truths)))))
 
 
+@pytest.mark.slow
 def test_cli_lrf_protocol_reproduces_surprise_with_the_authors_settings(tmp_path):
     """`forgetray complete RUN complete.protocol=lrf` = scikit-surprise, the authors' settings, same split."""
     surprise = pytest.importorskip("surprise")
