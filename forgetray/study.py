@@ -31,7 +31,7 @@ def _matrix(run_dir: str) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def analyse_run(run_dir: str, config: AnalyseConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from forgetray.report.plots import PAPER_R2_OLMO7B, analysis_figures, r2_curve
+    from forgetray.report.plots import PAPER_R2_OLMO7B, analysis_figures, paper_reference_label, r2_curve
     from forgetray.stats.fits import analyse
 
     z, index = _matrix(run_dir)
@@ -46,12 +46,13 @@ def analyse_run(run_dir: str, config: AnalyseConfig, log: Callable[[str], None] 
         fits["r2_additive"],
         fits["r2_multiplicative"],
         os.path.join(out, "r2_curve.png"),
-        reference={"Jin & Ren 2024, OLMo-7B": PAPER_R2_OLMO7B},
+        reference={paper_reference_label(z.shape[0]): PAPER_R2_OLMO7B},
     )
     curve = ", ".join(f"{v:.3f}" for v in fits["r2_svd"][:5])
     log(
-        f"analyse: R^2 additive {fits['r2_additive']:.3f}, multiplicative {fits['r2_multiplicative']:.3f}, "
-        f"SVD ranks 1-5 {curve}"
+        f"analyse: R^2 additive {fits['r2_additive']:.3f} (closed form; authors' BaselineOnly "
+        f"{fits['r2_additive_baseline_only']:.3f}), multiplicative {fits['r2_multiplicative']:.3f}, "
+        f"SVD ranks 1-5 {curve} ({z.shape[0]} tasks)"
     )
     return fits  # type: ignore[no-any-return]
 
