@@ -529,9 +529,7 @@ class CompleteConfig:
             "test_tasks",
             "give test_tasks or test_family, not both",
         )
-        _require(
-            len(set(self.test_tasks)) == len(self.test_tasks), "test_tasks", "names must be unique"
-        )
+        _require(len(set(self.test_tasks)) == len(self.test_tasks), "test_tasks", "names must be unique")
         _require(
             self.train_family is None or self.train_family != self.test_family,
             "train_family",

@@ -251,9 +251,9 @@ class StageTimer:
 
 def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
     """Every stage of a run, each skipped when its outputs are already there."""
+    from forgetray.data.sources import task_families
     from forgetray.finetune.sweep import finetune_tasks, finetuned_model
     from forgetray.score.driver import score_models
-    from forgetray.data.sources import task_families
     from forgetray.study import analyse_run, complete_run
 
     paths = RunPaths(config.run_dir)

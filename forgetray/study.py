@@ -97,24 +97,30 @@ def completion_split(
     if config.test_tasks:
         missing = [t for t in config.test_tasks if t not in tasks]
         if missing:
-            raise ValueError(f"complete.test_tasks: {missing} are not rows of the matrix; rows: {list(tasks)}")
+            raise ValueError(
+                f"complete.test_tasks: {missing} are not rows of the matrix; rows: {list(tasks)}"
+            )
         test = np.array(sorted(tasks.index(t) for t in config.test_tasks))
     elif config.test_family is not None:
         test = np.array([i for i, t in enumerate(tasks) if family_of.get(t) == config.test_family])
         if not len(test):
             known = sorted(set(family_of.get(t, "?") for t in tasks))
-            raise ValueError(f"complete.test_family: no task of family {config.test_family!r}; families: {known}")
+            raise ValueError(
+                f"complete.test_family: no task of family {config.test_family!r}; families: {known}"
+            )
     else:
         n_test = config.n_test_tasks or max(1, round(n_tasks / 4))
         if n_test >= n_tasks - 1:
-            raise ValueError(f"complete.n_test_tasks: {n_test} leaves fewer than 2 training tasks of {n_tasks}")
+            raise ValueError(
+                f"complete.n_test_tasks: {n_test} leaves fewer than 2 training tasks of {n_tasks}"
+            )
         return split_tasks(n_tasks, n_test, config.split_seed)
     rest = np.setdiff1d(np.arange(n_tasks), test)
     if config.train_family is not None:
         rest = np.array([i for i in rest if family_of.get(tasks[i]) == config.train_family], dtype=int)
     if len(rest) < 2:
         raise ValueError(
-            f"complete: {len(rest)} training tasks left (train_family {config.train_family!r}); need 2 or more"
+            f"complete: {len(rest)} training tasks left (train_family {config.train_family!r}); need 2+"
         )
     return rest, test
 
@@ -176,7 +182,9 @@ def complete_run(
         binary["split"]["test_tasks"] = results["split"]["test_tasks"]
         binary["split"]["train_tasks"] = results["split"]["train_tasks"]
         storage.write_json(os.path.join(out, "binary.json"), binary)
-        f1 = {name: binary[name].get("f1_mean") for name in ("logistic_mf", "logistic_mf_ga") if name in binary}
+        f1 = {
+            name: binary[name].get("f1_mean") for name in ("logistic_mf", "logistic_mf_ga") if name in binary
+        }
         log(
             f"complete: binary forgetting (Z > {threshold:.4f}): F1 "
             + ", ".join(f"{name} {'-' if v is None else round(v, 3)}" for name, v in f1.items())

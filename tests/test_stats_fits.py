@@ -180,7 +180,9 @@ def test_baseline_only_additive_r2_matches_surprise() -> None:
     rng = np.random.default_rng(0)
     z = rng.normal(size=(6, 1)) + rng.gamma(2.0, 0.5, size=(1, 40)) + 0.3 * rng.normal(size=(6, 40))
     frame = pd.DataFrame([[i, j, z[i, j]] for i in range(6) for j in range(40)])
-    trainset = surprise.Dataset.load_from_df(frame, surprise.Reader(rating_scale=(-100, 100))).build_full_trainset()
+    trainset = surprise.Dataset.load_from_df(
+        frame, surprise.Reader(rating_scale=(-100, 100))
+    ).build_full_trainset()
     algo = surprise.BaselineOnly(bsl_options={"n_epochs": 100, "method": "als"}, verbose=False).fit(trainset)
     expected = np.array([[algo.predict(i, j).est for j in range(40)] for i in range(6)])
     np.testing.assert_allclose(additive_fit_baseline_only(z), expected, atol=1e-10)

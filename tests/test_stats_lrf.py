@@ -12,10 +12,9 @@ import pytest
 
 from forgetray.stats.completion import evaluate_completion
 from forgetray.stats.lrf import (
+    SVDSGD,
     BaselineOnlySGD,
     KNNBaselineMSD,
-    LogisticMFAscent,
-    SVDSGD,
     logistic_mf_ascent,
     lrf_methods,
     reveal_columns_lrf,
@@ -53,10 +52,15 @@ def test_matches_surprise_with_the_authors_settings(name: str) -> None:
     epochs = 200  # the authors' 1,000 would only make the test slower; the loop is the same
     bsl = {"n_epochs": epochs, "method": "sgd"}
     reference, ours = {
-        "baseline_sgd": (surprise.BaselineOnly(bsl_options=bsl, verbose=False), BaselineOnlySGD(epochs=epochs)),
+        "baseline_sgd": (
+            surprise.BaselineOnly(bsl_options=bsl, verbose=False),
+            BaselineOnlySGD(epochs=epochs),
+        ),
         "knn_msd": (surprise.KNNBaseline(bsl_options=bsl, verbose=False), KNNBaselineMSD(epochs=epochs)),
         "svd_sgd": (
-            surprise.SVD(n_factors=5, n_epochs=epochs, lr_all=0.005, reg_all=0, init_std_dev=0.001, random_state=7),
+            surprise.SVD(
+                n_factors=5, n_epochs=epochs, lr_all=0.005, reg_all=0, init_std_dev=0.001, random_state=7
+            ),
             SVDSGD(epochs=epochs).for_seed(7),
         ),
     }[name]

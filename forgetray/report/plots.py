@@ -34,6 +34,7 @@ def paper_reference_label(n_tasks: int) -> str:
     label = "Jin & Ren 2024, OLMo-7B, 85 x 9,998"
     return label if n_tasks == PAPER_R2_TASKS else f"{label} (not comparable with {n_tasks} tasks)"
 
+
 DPI = 100
 # Diverging, red = forgetting (NLL went up), blue = the fine-tune helped the example.
 DIVERGING_CMAP = "RdBu_r"

@@ -1,6 +1,7 @@
 """Completion exactly as the authors' code (Jin & Ren 2024, `run_matrix_completion.py`; "LRF").
 
-    python -c "import numpy as np; from forgetray.stats import lrf; from forgetray.stats.completion import *; \
+    python -c "import numpy as np; from forgetray.stats import lrf; \
+from forgetray.stats.completion import evaluate_completion; \
 z = np.load('runs/demo/matrix/forgetting.npy'); \
 print(evaluate_completion(z, [0, 1], lrf.lrf_methods(), reveal=lrf.reveal_columns_lrf)['svd_sgd'])"
 
@@ -285,7 +286,9 @@ class LogisticMFAscent:
         mask = np.zeros((m + 1, n), dtype=bool)
         mask[:m] = True
         mask[m, idx] = True
-        W, H = logistic_mf_ascent(y, mask, self.rank, self.eta, self.nu, self.iterations, self.seed, self.init_std)
+        W, H = logistic_mf_ascent(
+            y, mask, self.rank, self.eta, self.nu, self.iterations, self.seed, self.init_std
+        )
         return scipy.special.expit(W[m] @ H)
 
 
