@@ -404,11 +404,17 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class AnalyseConfig:
-    """The paper's fits of the forgetting matrix (additive, multiplicative, SVD rank 1..max_rank)."""
+    """Fits of the forgetting matrix (additive, multiplicative, SVD rank 1..max_rank), as the paper.
+
+    R^2 at a rank depends on the row count: compare two matrices at equal rows (`last_tasks`).
+    """
 
     max_rank: int = 10
     max_columns: int | None = 10000
-    """Fits use a deterministic column subsample of at most this many examples (the paper: 10,000)."""
+    """Fits use a deterministic column subsample of at most this many examples (the paper: 10,000,
+    drawn as the authors' `deterministic_random_indices`: default_rng(seed), without replacement)."""
+    last_tasks: int | None = None
+    """Fit only the last this many rows (the authors' cross-model table: 19); null: every row."""
     heatmap_rank: int = 3
     """Rank of the reconstruction drawn beside Z (and of the residual heatmap)."""
     seed: int = 0
@@ -417,6 +423,7 @@ class AnalyseConfig:
         _require(self.max_rank > 0, "max_rank", "must be a positive integer")
         _require(self.max_columns is None or self.max_columns > 0, "max_columns", "must be positive or null")
         _require(self.heatmap_rank > 0, "heatmap_rank", "must be a positive integer")
+        _require(self.last_tasks is None or self.last_tasks > 0, "last_tasks", "must be positive or null")
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,19 @@ def analyse_run(run_dir: str, config: AnalyseConfig, log: Callable[[str], None] 
     from forgetray.stats.fits import analyse
 
     z, index = _matrix(run_dir)
+    tasks = list(index["tasks"])
+    if config.last_tasks is not None:
+        if config.last_tasks > z.shape[0]:
+            raise ValueError(
+                f"analyse.last_tasks: {config.last_tasks} exceeds the matrix's {z.shape[0]} tasks"
+            )
+        z, tasks = z[-config.last_tasks :], tasks[-config.last_tasks :]
     out = os.path.join(run_dir, "analysis")
     fits = analyse(
-        z, config.max_rank, config.max_columns, config.seed, tasks=index["tasks"], examples=index["examples"]
+        z, config.max_rank, config.max_columns, config.seed, tasks=tasks, examples=index["examples"]
     )
     storage.write_json(os.path.join(out, "fits.json"), fits)
-    analysis_figures(np.asarray(z), out, rank=min(config.heatmap_rank, *z.shape), row_labels=index["tasks"])
+    analysis_figures(np.asarray(z), out, rank=min(config.heatmap_rank, *z.shape), row_labels=tasks)
     r2_curve(
         fits["r2_svd"],
         fits["r2_additive"],

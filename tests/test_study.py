@@ -172,3 +172,14 @@ def test_complete_holds_out_a_task_family(tmp_path):
         complete_run(run_dir, CompleteConfig(test_family="poetry"), lambda m: None, families)
     with pytest.raises(ValueError, match=r"complete\.test_tasks"):
         complete_run(run_dir, CompleteConfig(test_tasks=("nope",)), lambda m: None, families)
+
+
+def test_analyse_last_tasks_fits_only_those_rows(tmp_path):
+    run_dir, z = planted_run(tmp_path, n_tasks=12, n_examples=200)
+    fits = analyse_run(run_dir, AnalyseConfig(max_rank=2, max_columns=None, last_tasks=5), lambda m: None)
+    from forgetray.stats.fits import svd_r2_curve
+
+    assert fits["n_tasks"] == 5
+    np.testing.assert_allclose(fits["r2_svd"], svd_r2_curve(z[-5:].astype(np.float64), 2), atol=1e-9)
+    with pytest.raises(ValueError, match="last_tasks"):
+        analyse_run(run_dir, AnalyseConfig(last_tasks=13), lambda m: None)
