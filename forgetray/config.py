@@ -499,6 +499,9 @@ class CompleteConfig:
     """Hold out every task of this family (out-of-domain; families from the tasks' `family`)."""
     train_family: str | None = None
     """Train only on this family's tasks (the authors train on FLAN); null: every task not held out."""
+    exclude_tasks: tuple[str, ...] = ()
+    """Tasks used neither for training nor testing (the authors' out-of-domain split also leaves
+    their 20 in-domain test tasks out of the FLAN training rows)."""
     methods: tuple[str, ...] | None = None
     """Completers to run, forgetray's and/or the authors'; null: the protocol's own
     (forgetray: COMPLETION_METHODS, lrf: LRF_COMPLETION_METHODS)."""
@@ -537,6 +540,16 @@ class CompleteConfig:
             "give test_tasks or test_family, not both",
         )
         _require(len(set(self.test_tasks)) == len(self.test_tasks), "test_tasks", "names must be unique")
+        _require(
+            not self.exclude_tasks or bool(self.test_tasks) or self.test_family is not None,
+            "exclude_tasks",
+            "needs held-out tasks by name (test_tasks) or family (test_family)",
+        )
+        _require(
+            not set(self.exclude_tasks) & set(self.test_tasks),
+            "exclude_tasks",
+            "a task cannot be both excluded and in test_tasks",
+        )
         _require(
             self.train_family is None or self.train_family != self.test_family,
             "train_family",

@@ -91,8 +91,9 @@ def completion_split(
     tasks: Sequence[str], config: CompleteConfig, families: Mapping[str, str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train_rows, test_rows) of the matrix rows `tasks`: `test_tasks` by name, or every task of
-    `test_family`, or `n_test_tasks` drawn with `split_seed`; train rows are the rest, or only
-    `train_family`'s. `families` maps task -> family (`forgetray.data.sources.task_families`)."""
+    `test_family`, or `n_test_tasks` drawn with `split_seed`; train rows are the rest (less
+    `exclude_tasks` when the test tasks are named or a family), or only `train_family`'s.
+    `families` maps task -> family (`forgetray.data.sources.task_families`)."""
     from forgetray.stats.completion import split_tasks
 
     n_tasks = len(tasks)
@@ -122,7 +123,8 @@ def completion_split(
                 f"complete.n_test_tasks: {n_test} leaves fewer than 2 training tasks of {n_tasks}"
             )
         return split_tasks(n_tasks, n_test, config.split_seed)
-    rest = np.setdiff1d(np.arange(n_tasks), test)
+    excluded = [tasks.index(t) for t in config.exclude_tasks if t in tasks]
+    rest = np.setdiff1d(np.arange(n_tasks), np.concatenate([test, excluded]).astype(int))
     if config.train_family is not None:
         rest = np.array([i for i in rest if family_of.get(tasks[i]) == config.train_family], dtype=int)
     if len(rest) < 2:

@@ -110,6 +110,8 @@ def test_complete_protocol_and_split_keys_are_validated() -> None:
         ({"test_tasks": ("a",), "test_family": "f"}, "test_tasks"),
         ({"test_family": "f", "train_family": "f"}, "train_family"),
         ({"methods": ("svd",)}, "methods"),
+        ({"exclude_tasks": ("a",)}, "exclude_tasks"),
+        ({"test_tasks": ("a",), "exclude_tasks": ("a",)}, "exclude_tasks"),
     ]:
         with pytest.raises(ConfigError, match=key):
             CompleteConfig(**kwargs)

@@ -168,6 +168,13 @@ def test_complete_holds_out_a_task_family(tmp_path):
     assert results["split"]["test_tasks"] == ["uppercase", "rot13"]
     assert results["split"]["train_tasks"] == ["addition", "sort_numbers", "number_to_words"]
     assert set(results) >= {"baseline_sgd", "als_mf"} and "knn" not in results
+    # the authors' OOD split: their in-domain test tasks are left out of the training rows too
+    config = CompleteConfig(
+        protocol="lrf", test_family="code", exclude_tasks=("rot13",), n_seeds=1, revealed_k=10, binary=False
+    )
+    results = complete_run(run_dir, config, lambda m: None, families)
+    assert results["split"]["test_tasks"] == ["snake_case", "code_keywords"]
+    assert results["split"]["train_tasks"] == ["addition", "sort_numbers", "number_to_words", "uppercase"]
     with pytest.raises(ValueError, match="no task of family 'poetry'"):
         complete_run(run_dir, CompleteConfig(test_family="poetry"), lambda m: None, families)
     with pytest.raises(ValueError, match=r"complete\.test_tasks"):
