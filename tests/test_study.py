@@ -190,3 +190,19 @@ def test_analyse_last_tasks_fits_only_those_rows(tmp_path):
     np.testing.assert_allclose(fits["r2_svd"], svd_r2_curve(z[-5:].astype(np.float64), 2), atol=1e-9)
     with pytest.raises(ValueError, match="last_tasks"):
         analyse_run(run_dir, AnalyseConfig(last_tasks=13), lambda m: None)
+
+
+def test_lrf_binary_adds_the_authors_logistic_mf(tmp_path):
+    tasks = ["addition", "sort_numbers", "uppercase", "rot13", "snake_case"]
+    run_dir, z = lrf_run(tmp_path, tasks)
+    config = CompleteConfig(
+        protocol="lrf", test_tasks=("rot13",), n_seeds=1, revealed_k=40, methods=("baseline_sgd",)
+    )
+    messages = []
+    results = complete_run(run_dir, config, messages.append)
+    binary = results["binary"]
+    assert {"baseline_sgd", "logistic_mf", "logistic_mf_ga"} <= set(binary)
+    assert binary["protocol"] == "lrf" and "logistic_mf_ga" in messages[-1]
+    # scores are probabilities; the authors' cut (logit > 0) is score > 0.5
+    assert 0.0 <= binary["logistic_mf_ga"]["auc_mean"] <= 1.0
+    assert binary["binary_threshold"] == pytest.approx(float(np.quantile(z[[0, 1, 2, 4]], 0.75)), rel=1e-6)
