@@ -65,7 +65,11 @@ def summary_markdown(run: str) -> str:
     fits = _load(run, "analysis/fits.json")
     if fits:
         lines += ["## Fits (`analysis/fits.json`)", "", "| fit | R^2 |", "|---|---|"]
-        lines.append(f"| additive (mu + b_i + b_j) | {fits['r2_additive']:.3f} |")
+        lines.append(f"| additive (mu + b_i + b_j, closed form) | {fits['r2_additive']:.3f} |")
+        if "r2_additive_baseline_only" in fits:
+            lines.append(
+                f"| additive, the authors' BaselineOnly (ALS) | {fits['r2_additive_baseline_only']:.3f} |"
+            )
         lines.append(f"| multiplicative (rank 1) | {fits['r2_multiplicative']:.3f} |")
         lines += [f"| SVD rank {k} | {r2:.3f} |" for k, r2 in enumerate(fits["r2_svd"], start=1)]
         lines.append("")
@@ -75,7 +79,8 @@ def summary_markdown(run: str) -> str:
             continue
         split = results.get("split", {})
         lines += [
-            f"## {title} (`{rel}`): k = {results.get('revealed_k')}, {len(results.get('seeds', []))} seeds, "
+            f"## {title} (`{rel}`): {results.get('protocol', 'forgetray')} protocol, "
+            f"k = {results.get('revealed_k')}, {len(results.get('seeds', []))} seeds, "
             f"held-out tasks {', '.join(split.get('test_tasks', []))}",
             "",
             "| method | RMSE x100 | F1 | AUC |",

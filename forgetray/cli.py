@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("run_dir")
     for name, text in (
         ("analyse", "additive, multiplicative and SVD fits of the matrix; heatmaps"),
-        ("complete", "predict held-out tasks' forgetting from revealed_k entries (paper's protocol)"),
+        ("complete", "predict held-out tasks' forgetting from revealed_k entries (forgetray | lrf)"),
     ):
         stage = sub.add_parser(name, help=text)
         stage.add_argument("run_dir")
@@ -167,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{args.run_dir}: no scored fine-tuned model yet; nothing to assemble", file=sys.stderr)
                 return 1
         elif args.command in ("analyse", "complete"):
+            from forgetray.data.sources import task_families
             from forgetray.pipeline import RunPaths, setup_logging
             from forgetray.study import analyse_run, complete_run
 
@@ -176,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "analyse":
                 analyse_run(args.run_dir, config.analyse, log)
             else:
-                complete_run(args.run_dir, config.complete, log)
+                complete_run(args.run_dir, config.complete, log, task_families(config.tasks))
         elif args.command in ("replay", "finetune"):
             from forgetray.pipeline import RunPaths, setup_logging
 

@@ -196,9 +196,13 @@ class TaskSourceConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     limit: int | None = None
+    family: str | None = None
+    """The task's family (e.g. flan, tulu, dolly): `complete.test_family` / `train_family` hold out
+    or train on whole families (the authors' out-of-domain split). Null: the family "user"."""
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
+        _require(self.family is None or bool(self.family), "family", "must be a non-empty name or null")
         _require(bool(self.path), "path", "must not be empty")
         _require(self.limit is None or self.limit > 0, "limit", "must be a positive integer or null")
 
@@ -445,11 +449,17 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class AnalyseConfig:
-    """The paper's fits of the forgetting matrix (additive, multiplicative, SVD rank 1..max_rank)."""
+    """Fits of the forgetting matrix (additive, multiplicative, SVD rank 1..max_rank), as the paper.
+
+    R^2 at a rank depends on the row count: compare two matrices at equal rows (`last_tasks`).
+    """
 
     max_rank: int = 10
     max_columns: int | None = 10000
-    """Fits use a deterministic column subsample of at most this many examples (the paper: 10,000)."""
+    """Fits use a deterministic column subsample of at most this many examples (the paper: 10,000,
+    drawn as the authors' `deterministic_random_indices`: default_rng(seed), without replacement)."""
+    last_tasks: int | None = None
+    """Fit only the last this many rows (the authors' cross-model table: 19); null: every row."""
     heatmap_rank: int = 3
     """Rank of the reconstruction drawn beside Z (and of the residual heatmap)."""
     seed: int = 0
@@ -458,6 +468,7 @@ class AnalyseConfig:
         _require(self.max_rank > 0, "max_rank", "must be a positive integer")
         _require(self.max_columns is None or self.max_columns > 0, "max_columns", "must be positive or null")
         _require(self.heatmap_rank > 0, "heatmap_rank", "must be a positive integer")
+        _require(self.last_tasks is None or self.last_tasks > 0, "last_tasks", "must be positive or null")
 
 
 @dataclass(frozen=True)
@@ -497,35 +508,101 @@ class ScalingConfig:
 
 
 COMPLETION_METHODS = ("global_mean", "additive", "knn", "als_mf")
+"""forgetray's own completers (`forgetray.stats.completion`)."""
+LRF_COMPLETION_METHODS = ("baseline_sgd", "knn_msd", "svd_sgd")
+"""The authors' completers exactly as their code runs them (`forgetray.stats.lrf`)."""
+COMPLETION_PROTOCOLS = ("forgetray", "lrf")
 
 
 @dataclass(frozen=True)
 class CompleteConfig:
-    """Predicting held-out tasks' rows from `revealed_k` measured entries (the paper's protocol)."""
+    """Predicting held-out tasks' rows from `revealed_k` measured entries.
 
+    Two protocols (`protocol`); either may run any method, ours or the authors':
+    - forgetray: `n_test_tasks` held-out tasks drawn with `split_seed` (or `test_tasks` /
+      `test_family`), for each seed and test task k distinct columns drawn per (seed, task);
+    - lrf: as the authors' `run_matrix_completion.py`: the same k columns for every test task of a
+      seed, drawn with replacement (so k or fewer distinct), test tasks fixed by name (`test_tasks`)
+      or a whole family held out (`test_family`, trained on `train_family`; with neither, drawn
+      as under forgetray), default methods the authors' (`LRF_COMPLETION_METHODS`, and their
+      logistic MF for binary forgetting).
+    Both pool the squared errors of a seed's test tasks into one RMSE and report mean and std over
+    `n_seeds` seeds.
+    """
+
+    protocol: str = "forgetray"
+    """forgetray or lrf (above)."""
     revealed_k: int = 30
     n_seeds: int = 10
     n_test_tasks: int | None = None
-    """Held-out tasks; default a quarter of the tasks (at least 1)."""
+    """Held-out tasks drawn at random when neither test_tasks nor test_family is set; default a
+    quarter of the tasks (at least 1)."""
     split_seed: int = 0
-    methods: tuple[str, ...] = COMPLETION_METHODS
+    test_tasks: tuple[str, ...] = ()
+    """Held-out tasks by name (the authors' in-domain split: 20 fixed FLAN tasks)."""
+    test_family: str | None = None
+    """Hold out every task of this family (out-of-domain; families from the tasks' `family`)."""
+    train_family: str | None = None
+    """Train only on this family's tasks (the authors train on FLAN); null: every task not held out."""
+    exclude_tasks: tuple[str, ...] = ()
+    """Tasks used neither for training nor testing (the authors' out-of-domain split also leaves
+    their 20 in-domain test tasks out of the FLAN training rows)."""
+    methods: tuple[str, ...] | None = None
+    """Completers to run, forgetray's and/or the authors'; null: the protocol's own
+    (forgetray: COMPLETION_METHODS, lrf: LRF_COMPLETION_METHODS)."""
     rank: int = 5
-    """Rank of the matrix factorisations (ALS MF and logistic MF)."""
+    """Rank of the matrix factorisations (ALS MF, SGD SVD, both logistic MFs)."""
     reg: float = 0.03
+    """L2 weight of forgetray's ALS MF and Newton logistic MF (the authors' methods keep theirs)."""
     knn_k: int = 40
     binary: bool = True
-    """Also run the binary protocol (forgotten = Z > binary_threshold) with logistic MF added."""
+    """Also run the binary protocol (forgotten = Z > binary_threshold) with logistic MF added
+    (forgetray's Newton logistic MF; under lrf the authors' gradient-ascent one as well)."""
     binary_threshold: float | None = None
     """Null: the 75th percentile of the training rows' Z, so a quarter of entries count as forgotten."""
 
+    @property
+    def method_names(self) -> tuple[str, ...]:
+        """`methods`, or the protocol's default methods."""
+        if self.methods is not None:
+            return self.methods
+        return LRF_COMPLETION_METHODS if self.protocol == "lrf" else COMPLETION_METHODS
+
     def __post_init__(self) -> None:
+        _require(
+            self.protocol in COMPLETION_PROTOCOLS,
+            "protocol",
+            f"got {self.protocol!r}; choose from {', '.join(COMPLETION_PROTOCOLS)}",
+        )
         _require(self.revealed_k > 0, "revealed_k", "must be a positive integer")
         _require(self.n_seeds > 0, "n_seeds", "must be a positive integer")
         _require(
             self.n_test_tasks is None or self.n_test_tasks > 0, "n_test_tasks", "must be positive or null"
         )
-        unknown = [m for m in self.methods if m not in COMPLETION_METHODS]
-        _require(not unknown, "methods", f"unknown {unknown}; choose from {', '.join(COMPLETION_METHODS)}")
+        _require(
+            not (self.test_tasks and self.test_family),
+            "test_tasks",
+            "give test_tasks or test_family, not both",
+        )
+        _require(len(set(self.test_tasks)) == len(self.test_tasks), "test_tasks", "names must be unique")
+        _require(
+            not self.exclude_tasks or bool(self.test_tasks) or self.test_family is not None,
+            "exclude_tasks",
+            "needs held-out tasks by name (test_tasks) or family (test_family)",
+        )
+        _require(
+            not set(self.exclude_tasks) & set(self.test_tasks),
+            "exclude_tasks",
+            "a task cannot be both excluded and in test_tasks",
+        )
+        _require(
+            self.train_family is None or self.train_family != self.test_family,
+            "train_family",
+            f"must differ from test_family {self.test_family!r}",
+        )
+        known = (*COMPLETION_METHODS, *LRF_COMPLETION_METHODS)
+        unknown = [m for m in self.method_names if m not in known]
+        _require(not unknown, "methods", f"unknown {unknown}; choose from {', '.join(known)}")
         _require(self.rank > 0 and self.knn_k > 0, "rank", "rank and knn_k must be positive integers")
 
 

@@ -341,6 +341,7 @@ class StageTimer:
 
 def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
     """Every stage of a run, each skipped when its outputs are already there."""
+    from forgetray.data.sources import task_families
     from forgetray.finetune.sweep import finetune_tasks, finetuned_model
     from forgetray.score.driver import check_finished_scores, score_models
     from forgetray.study import analyse_run, complete_run
@@ -384,7 +385,7 @@ def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
         analyse_run(paths.root, config.analyse, log)
     if len(tasks) >= 3:
         with timer.stage("complete"):
-            complete_run(paths.root, config.complete, log)
+            complete_run(paths.root, config.complete, log, task_families(config.tasks))
     with timer.stage("report"):
         from forgetray.report.html import build_report
 

@@ -1,4 +1,4 @@
-"""Ray job: the paper's completion protocol on a run's matrix (held-out tasks, revealed_k entries).
+"""Ray job: a completion protocol (forgetray or lrf) on a run's matrix (held-out tasks, revealed_k entries).
 
     ray job submit --working-dir . -- python jobs/complete.py runs/default complete.revealed_k=30
 

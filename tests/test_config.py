@@ -95,3 +95,23 @@ def test_shipped_default_config_is_the_builtin_default():
     from pathlib import Path
 
     assert load_config(Path(__file__).parent.parent / "configs" / "default.yaml") == SweepConfig()
+
+
+def test_complete_protocol_and_split_keys_are_validated() -> None:
+    from forgetray.config import LRF_COMPLETION_METHODS, CompleteConfig, ConfigError
+    from forgetray.stats.lrf import LRF_METHODS
+
+    assert LRF_COMPLETION_METHODS == LRF_METHODS
+    assert CompleteConfig(protocol="lrf").method_names == LRF_METHODS
+    assert CompleteConfig().method_names == ("global_mean", "additive", "knn", "als_mf")
+    assert CompleteConfig(protocol="lrf", methods=("als_mf", "svd_sgd")).method_names == ("als_mf", "svd_sgd")
+    for kwargs, key in [
+        ({"protocol": "paper"}, "protocol"),
+        ({"test_tasks": ("a",), "test_family": "f"}, "test_tasks"),
+        ({"test_family": "f", "train_family": "f"}, "train_family"),
+        ({"methods": ("svd",)}, "methods"),
+        ({"exclude_tasks": ("a",)}, "exclude_tasks"),
+        ({"test_tasks": ("a",), "exclude_tasks": ("a",)}, "exclude_tasks"),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            CompleteConfig(**kwargs)

@@ -168,3 +168,24 @@ def test_column_blocks_do_not_change_results(
     assert blocked["statistics"]["example_mean"] == pytest.approx(whole["statistics"]["example_mean"])
     for b, w in zip(blocked["statistics"]["per_task"], whole["statistics"]["per_task"], strict=True):
         assert b == {key: pytest.approx(value) if key != "task" else value for key, value in w.items()}
+
+
+def test_baseline_only_additive_r2_matches_surprise() -> None:
+    """The authors' additive R^2 (`examine_all_fit`): BaselineOnly ALS, 100 epochs, via surprise."""
+    surprise = pytest.importorskip("surprise")
+    import pandas as pd
+
+    from forgetray.stats.fits import additive_fit_baseline_only
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(6, 1)) + rng.gamma(2.0, 0.5, size=(1, 40)) + 0.3 * rng.normal(size=(6, 40))
+    frame = pd.DataFrame([[i, j, z[i, j]] for i in range(6) for j in range(40)])
+    trainset = surprise.Dataset.load_from_df(
+        frame, surprise.Reader(rating_scale=(-100, 100))
+    ).build_full_trainset()
+    algo = surprise.BaselineOnly(bsl_options={"n_epochs": 100, "method": "als"}, verbose=False).fit(trainset)
+    expected = np.array([[algo.predict(i, j).est for j in range(40)] for i in range(6)])
+    np.testing.assert_allclose(additive_fit_baseline_only(z), expected, atol=1e-10)
+    # the regularised fit can only explain less than the least-squares closed form
+    fits = analyse(z, max_rank=2)
+    assert fits["r2_additive_baseline_only"] < fits["r2_additive"]

@@ -299,6 +299,18 @@ _TASKS: dict[str, tuple[str, TaskGenerator]] = {
 
 BUILTIN_TASKS: tuple[str, ...] = tuple(_TASKS)
 
+BUILTIN_TASK_FAMILIES: dict[str, str] = {
+    **dict.fromkeys(
+        ("addition", "multiplication", "sort_numbers", "number_to_words", "date_format"), "numbers"
+    ),
+    **dict.fromkeys(("reverse_words", "uppercase", "rot13", "count_words", "first_sentence"), "prose"),
+    **dict.fromkeys(
+        ("json_format", "snake_case", "function_names", "strip_comments", "code_keywords"), "code"
+    ),
+}
+"""Each built-in task's family, by what its inputs are (numbers, prose from the Python docs, code or
+structured text): the units of an out-of-domain split (`complete.test_family`)."""
+
 
 def _check_name(name: str) -> None:
     if name not in _TASKS:

@@ -212,6 +212,16 @@ def load_tasks(config: TasksConfig) -> dict[str, pa.Table]:
     return tasks
 
 
+def task_families(config: TasksConfig) -> dict[str, str]:
+    """Task name -> family: built-in tasks' from `BUILTIN_TASK_FAMILIES`, user tasks' from their
+    `family` field ("user" when unset). Cheap: reads no data."""
+    from forgetray.data.builtin_tasks import BUILTIN_TASK_FAMILIES, BUILTIN_TASKS
+
+    names = list(BUILTIN_TASKS) if tuple(config.builtin) == ("all",) else list(config.builtin)
+    families = {name: BUILTIN_TASK_FAMILIES.get(name, "builtin") for name in names}
+    return families | {source.name: source.family or "user" for source in config.sources}
+
+
 def task_rows(source: TaskSourceConfig, key: str) -> pa.Table:
     table = load_rows(source.path, source.split, source.subset, f"{key}.path")
     if source.limit:

@@ -248,7 +248,7 @@ def _r2_figure(run: _Run) -> str | None:
         fits["r2_additive"],
         fits["r2_multiplicative"],
         run.path(FIGURES_DIR, "r2_curve.png"),
-        reference={"Jin & Ren 2024, OLMo-7B": plots.PAPER_R2_OLMO7B},
+        reference={plots.paper_reference_label(int(fits.get("n_tasks", 0))): plots.PAPER_R2_OLMO7B},
     )
 
 
@@ -476,14 +476,24 @@ def _analysis(run: _Run) -> str:
     else:
         paper = plots.PAPER_R2_OLMO7B
         rows: list[list[Any]] = [
-            ["additive (mu + a_i + b_j)", _Num(f"{fits['r2_additive']:.3f}"), None],
+            ["additive (mu + a_i + b_j), least squares", _Num(f"{fits['r2_additive']:.3f}"), None],
             ["multiplicative (a_i * b_j, = SVD rank 1)", _Num(f"{fits['r2_multiplicative']:.3f}"), None],
         ]
+        if "r2_additive_baseline_only" in fits:
+            rows.insert(
+                1,
+                [
+                    "additive, the authors' fit (surprise BaselineOnly, ALS, 100 epochs)",
+                    _Num(f"{fits['r2_additive_baseline_only']:.3f}"),
+                    None,
+                ],
+            )
         rows += [
             [f"SVD rank {k}", _Num(f"{value:.3f}"), _Num(f"{paper[k - 1]:.3f}") if k <= len(paper) else None]
             for k, value in enumerate(fits["r2_svd"], start=1)
         ]
-        parts.append(_table(["fit", "R^2 (this run)", "R^2 OLMo-7B (Jin & Ren 2024)"], rows))
+        header = f"R^2 {plots.paper_reference_label(int(fits.get('n_tasks', 0)))}"
+        parts.append(_table(["fit", f"R^2 (this run, {fits.get('n_tasks')} tasks)", header], rows))
         n, used = fits.get("n_examples"), fits.get("columns_used")
         if fits.get("subsampled"):
             text = (
@@ -520,6 +530,7 @@ def _completion_table(run: _Run, name: str, results: Mapping[str, Any]) -> str:
             test_tasks = [index["tasks"][i] for i in test if i < len(index["tasks"])]
     seeds = results.get("seeds") or []
     pairs: list[tuple[str, Any]] = [
+        ("protocol", results.get("protocol", "forgetray")),
         ("revealed entries per held-out task (k)", results.get("revealed_k")),
         ("seeds", f"{len(seeds)}: {_compact(seeds, 60)}"),
         ("training tasks", len(train)),

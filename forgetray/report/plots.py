@@ -23,7 +23,17 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 PAPER_R2_OLMO7B: tuple[float, ...] = (0.512, 0.633, 0.715, 0.762, 0.790)
-"""R^2 of the uncentred truncated SVD at ranks 1-5 of OLMo-7B's forgetting matrix (Jin & Ren 2024)."""
+"""R^2 of the uncentred truncated SVD at ranks 1-5 of OLMo-7B's forgetting matrix (Jin & Ren 2024),
+85 tasks x 9,998 examples."""
+PAPER_R2_TASKS = 85
+
+
+def paper_reference_label(n_tasks: int) -> str:
+    """The legend / header of the paper's R^2 curve. R^2 at a rank grows as rows shrink (fewer rows,
+    less variance for the rank to explain), so it says when the comparison is not like for like."""
+    label = "Jin & Ren 2024, OLMo-7B, 85 x 9,998"
+    return label if n_tasks == PAPER_R2_TASKS else f"{label} (not comparable with {n_tasks} tasks)"
+
 
 DPI = 100
 # Diverging, red = forgetting (NLL went up), blue = the fine-tune helped the example.

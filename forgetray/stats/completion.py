@@ -4,25 +4,33 @@
 z = np.load('runs/demo/matrix/forgetting.npy'); train, test = split_tasks(len(z), 5, seed=0); \
 print(evaluate_completion(z, test, {'additive': Additive(), 'knn': KNNBaseline()})['knn'])"
 
-The protocol: for each held-out test task, reveal k = 30 random upstream examples (seeded), fit on
-the training tasks' complete rows plus the k revealed entries, predict the rest of the row and score
-only the unrevealed entries; repeat over 10 seeds. Every method is a `Completer`:
+forgetray's protocol ("forgetray"): for each held-out test task, reveal k = 30 distinct random
+upstream examples seeded by (seed, row), fit on the training tasks' complete rows plus the k revealed
+entries, predict the rest of the row and score only the unrevealed entries; repeat over 10 seeds.
+The authors' protocol ("lrf": the same columns for every test row, drawn with replacement) and
+their exact methods are in `forgetray.stats.lrf`; both go through `evaluate_completion`. Every
+method is a `Completer`:
 
     fit_predict(z_train (train tasks, examples), revealed_idx (k,), revealed_values (k,)) -> (examples,)
 
-Methods (users = tasks, items = upstream examples in recommender terms):
+forgetray's own methods (users = tasks, items = upstream examples in recommender terms); none of
+them is the authors' configuration:
     GlobalMean   the mean of all known entries
-    Additive     mu + a_new + b_j, surprise's BaselineOnly (ALS baselines, reg_task 15, reg_example 10)
-    KNNBaseline  surprise's KNNBaseline, user-based over tasks, pearson_baseline similarity
-    ALSMF        biased matrix factorisation (rank 5) by ALS, `forgetray.stats.als`
-    LogisticMF   logistic matrix factorisation (rank 5) of the binary matrix y = z > threshold
+    Additive     mu + a_new + b_j, surprise's BaselineOnly at its defaults (ALS baselines, reg_task 15,
+                 reg_example 10); the authors use SGD baselines (`lrf.BaselineOnlySGD`)
+    KNNBaseline  surprise's KNNBaseline, user-based over tasks, pearson_baseline similarity, ALS
+                 baselines; the authors use MSD similarity and SGD baselines (`lrf.KNNBaselineMSD`)
+    ALSMF        biased matrix factorisation (rank 5) by ALS on Z / std(Z), `forgetray.stats.als`;
+                 the authors use surprise's SGD SVD on raw Z (`lrf.SVDSGD`)
+    LogisticMF   logistic MF (rank 5, biases, Newton steps) of the binary matrix y = z > threshold;
+                 the authors' is plain gradient ascent without biases (`lrf.LogisticMFAscent`)
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -53,6 +61,19 @@ class TaskCompleter(Protocol):
     `for_task(row)` with the matrix row and scores the `Completer` it returns like any other."""
 
     def for_task(self, row: int) -> Completer: ...
+
+
+@runtime_checkable
+class SeededCompleter(Protocol):
+    """A method whose fit is seeded by the evaluation seed (e.g. the authors' SGD SVD, whose initial
+    factors are drawn with the run's seed): `evaluate_completion` calls `for_seed(seed)` once per
+    seed and scores the `Completer` it returns."""
+
+    def for_seed(self, seed: int) -> Completer: ...
+
+
+RevealColumns = Callable[[int, int, int, int], np.ndarray]
+"""(n_examples, revealed_k, seed, row) -> sorted distinct revealed columns of one test row."""
 
 
 def _validate(z_train: np.ndarray, revealed_idx: np.ndarray, revealed_values: np.ndarray) -> None:
@@ -468,17 +489,21 @@ def evaluate_completion(
     seeds: Iterable[int] = range(10),
     binary_threshold: float | None = None,
     train_rows: Sequence[int] | np.ndarray | None = None,
+    reveal: RevealColumns | None = None,
 ) -> dict[str, Any]:
-    """The paper's completion protocol on Z (tasks, examples); a JSON-serialisable result.
+    """A completion protocol on Z (tasks, examples); a JSON-serialisable result.
 
-    For each seed and test task: reveal `revealed_k` columns (`reveal_columns`), give every method
+    For each seed and test task: reveal `revealed_k` columns (`reveal`; default forgetray's
+    `reveal_columns`, distinct columns drawn per (seed, row); `forgetray.stats.lrf.reveal_columns_lrf`
+    is the authors' draw, the same columns for every row of a seed), give every method
     the train rows (default: all rows not tested) and the revealed entries, and score its prediction
     on the unrevealed columns only. Per seed, squared errors are pooled over all test tasks into one
     RMSE; `rmse_mean` / `rmse_std` are the mean and population std of those over seeds.
 
     With `binary_threshold`, Z is first binarised (y = z > threshold, as 0.0 / 1.0) for every method;
     RMSE is then against 0/1, predictions are scores (AUC) and score > 0.5 predicts "forgotten" (F1,
-    precision, recall), each pooled per seed like RMSE. An undefined metric is None.
+    precision, recall), each pooled per seed like RMSE. An undefined metric is None. A
+    `SeededCompleter` is replaced by its `for_seed(seed)` for each seed.
 
     Returns {method: {"rmse_mean", "rmse_std", "rmse_per_seed", ["f1_mean", "f1_std", ...],
     "seconds"}, "split": {"train_rows", "test_rows", "revealed": [seed][test row] -> columns},
@@ -505,9 +530,15 @@ def evaluate_completion(
     per_seed: dict[str, dict[str, list[float | None]]] = {name: {} for name in methods}
     seconds = dict.fromkeys(methods, 0.0)
     for seed in seeds:
-        reveals = [reveal_columns(n, revealed_k, seed, int(row)) for row in test]
+        draw = reveal_columns if reveal is None else reveal
+        reveals = [np.asarray(draw(n, revealed_k, seed, int(row)), dtype=int) for row in test]
         revealed.append([idx.tolist() for idx in reveals])
-        for name, method in methods.items():
+        for name, method_or_seeded in methods.items():
+            method = (
+                method_or_seeded.for_seed(seed)
+                if isinstance(method_or_seeded, SeededCompleter)
+                else method_or_seeded
+            )
             predictions, truths = [], []
             for row, idx in zip(test, reveals, strict=True):
                 hidden = np.ones(n, dtype=bool)

@@ -104,6 +104,33 @@ def additive_fit(z: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarr
     return mu, a, b, z_hat
 
 
+def additive_fit_baseline_only(
+    z: np.ndarray, epochs: int = 100, reg_task: float = 15.0, reg_example: float = 10.0
+) -> np.ndarray:
+    """Z_hat (tasks, examples) of surprise's BaselineOnly(bsl_options={'n_epochs': 100, 'method':
+    'als'}), the authors' additive fit for R^2 (`post_process/fit_utils.py` `examine_all_fit`).
+
+    surprise's `baseline_als` on a complete matrix: `epochs` times, every example bias
+    b_j = sum_i (z_ij - mu - a_i) / (reg_example + tasks), then every task bias
+    a_i = sum_j (z_ij - mu - b_j) / (reg_task + examples). The regularisation shrinks the biases, so
+    its R^2 is at most the closed form's (`additive_fit`, the least-squares optimum).
+    """
+    z = _check_complete(z)
+    mu, _ = _mean_and_variance(z)
+    m, n = z.shape
+    row_sums, col_sums = np.zeros(m), np.empty(n)  # (tasks,), (examples,)
+    start = 0
+    for block in _column_blocks(z):
+        row_sums += block.sum(axis=1)
+        col_sums[start : start + block.shape[1]] = block.sum(axis=0)
+        start += block.shape[1]
+    task_bias, example_bias = np.zeros(m), np.zeros(n)
+    for _ in range(epochs):
+        example_bias = (col_sums - m * mu - task_bias.sum()) / (reg_example + m)
+        task_bias = (row_sums - n * mu - example_bias.sum()) / (reg_task + n)
+    return mu + task_bias[:, None] + example_bias[None, :]
+
+
 def truncated_svd(z: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leading `rank` singular triples of uncentred Z: U (tasks, rank), s (rank,), Vt (rank, examples).
 
@@ -254,6 +281,10 @@ def analyse(
 ) -> dict[str, Any]:
     """The paper's analysis of Z (tasks, examples) as a JSON-serialisable dict.
 
+    `r2_additive` is the closed-form least-squares additive fit (forgetray's); `r2_additive_baseline_only`
+    the authors' (surprise's BaselineOnly, ALS, 100 epochs, `additive_fit_baseline_only`). R^2 depends
+    on the row count (more tasks, more variance for a rank to explain): compare matrices only at equal
+    rows (the authors' cross-model table truncates every matrix to its last 19 rows).
     R^2 of the additive, multiplicative and rank 1..max_rank SVD fits are computed on a deterministic
     subsample of `max_columns` columns (all columns if None), as in the paper; the descriptive
     `statistics` use every column. `tasks` / `examples` name rows and columns (default: their index).
@@ -264,10 +295,12 @@ def analyse(
     sub = z if len(columns) == n else np.asarray(z[:, columns])  # (tasks, columns_used)
     _, _, _, additive_hat = additive_fit(sub)
     _, _, multiplicative_hat = multiplicative_fit(sub)
+    baseline_only_hat = additive_fit_baseline_only(sub)
     task_names = [str(i) for i in range(m)] if tasks is None else list(tasks)
     example_names = [str(j) for j in range(n)] if examples is None else list(examples)
     return {
         "r2_additive": r2(sub, additive_hat),
+        "r2_additive_baseline_only": r2(sub, baseline_only_hat),
         "r2_multiplicative": r2(sub, multiplicative_hat),
         "r2_svd": svd_r2_curve(sub, max_rank),
         "n_tasks": m,
