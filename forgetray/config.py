@@ -254,11 +254,13 @@ class IVGuidedConfig:
     weight_last: float = 20.0
     """Weight of KL(p_theta || p_ref) at the last prompt token."""
     weight_all: float = 0.1
-    """Weight of the same KL averaged over all (non-padding) positions."""
+    """Weight of the same KL summed over all (non-padding) positions and divided by the batch size
+    (the authors' `batchmean`)."""
     threshold: float = 0.1
     """A KL term counts only while it exceeds this (value and gradient are 0 below it)."""
     weight_consistency: float = 1.0
-    """Weight of the sum over the selected heads of the MSE between fine-tuned and reference outputs."""
+    """Weight of the sum over the selected heads of the MSE between the fine-tuned model's outputs and
+    the frozen base model's without the vector."""
     consistency_threshold: float = 0.01
     """A head's MSE counts only while it exceeds this."""
 
@@ -656,9 +658,11 @@ class IVConfig:
     """Task prompts averaged over and corrupted (the paper: about 100); cost grows with
     n_prompts x layers x heads forward rows."""
     top_k: int = 10
-    """Heads summed into the vector (the paper's 10), at most all of the model's heads."""
+    """Heads summed into the vector (the paper's 10). A model with fewer heads sums all of them, with
+    a logged warning (the authors' code fails there)."""
     layer: int | None = None
-    """Decoder layer whose input (residual stream) the vector is added to; null: n_layers // 3."""
+    """Decoder layer whose attention output (projection output, last prompt token) the vector is added
+    to; null: round(9 x n_layers / 32), the authors' layer 9 of Llama-2-7B's 32 scaled by depth."""
     instruction_share: float = 0.9
     """A line in this share of a task's prompts and in no other task's is its instruction (removed
     to corrupt the prompt)."""
