@@ -5,7 +5,8 @@ A head's output here is its slice of the attention output *before* the output pr
 token: z[l, h] of shape (head_dim,). The projection's input is (batch, tokens, n_heads * head_dim)
 with heads contiguous, so a forward pre-hook on the projection sees every head of a layer without a
 copy of the model's attention code. The projection maps it back: y = W z + b with W (d_model,
-n_heads * head_dim), so head h contributes W[:, h*D:(h+1)*D] z[l, h] to the residual stream. The instruction vector is added to one layer's projection output.
+n_heads * head_dim), so head h contributes W[:, h*D:(h+1)*D] z[l, h] to the residual stream.
+The instruction vector is added to one layer's projection output.
 
     GPT-2 and the built-in model   transformer.h[l]       attn.c_proj (Conv1D, weight (in, out))
     Llama, Mistral, Qwen2, OLMo    model.layers[l]        self_attn.o_proj (Linear, weight (out, in))
