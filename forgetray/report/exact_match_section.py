@@ -44,8 +44,9 @@ def exact_match_section(run: _Run) -> str:
             "(lowercase, no punctuation or articles, whitespace collapsed; the authors' rule), "
             f"plain text must reproduce its next {settings['reference_tokens']} tokens after the "
             f"first {settings['prompt_tokens']} (only whitespace ignored). An example is "
-            "forgotten by a task when the base model was right and the fine-tuned model is wrong; only examples the base model gets "
-            "right (eligible) can be forgotten. Definitions in forgetray/score/exact_match.py."
+            "forgotten by a task when the base model was right and the fine-tuned model is "
+            "wrong; only examples the base model gets right (eligible) can be forgotten. "
+            "Definitions in forgetray/score/exact_match.py."
         ),
         _kv_table(
             [
