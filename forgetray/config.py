@@ -611,9 +611,11 @@ class ExactMatchConfig:
 
 @dataclass(frozen=True)
 class ForecastConfig:
-    """LM-based forecasting (`forgetray forecast RUN`, forgetray/stats/forecast.py): a scorer of (task,
+    """LM-based forecasting (`forgetray forecast RUN`, forgetray/stats/forecast.py): scorers of (task,
     upstream example) pairs from the base model's last-token hidden states, trained on the training
-    tasks' rows and evaluated with the completion protocol of `complete` (same split, k, seeds)."""
+    tasks' rows and evaluated with the completion protocol of `complete` (same split, k, seeds):
+    lm_forecast (the authors': one shared head, encoder fine-tuned, binary Z > 0) and
+    frozen_forecast (forgetray's: frozen encoder, two MLPs, real-valued Z)."""
 
     n_task_examples: int = 64
     """Training examples per task (a seeded sample) whose hidden states are averaged into the task's."""
@@ -634,15 +636,43 @@ class ForecastConfig:
     calibration_shrinkage: float = 15.0
     """The calibrated variant fits a per-task offset and scale on the k revealed entries, shrunk by
     k / (k + calibration_shrinkage) (the additive baseline's reg_task)."""
+    train_encoder: bool = True
+    """lm_forecast (the authors' forecaster): fine-tune the LM encoder with the shared head, as their
+    `fpd.freeze_lm: false`; false: train the head alone on frozen states (much cheaper)."""
+    head_output_dim: int = 768
+    """lm_forecast: output of the shared head Linear(H, H) - ReLU - Linear(H, this) (`fpd.output_dim`)."""
+    head_learning_rate: float = 1e-3
+    """lm_forecast: Adam learning rate of the head (the authors' lr 5e-6 x lr_scale 200)."""
+    encoder_learning_rate: float = 5e-6
+    """lm_forecast: Adam learning rate of the encoder (`fpd.lr`)."""
+    steps: int = 300
+    """lm_forecast: training steps (the authors ran 10k-100k on OLMo)."""
+    tasks_per_step: int = 8
+    """lm_forecast: (task, task example) draws per step, each paired with one forgotten (Z > 0) and
+    one kept upstream example of that task's row."""
+    prior: bool = True
+    """lm_forecast: add each upstream example's fixed log prior odds of being forgotten over the
+    training tasks (`fpd.prior: odd`)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_task_examples", "max_length", "batch_size", "hidden_size", "dim", "epochs"):
+        for name in (
+            "n_task_examples",
+            "max_length",
+            "batch_size",
+            "hidden_size",
+            "dim",
+            "epochs",
+            "head_output_dim",
+            "steps",
+            "tasks_per_step",
+        ):
             _require(getattr(self, name) > 0, name, "must be a positive integer")
         _require(self.max_length > 1, "max_length", "must be > 1")
         _require(self.depth >= 0, "depth", "must be >= 0")
         _require(self.tau > 0, "tau", "must be > 0")
-        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        for name in ("learning_rate", "head_learning_rate", "encoder_learning_rate"):
+            _require(getattr(self, name) > 0, name, "must be > 0")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _require(self.calibration_shrinkage >= 0, "calibration_shrinkage", "must be >= 0")
 
