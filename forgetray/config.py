@@ -303,11 +303,13 @@ class IVGuidedConfig:
     weight_last: float = 20.0
     """Weight of KL(p_theta || p_ref) at the last prompt token."""
     weight_all: float = 0.1
-    """Weight of the same KL averaged over all (non-padding) positions."""
+    """Weight of the same KL summed over all (non-padding) positions and divided by the batch size
+    (the authors' `batchmean`)."""
     threshold: float = 0.1
     """A KL term counts only while it exceeds this (value and gradient are 0 below it)."""
     weight_consistency: float = 1.0
-    """Weight of the sum over the selected heads of the MSE between fine-tuned and reference outputs."""
+    """Weight of the sum over the selected heads of the MSE between the fine-tuned model's outputs and
+    the frozen base model's without the vector."""
     consistency_threshold: float = 0.01
     """A head's MSE counts only while it exceeds this."""
 
@@ -702,11 +704,14 @@ class ExactMatchConfig:
     the prompt (fewer when the text is short, so that a reference is left)."""
     reference_tokens: int = 1
     """...and its next `reference_tokens` tokens the reference the greedy continuation must equal."""
-    answer_margin: int = 8
-    """Instruction examples: generation stops at EOS or at the reference's token count + this."""
+    max_new_tokens: int = 512
+    """Instruction examples: greedy generation of up to this many tokens, stopped at EOS or at the
+    first blank line (the authors' 512), within `max_length`."""
     max_length: int = 256
     """Prompt + generated tokens, at most (also capped by the model's context); longer prompts keep
-    their last tokens."""
+    their last tokens. The authors generate 512 tokens within the model's whole context; 256 bounds
+    the cost of the built-in default (whose context is 256): raise it to a real model's context to
+    give long instruction prompts the authors' full 512 tokens."""
     max_batch_tokens: int = 8192
     """Padded prompt + generated tokens per `generate` call."""
     shard_size: int = 256
@@ -717,9 +722,8 @@ class ExactMatchConfig:
     gpus_per_actor: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("prompt_tokens", "reference_tokens", "max_batch_tokens", "shard_size"):
+        for name in ("prompt_tokens", "reference_tokens", "max_new_tokens", "max_batch_tokens", "shard_size"):
             _require(getattr(self, name) > 0, name, "must be a positive integer")
-        _require(self.answer_margin >= 0, "answer_margin", "must be >= 0")
         _require(self.max_length > 1, "max_length", "must be > 1 (a prompt token and a generated one)")
         _require(self.max_batch_tokens >= self.max_length, "max_batch_tokens", "must be >= max_length")
         _require(self.num_actors is None or self.num_actors > 0, "num_actors", "must be positive or null")
@@ -729,9 +733,11 @@ class ExactMatchConfig:
 
 @dataclass(frozen=True)
 class ForecastConfig:
-    """LM-based forecasting (`forgetray forecast RUN`, forgetray/stats/forecast.py): a scorer of (task,
+    """LM-based forecasting (`forgetray forecast RUN`, forgetray/stats/forecast.py): scorers of (task,
     upstream example) pairs from the base model's last-token hidden states, trained on the training
-    tasks' rows and evaluated with the completion protocol of `complete` (same split, k, seeds)."""
+    tasks' rows and evaluated with the completion protocol of `complete` (same split, k, seeds):
+    lm_forecast (the authors': one shared head, encoder fine-tuned, binary Z > 0) and
+    frozen_forecast (forgetray's: frozen encoder, two MLPs, real-valued Z)."""
 
     n_task_examples: int = 64
     """Training examples per task (a seeded sample) whose hidden states are averaged into the task's."""
@@ -752,15 +758,43 @@ class ForecastConfig:
     calibration_shrinkage: float = 15.0
     """The calibrated variant fits a per-task offset and scale on the k revealed entries, shrunk by
     k / (k + calibration_shrinkage) (the additive baseline's reg_task)."""
+    train_encoder: bool = True
+    """lm_forecast (the authors' forecaster): fine-tune the LM encoder with the shared head, as their
+    `fpd.freeze_lm: false`; false: train the head alone on frozen states (much cheaper)."""
+    head_output_dim: int = 768
+    """lm_forecast: output of the shared head Linear(H, H) - ReLU - Linear(H, this) (`fpd.output_dim`)."""
+    head_learning_rate: float = 1e-3
+    """lm_forecast: Adam learning rate of the head (the authors' lr 5e-6 x lr_scale 200)."""
+    encoder_learning_rate: float = 5e-6
+    """lm_forecast: Adam learning rate of the encoder (`fpd.lr`)."""
+    steps: int = 300
+    """lm_forecast: training steps (the authors ran 10k-100k on OLMo)."""
+    tasks_per_step: int = 8
+    """lm_forecast: (task, task example) draws per step, each paired with one forgotten (Z > 0) and
+    one kept upstream example of that task's row."""
+    prior: bool = True
+    """lm_forecast: add each upstream example's fixed log prior odds of being forgotten over the
+    training tasks (`fpd.prior: odd`)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_task_examples", "max_length", "batch_size", "hidden_size", "dim", "epochs"):
+        for name in (
+            "n_task_examples",
+            "max_length",
+            "batch_size",
+            "hidden_size",
+            "dim",
+            "epochs",
+            "head_output_dim",
+            "steps",
+            "tasks_per_step",
+        ):
             _require(getattr(self, name) > 0, name, "must be a positive integer")
         _require(self.max_length > 1, "max_length", "must be > 1")
         _require(self.depth >= 0, "depth", "must be >= 0")
         _require(self.tau > 0, "tau", "must be > 0")
-        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        for name in ("learning_rate", "head_learning_rate", "encoder_learning_rate"):
+            _require(getattr(self, name) > 0, name, "must be > 0")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _require(self.calibration_shrinkage >= 0, "calibration_shrinkage", "must be >= 0")
 
@@ -776,9 +810,11 @@ class IVConfig:
     """Task prompts averaged over and corrupted (the paper: about 100); cost grows with
     n_prompts x layers x heads forward rows."""
     top_k: int = 10
-    """Heads summed into the vector (the paper's 10), at most all of the model's heads."""
+    """Heads summed into the vector (the paper's 10). A model with fewer heads sums all of them, with
+    a logged warning (the authors' code fails there)."""
     layer: int | None = None
-    """Decoder layer whose input (residual stream) the vector is added to; null: n_layers // 3."""
+    """Decoder layer whose attention output (projection output, last prompt token) the vector is added
+    to; null: round(9 x n_layers / 32), the authors' layer 9 of Llama-2-7B's 32 scaled by depth."""
     instruction_share: float = 0.9
     """A line in this share of a task's prompts and in no other task's is its instruction (removed
     to corrupt the prompt)."""

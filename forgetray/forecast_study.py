@@ -11,13 +11,18 @@ model, the forecaster trained on the training tasks' rows, and the completion pr
                                                 settings and ids reuses them)
     <run>/forecast/results.json                 the completion protocol (`evaluate_completion`) with
                                                 the run's `complete` split, k and seeds: the matrix
-                                                completion methods and lm_forecast /
-                                                lm_forecast_calibrated, evaluated in one call
+                                                completion methods and frozen_forecast /
+                                                frozen_forecast_calibrated, evaluated in one call
     <run>/forecast/binary.json                  the same on binary forgetting (with `complete.binary`)
+    <run>/forecast/binary_z0.json               forgotten = Z > 0 (the authors' labels): the binary
+                                                completion methods, the frozen forecasters and
+                                                lm_forecast, the authors' forecaster
 
-The forecaster's maths is in `forgetray.stats.forecast`; the hidden states in
+The forecasters' maths is in `forgetray.stats.forecast`; the hidden states in
 `forgetray.representations`. Extraction runs in this process on the base model (GPU when there is
 one): it is one forward per example and per sampled task example, a small share of scoring.
+lm_forecast trains a copy of the base model as its encoder (`forecast.train_encoder`), also here:
+`forecast.steps` forward-backward passes of 3 x `forecast.tasks_per_step` sequences.
 """
 
 from __future__ import annotations
@@ -33,11 +38,15 @@ import pyarrow.parquet as pq
 
 from forgetray import storage
 from forgetray.config import CompleteConfig, ForecastConfig, SweepConfig
+from forgetray.representations import batch_last_token_states, encode_rows, last_token_states, pad_token_id
+from forgetray.stats.forecast import FixedForecast, SharedHeadSettings, pair_logits, train_shared_head
 
 EXAMPLES_FILE = "example_representations.npy"
 TASKS_FILE = "task_representations.npy"
 INDEX_FILE = "representations.json"
-METHODS = ("lm_forecast", "lm_forecast_calibrated")
+FROZEN_METHODS = ("frozen_forecast", "frozen_forecast_calibrated")
+AUTHORS_METHOD = "lm_forecast"
+AUTHORS_FILE = "binary_z0.json"
 
 
 def _extraction_settings(model: dict[str, Any], config: ForecastConfig) -> dict[str, Any]:
@@ -107,7 +116,6 @@ def extract_representations(
     import torch
 
     from forgetray.models import ModelRef, load_model
-    from forgetray.representations import encode_rows, last_token_states, pad_token_id
 
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,11 +129,7 @@ def extract_representations(
     for i, task in enumerate(tasks):
         table = task_tables[task]
         n = len(table["prompt"])
-        chosen = np.sort(
-            np.random.default_rng([config.seed, zlib.crc32(task.encode())]).permutation(n)[
-                : config.n_task_examples
-            ]
-        )
+        chosen = task_sample(task, n, config)
         task_rows = [(f"{task}/{j}", table["prompt"][j], table["response"][j]) for j in chosen]
         states = last_token_states(
             model, encode_rows(tokenizer, task_rows, config.max_length), config.batch_size, pad
@@ -178,7 +182,8 @@ def protocol_split(n_tasks: int, n_examples: int, config: CompleteConfig) -> tup
 def forecast_methods(
     h_tasks: np.ndarray, h_examples: np.ndarray, train_rows: np.ndarray, config: ForecastConfig
 ) -> dict[str, Any]:
-    """lm_forecast (representations only) and lm_forecast_calibrated (also the k revealed entries)."""
+    """frozen_forecast (representations only) and frozen_forecast_calibrated (also the k revealed
+    entries): forgetray's frozen-encoder forecaster."""
     from forgetray.stats.forecast import ForecastSettings, LMForecast
 
     settings = ForecastSettings(
@@ -190,11 +195,131 @@ def forecast_methods(
             h_examples,
             train_rows,
             settings,
-            calibrate=name == "lm_forecast_calibrated",
+            calibrate=name == "frozen_forecast_calibrated",
             calibration_shrinkage=config.calibration_shrinkage,
         )
-        for name in METHODS
+        for name in FROZEN_METHODS
     }
+
+
+def task_sample(task: str, n: int, config: ForecastConfig) -> np.ndarray:
+    """The seeded sample of a task's training examples that represents it (sorted row numbers)."""
+    rng = np.random.default_rng([config.seed, zlib.crc32(task.encode())])
+    return np.sort(rng.permutation(n)[: config.n_task_examples])
+
+
+def authors_forecast(
+    run_dir: str,
+    tasks: list[str],
+    examples: list[str],
+    forgotten_train: np.ndarray,
+    train_rows: np.ndarray,
+    config: ForecastConfig,
+    log: Callable[[str], None] = print,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """(P(forgotten) (tasks, examples) in matrix order, training summary) of the authors'
+    forecaster (`forgetray.stats.forecast.train_shared_head`), trained on the training rows'
+    binary labels `forgotten_train` (train tasks, examples) = Z > 0 only.
+
+    The authors score each example of a task separately against the task's row; a task's row here
+    is the mean of its sampled examples' logits (= the logit of the mean head output: the score is
+    linear in it), so every task gets one row.
+    """
+    import time
+
+    import torch
+
+    from forgetray.models import ModelRef, load_model
+    from forgetray.pipeline import RunPaths
+
+    started = time.perf_counter()
+    paths = RunPaths(run_dir)
+    upstream = _read_rows(paths.upstream, ["example_id", "prompt", "response"])
+    position = {example_id: j for j, example_id in enumerate(upstream["example_id"])}
+    missing = [e for e in examples if e not in position]
+    if missing:
+        raise ValueError(f"{paths.upstream}: matrix example {missing[0]!r} is not an upstream example")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(ModelRef(**_base_model(run_dir)), device)
+    pad = pad_token_id(tokenizer)
+    example_ids = encode_rows(
+        tokenizer,
+        [(e, upstream["prompt"][position[e]], upstream["response"][position[e]]) for e in examples],
+        config.max_length,
+    )  # matrix column order
+    task_ids: list[list[np.ndarray]] = []
+    for task in tasks:
+        table = _read_rows(paths.task(task), ["prompt", "response"])
+        chosen = task_sample(task, len(table["prompt"]), config)
+        rows = [(f"{task}/{j}", table["prompt"][j], table["response"][j]) for j in chosen]
+        task_ids.append(encode_rows(tokenizer, rows, config.max_length))
+    train_task_ids = [task_ids[int(r)] for r in train_rows]
+    frozen: dict[str, Any] = {}
+    if not config.train_encoder:
+        frozen["example"] = torch.from_numpy(last_token_states(model, example_ids, config.batch_size, pad))
+        frozen["task"] = [
+            torch.from_numpy(last_token_states(model, ids, config.batch_size, pad)) for ids in train_task_ids
+        ]
+
+    def encode(kind: str, indices: list[Any]) -> Any:
+        if kind == "example":
+            if frozen:
+                return frozen["example"][indices]
+            return batch_last_token_states(model, [example_ids[j] for j in indices], pad)
+        if frozen:
+            return torch.stack([frozen["task"][row][k] for row, k in indices])
+        return batch_last_token_states(model, [train_task_ids[row][k] for row, k in indices], pad)
+
+    settings = SharedHeadSettings(
+        output_dim=config.head_output_dim,
+        tau=config.tau,
+        head_learning_rate=config.head_learning_rate,
+        encoder_learning_rate=config.encoder_learning_rate,
+        steps=config.steps,
+        tasks_per_step=config.tasks_per_step,
+        prior=config.prior,
+        seed=config.seed,
+    )
+    width = int(getattr(model.config, "hidden_size", None) or model.config.n_embd)
+    if config.train_encoder:
+        model.train()  # the authors' forecaster trains its LM in train mode (dropout on)
+        model.requires_grad_(True)
+    sizes = np.array([len(ids) for ids in train_task_ids])
+    forecaster = train_shared_head(
+        encode,
+        width,
+        forgotten_train,
+        sizes,
+        settings,
+        list(model.parameters()) if config.train_encoder else [],
+    )
+    model.eval()
+    with torch.no_grad():
+        example_codes = forecaster.head(
+            torch.from_numpy(last_token_states(model, example_ids, config.batch_size, pad))
+        )  # (examples, D)
+        task_codes = torch.stack(
+            [
+                forecaster.head(torch.from_numpy(last_token_states(model, ids, config.batch_size, pad))).mean(
+                    0
+                )
+                for ids in task_ids
+            ]
+        )  # (tasks, D)
+        prior = None if forecaster.prior is None else torch.from_numpy(forecaster.prior).float()
+        logits = pair_logits(task_codes, example_codes, config.tau, prior).double().numpy()
+    seconds = time.perf_counter() - started
+    log(
+        f"forecast: lm_forecast (shared head, encoder {'fine-tuned' if config.train_encoder else 'frozen'}, "
+        f"{config.steps} steps) trained in {seconds:.1f} s, final BCE {forecaster.train_loss[-1]:.4f}"
+    )
+    info = {
+        "train_encoder": config.train_encoder,
+        "final_train_loss": forecaster.train_loss[-1],
+        "first_train_loss": forecaster.train_loss[0],
+        "seconds": round(seconds, 2),
+    }
+    return 1.0 / (1.0 + np.exp(-logits)), info
 
 
 def forecast_run(run_dir: str, config: SweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -250,13 +375,31 @@ def forecast_run(run_dir: str, config: SweepConfig, log: Callable[[str], None] =
             train_rows=train_rows,
         )
         evaluated["split"]["test_tasks"] = [tasks[i] for i in test_rows]
-        fitted = methods["lm_forecast"].fit(np.asarray(evaluated_train(z, train_rows, threshold)))
+        fitted = methods["frozen_forecast"].fit(np.asarray(evaluated_train(z, train_rows, threshold)))
         evaluated["forecast"] = described | {"final_train_loss": fitted.train_loss[-1]}
         storage.write_json(os.path.join(out, f"{kind}.json"), evaluated)
         results[kind] = evaluated
         shown = [m for m in evaluated if isinstance(evaluated[m], dict) and "rmse_mean" in evaluated[m]]
         summary = ", ".join(f"{m} {evaluated[m]['rmse_mean'] * 100:.2f}" for m in shown)
         log(f"forecast: {kind} RMSE x100 over {len(seeds)} seeds, {len(test_rows)} held-out tasks: {summary}")
+    # The authors' forecaster, on its own labels (forgotten = Z > 0), beside every other method
+    # binarised the same way.
+    probabilities, trained = authors_forecast(
+        run_dir, tasks, examples, z[train_rows] > 0, train_rows, config.forecast, log
+    )
+    methods = completion_methods(config.complete, binary=True)
+    methods.update(forecast_methods(h_tasks, h_examples, train_rows, config.forecast))
+    methods[AUTHORS_METHOD] = FixedForecast(probabilities)
+    evaluated = evaluate_completion(
+        z, test_rows, methods, config.complete.revealed_k, seeds, binary_threshold=0.0, train_rows=train_rows
+    )
+    evaluated["split"]["test_tasks"] = [tasks[i] for i in test_rows]
+    evaluated["forecast"] = described | {"lm_forecast": trained}
+    storage.write_json(os.path.join(out, AUTHORS_FILE), evaluated)
+    results["binary_z0"] = evaluated
+    shown = [m for m in evaluated if isinstance(evaluated[m], dict) and "f1_mean" in evaluated[m]]
+    summary = ", ".join(f"{m} {evaluated[m]['f1_mean']:.3f}" for m in shown)
+    log(f"forecast: forgotten = Z > 0, F1 over {len(seeds)} seeds: {summary}")
     return results
 
 

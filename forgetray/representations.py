@@ -21,6 +21,28 @@ import numpy as np
 from forgetray.data.encoding import prefix_ids_of
 
 
+def batch_last_token_states(model: Any, encoded: Sequence[np.ndarray], pad_id: int = 0) -> Any:
+    """(batch, hidden) tensor of final-layer states at each row's last token, one right-padded forward
+    of the backbone; differentiable when called with gradients on (the LM forecaster that trains its
+    encoder, as the authors', calls it so)."""
+    import torch
+
+    device = next(model.parameters()).device
+    backbone = getattr(model, "base_model", model)  # GPT-2: .transformer, Llama: .model
+    lengths = [len(e) for e in encoded]
+    width = max(lengths)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)  # (batch, width)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        ids[row, : lengths[row]] = torch.as_tensor(e, dtype=torch.long)
+        mask[row, : lengths[row]] = 1
+    # The backbone without the LM head: a (batch, width, vocab) logits tensor would be the largest
+    # thing in memory (2 GB for SmolLM2 at 32 x 320 tokens) and is not needed.
+    hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    last = torch.as_tensor(lengths, device=device) - 1
+    return hidden[torch.arange(len(encoded), device=device), last].float()
+
+
 def last_token_states(
     model: Any, encoded: Sequence[np.ndarray], batch_size: int = 32, pad_id: int = 0
 ) -> np.ndarray:
@@ -30,25 +52,13 @@ def last_token_states(
 
     if not encoded:
         raise ValueError("last_token_states: no examples to encode")
-    device = next(model.parameters()).device
-    backbone = getattr(model, "base_model", model)  # GPT-2: .transformer, Llama: .model
     lengths = np.array([len(e) for e in encoded])
     order = np.argsort(lengths, kind="stable")
     out: np.ndarray | None = None
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        width = int(lengths[batch].max())
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (batch, width)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, j in enumerate(batch):
-            ids[row, : lengths[j]] = torch.as_tensor(encoded[j], dtype=torch.long)
-            mask[row, : lengths[j]] = 1
         with torch.inference_mode():
-            # The backbone without the LM head: a (batch, width, vocab) logits tensor would be the
-            # largest thing in memory (2 GB for SmolLM2 at 32 x 320 tokens) and is not needed.
-            hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        last = torch.as_tensor(lengths[batch] - 1, device=device)
-        states = hidden[torch.arange(len(batch), device=device), last].float().cpu().numpy()
+            states = batch_last_token_states(model, [encoded[j] for j in batch], pad_id).cpu().numpy()
         if out is None:
             out = np.empty((len(encoded), states.shape[1]), dtype=np.float32)
         out[batch] = states

@@ -17,7 +17,16 @@ import pytest
 
 from forgetray.data.encoding import EncodingError
 from forgetray.matrix import MatrixError
-from forgetray.score.exact_match import build_probes, exact_match, greedy_generate, normalise
+from forgetray.score.exact_match import (
+    Probe,
+    before_blank_line,
+    build_probes,
+    exact_match,
+    greedy_generate,
+    is_match,
+    normalise,
+    normalize_answer,
+)
 
 WORDS = "the a fox dog cat runs jumps over under lazy quick brown red blue green sits".split()  # noqa: SIM905
 EOS = 0
@@ -123,7 +132,7 @@ def test_exact_match_matrix_on_a_case_with_known_answers(word_tokenizer, tmp_pat
         rows.append((f"ex{len(rows)}", "text", "", text))
 
     probes = build_probes(
-        word_tokenizer, rows, prompt_tokens=32, reference_tokens=3, answer_margin=8, max_length=64
+        word_tokenizer, rows, prompt_tokens=32, reference_tokens=3, max_new_tokens=8, max_length=64
     )
     assert [len(p.prompt_ids) + 3 for p in probes] == [len(r[3].split()) for r in rows]
     results = {}
@@ -164,8 +173,9 @@ def test_exact_match_matrix_on_a_case_with_known_answers(word_tokenizer, tmp_pat
 
 
 def test_instruction_answers_must_end_at_the_reference(word_tokenizer):
-    """An instruction's answer is everything generated up to EOS or reference tokens + margin: a base
-    model that keeps talking after the reference's words is wrong unless the margin is 0."""
+    """An instruction's answer is everything generated up to EOS, a blank line or the cap: a base
+    model that keeps talking after the reference's words is wrong (this tokenizer has no blank
+    line), unless the cap cuts it at the reference."""
     vocab_size = len(word_tokenizer)
     model = word_model(vocab_size, seed=1)
     rng = np.random.default_rng(1)
@@ -178,13 +188,94 @@ def test_instruction_answers_must_end_at_the_reference(word_tokenizer):
         "inst",
         "instruction",
         word_tokenizer.decode(prompt),
-        "  " + word_tokenizer.decode(answer[:3]) + "\n",
+        "  " + word_tokenizer.decode(answer[:3]).upper() + "\n",
     )
-    tight = build_probes(word_tokenizer, [row], 32, 4, answer_margin=0, max_length=64)
-    loose = build_probes(word_tokenizer, [row], 32, 4, answer_margin=2, max_length=64)
-    assert tight[0].max_new_tokens == 3 and loose[0].max_new_tokens == 5
-    assert exact_match(model, word_tokenizer, tight)[0].tolist() == [True]
-    assert exact_match(model, word_tokenizer, loose)[0].tolist() == [False]
+    tight = build_probes(word_tokenizer, [row], 32, 4, max_new_tokens=3, max_length=64)
+    loose = build_probes(word_tokenizer, [row], 32, 4, max_new_tokens=512, max_length=64)
+    assert tight[0].max_new_tokens == 3 and tight[0].kind == "instruction"
+    assert loose[0].max_new_tokens == 64 - len(prompt)  # 512 capped by max_length
+    assert exact_match(model, word_tokenizer, tight)[0].tolist() == [True]  # case does not count
+    correct, _, n_tokens = exact_match(model, word_tokenizer, loose)
+    assert correct.tolist() == [False] and n_tokens[0] > 3
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The Cat sat.", "cat sat"),
+        ("  An   apple,\ta day!  ", "apple day"),
+        ("theatre another", "theatre another"),  # articles only as whole words
+        ("U.S.A.", "usa"),
+        ("well-known", "wellknown"),  # punctuation is removed, not replaced by a space
+        ("A", ""),
+        ("Über (2)", "über 2"),
+        ("", ""),
+    ],
+)
+def test_normalize_answer_is_the_squad_rule(text, expected):
+    assert normalize_answer(text) == expected
+
+
+def test_answers_count_up_to_their_first_blank_line():
+    assert before_blank_line("Paris.\n\nThe capital") == "Paris."
+    assert before_blank_line("Paris.\nThe capital") == "Paris.\nThe capital"
+    assert before_blank_line("\n\nParis") == ""
+    instruction = Probe("q", np.zeros(1, dtype=np.int64), "Paris", 8, "instruction")
+    assert is_match("the paris!\n\nMore text", instruction)
+    assert not is_match("Paris\nMore text", instruction)
+    assert not is_match("", instruction)
+    text = Probe("t", np.zeros(1, dtype=np.int64), " the", 1, "text")
+    assert is_match("the ", text)
+    assert not is_match(" a", text)  # SQuAD would make both "" and call this a match
+    assert not is_match(" The", text)
+
+
+def scripted_model(script: list[int], vocab_size: int):
+    """A GPT-2 without layers whose greedy token after position p is script[p + 1]: hidden =
+    ln_f(wpe[p]) with one-hot position embeddings (token embeddings 0), and an untied LM head
+    whose row for token v is the sum of the one-hots of the positions it follows."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n = len(script) + 1
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=n, n_embd=n, n_layer=0, n_head=1, tie_word_embeddings=False
+    )
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()
+        model.transformer.wpe.weight.copy_(torch.eye(n))
+        model.lm_head.weight.zero_()
+        for position, token in enumerate(script[1:]):
+            model.lm_head.weight[token, position] = 1.0
+    return model
+
+
+def test_a_known_generation_stops_at_its_blank_line_and_matches_by_the_squad_rule():
+    """The byte-level tokenizer has no files; the scripted model answers every 6-byte prompt with
+    "The Paris!", a blank line, then more text and EOS: the answer is generated up to the token
+    that completes the blank line (12 tokens, not the 31 to EOS) and matches "paris" only."""
+    from transformers import ByT5Tokenizer
+
+    tokenizer = ByT5Tokenizer()
+    prompt = "Where?"
+    answer = "The Paris!\n\nParis is a city."
+    script = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    model = scripted_model(script, len(tokenizer))
+    rows = [
+        ("right", "instruction", prompt, "paris"),
+        ("rest", "instruction", prompt, "Paris! Paris is a city."),
+        ("strict", "text", "", prompt + " Th"),
+    ]
+    probes = build_probes(tokenizer, rows, 6, 3, max_new_tokens=512, max_length=len(script) + 1)
+    assert [p.max_new_tokens for p in probes] == [len(script) - 5, len(script) - 5, 3]
+    correct, texts, n_tokens = exact_match(model, tokenizer, probes)
+    assert correct.tolist() == [True, False, False]  # " Th" vs "The": only whitespace is free
+    assert texts[:2] == ["The Paris!\n\n"] * 2 and n_tokens.tolist() == [12, 12, 3]
+    alone = [greedy_generate(model, [p], 0, tokenizer.eos_token_id)[0] for p in probes[:1]]
+    assert len(alone[0]) == len(script) - 7  # without the tokenizer: no blank-line stop, up to EOS
+    capped = build_probes(tokenizer, rows[:1], 6, 3, max_new_tokens=5, max_length=64)
+    assert exact_match(model, tokenizer, capped)[1] == ["The P"]
 
 
 def _models():
@@ -225,7 +316,7 @@ def test_batched_generation_equals_one_probe_at_a_time(kind, tiny_model, tiny_to
     rows = [(f"t{i}", "text", "", text) for i, text in enumerate(TEXTS[:5])]
     rows += [(f"i{i}", "instruction", text[:20], text[20:40]) for i, text in enumerate(TEXTS[:4])]
     probes = build_probes(
-        tiny_tokenizer, rows, prompt_tokens=6, reference_tokens=5, answer_margin=3, max_length=64
+        tiny_tokenizer, rows, prompt_tokens=6, reference_tokens=5, max_new_tokens=3, max_length=64
     )
     assert len({len(p.prompt_ids) for p in probes}) >= 3  # left padding really happens
     pad, eos = tiny_tokenizer.pad_token_id, tiny_tokenizer.eos_token_id
@@ -240,7 +331,7 @@ def test_long_prompts_keep_their_last_tokens_within_max_length(tiny_tokenizer):
     from conftest import TEXTS
 
     text = " ".join(TEXTS)
-    probes = build_probes(tiny_tokenizer, [("long", "text", "", text)], 1000, 4, 0, max_length=20)
+    probes = build_probes(tiny_tokenizer, [("long", "text", "", text)], 1000, 4, 8, max_length=20)
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert probes[0].max_new_tokens == 4
     assert probes[0].prompt_ids.tolist() == ids[: len(ids) - 4][-16:]
@@ -258,7 +349,7 @@ def test_long_prompts_keep_their_last_tokens_within_max_length(tiny_tokenizer):
 )
 def test_bad_examples_are_errors_naming_example_and_field(tiny_tokenizer, row, message):
     with pytest.raises(EncodingError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        build_probes(tiny_tokenizer, [row], 32, 4, 8, 64)
+        build_probes(tiny_tokenizer, [row], 32, 4, 512, 64)
 
 
 def test_missing_or_duplicated_results_name_the_model_and_example(tmp_path):

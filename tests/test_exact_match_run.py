@@ -65,7 +65,7 @@ def test_ray_scoring_matches_the_core_and_resumes_only_missing_shards(ray_sessio
     rows = list(rows)
     for name, ref in refs.items():
         model, tokenizer = load_model(ref)
-        probes = build_probes(tokenizer, rows, 6, 3, config.answer_margin, 64)
+        probes = build_probes(tokenizer, rows, 6, 3, config.max_new_tokens, 64)
         correct, answers, _ = exact_match(model, tokenizer, probes)
         got = read_exact_match(os.path.join(root, name)).to_pandas().set_index("example_id")
         assert got.loc[[r[0] for r in rows], "correct"].tolist() == correct.tolist()

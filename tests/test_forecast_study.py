@@ -35,7 +35,7 @@ def make_run(root: str, model_dir: str, with_matrix: bool = True) -> SweepConfig
         run_dir=root,
         tasks=TasksConfig(builtin=TASKS),
         complete=CompleteConfig(revealed_k=10, n_seeds=2),
-        forecast=ForecastConfig(n_task_examples=6, epochs=80, batch_size=16),
+        forecast=ForecastConfig(n_task_examples=6, epochs=80, batch_size=16, steps=20, head_output_dim=16),
     )
     storage.write_text(os.path.join(root, "config.yaml"), config.to_yaml())
     storage.write_json(
@@ -118,14 +118,21 @@ def test_forecast_command_writes_results_reuses_representations_and_reports(tmp_
     assert results["split"] == completion["split"]  # same held-out tasks and revealed entries
     for method in ("global_mean", "als_mf"):  # the completion methods, recomputed in the same call
         assert results[method]["rmse_mean"] == pytest.approx(completion[method]["rmse_mean"])
-    for method in ("lm_forecast", "lm_forecast_calibrated"):
+    for method in ("frozen_forecast", "frozen_forecast_calibrated"):
         assert np.isfinite(results[method]["rmse_mean"]) and len(results[method]["rmse_per_seed"]) == 2
+    assert "lm_forecast" not in results  # the authors' forecaster is binary (Z > 0) only
     binary = storage.read_json(os.path.join(root, "forecast", "binary.json"))
-    assert 0.0 <= binary["lm_forecast"]["auc_mean"] <= 1.0
+    assert 0.0 <= binary["frozen_forecast"]["auc_mean"] <= 1.0
+    authors = storage.read_json(os.path.join(root, "forecast", "binary_z0.json"))
+    assert authors["binary_threshold"] == 0.0 and authors["split"] == results["split"]
+    assert 0.0 <= authors["lm_forecast"]["f1_mean"] <= 1.0 and "logistic_mf" in authors
+    trained = authors["forecast"]["lm_forecast"]
+    assert trained["train_encoder"] is True and np.isfinite(trained["final_train_loss"])
 
     report = open(os.path.join(root, "report.html"), encoding="utf-8").read()
     section = report.split('<section id="forecast">')[1].split("</section>")[0]
-    assert "lm_forecast_calibrated" in section and "als_mf" in section and "Binary forgetting" in section
+    assert "frozen_forecast_calibrated" in section and "als_mf" in section and "Binary forgetting" in section
+    assert "the authors&#x27; labels" in section or "the authors' labels" in section
 
     # A second call reuses the representations (same settings), and retrains only the forecaster.
     mtime = os.path.getmtime(os.path.join(root, "forecast", "task_representations.npy"))

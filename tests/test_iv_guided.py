@@ -24,9 +24,45 @@ def test_kl_matches_torch_kl_div_and_is_masked() -> None:
     log_p = torch.log_softmax(logits.double() / 2.0, dim=-1)
     log_q = torch.log_softmax(reference.double() / 2.0, dim=-1)
     per_position = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
-    expected = float((per_position * mask).sum() / mask.sum())
+    expected = float((per_position * mask).sum() / 2)  # summed over positions, / batch size
     assert float(kl_to_reference(logits, reference, 2.0, mask)) == pytest.approx(expected, rel=1e-5)
     assert float(kl_to_reference(logits, logits.clone(), 2.0, mask)) == 0.0
+
+
+def test_loss_terms_against_a_hand_computed_case() -> None:
+    """p uniform over 2 tokens, q = softmax([2 ln 3, 0] / 2) = (3/4, 1/4) where the reference moved:
+    KL(p || q) = 1/2 ln(1/2 / 3/4) + 1/2 ln(1/2 / 1/4) = 1/2 ln(4/3) = k per moved position. Row 0
+    moved at its 3 positions, row 1 at position 1 only (and at its padding position 2, which must
+    not count); both last prompt tokens are position 1. So KL_last = (k + k) / 2 = k and KL_all =
+    (3k + k) / 2 = 2k (the authors' batchmean; a mean over the 5 positions would be 0.8k). Heads:
+    one head off by (1, 0) in both rows, one exact: MSEs 1/2 and 0."""
+    import math
+
+    import torch
+
+    from forgetray.iv.guided import iv_guided_loss
+
+    k = 0.5 * math.log(4 / 3)
+    moved = [2 * math.log(3), 0.0]
+    logits = torch.zeros(2, 3, 2)
+    reference = torch.zeros(2, 3, 2)
+    reference[0, :] = torch.tensor(moved)
+    reference[1, 1:] = torch.tensor(moved)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    positions = torch.tensor([1, 1])
+    heads = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])  # (batch, heads, dim)
+    ce = torch.tensor(1.0)
+    config = IVGuidedConfig(enabled=True)  # T 2, weights 20 / 0.1 / 1, thresholds 0.1 / 0.01
+    total, parts = iv_guided_loss(ce, logits, reference, positions, mask, heads, torch.zeros(2, 2, 2), config)
+    assert parts["kl_last"] == pytest.approx(k, rel=1e-6)
+    assert parts["kl_all"] == pytest.approx(2 * k, rel=1e-6)
+    assert parts["consistency"] == pytest.approx(0.5, rel=1e-6)
+    assert float(total) == pytest.approx(1.0 + 20 * k + 0.1 * 2 * k + 0.5, rel=1e-6)  # 4.40559
+    # KL_last (0.144) under a 0.2 threshold is off, KL_all (0.288) stays on
+    strict = IVGuidedConfig(enabled=True, threshold=0.2, consistency_threshold=0.6)
+    total, parts = iv_guided_loss(ce, logits, reference, positions, mask, heads, torch.zeros(2, 2, 2), strict)
+    assert float(total) == pytest.approx(1.0 + 0.1 * 2 * k, rel=1e-6)
+    assert parts["consistency"] == 0.0
 
 
 def test_gated_terms_are_off_below_their_threshold() -> None:
@@ -50,10 +86,10 @@ def _batch(tokenizer: Any) -> dict[str, Any]:
     return collate(examples, tokenizer.pad_token_id or 0)
 
 
-def _guidance(model: Any, reference: Any, vector: Any, config: IVGuidedConfig) -> Any:
+def _guidance(model: Any, reference: Any, vector: Any, config: IVGuidedConfig, layer: int = 1) -> Any:
     from forgetray.iv.training import IVGuidance
 
-    return IVGuidance(config, model, reference, vector, layer=1, heads=[(0, 1), (1, 0)])
+    return IVGuidance(config, model, reference, vector, layer=layer, heads=[(0, 1), (1, 0)])
 
 
 THRESHOLDS_OFF = IVGuidedConfig(enabled=True, threshold=0.0, consistency_threshold=0.0)
@@ -87,10 +123,13 @@ def test_a_nonzero_vector_gives_positive_kl_and_gradients_reach_only_the_trained
     reference.requires_grad_(False)
     torch.manual_seed(1)
     vector = 3.0 * torch.randn(32)
-    guidance = _guidance(model, reference, vector, THRESHOLDS_OFF)
+    guidance = _guidance(model, reference, vector, THRESHOLDS_OFF, layer=0)
     total = guidance.loss(lambda b: model(**b), batch)
     parts = guidance.totals
-    assert parts["kl_last"] > 1e-4 and parts["kl_all"] > 1e-6 and parts["consistency"] > 1e-8
+    assert parts["kl_last"] > 1e-4 and parts["kl_all"] > 1e-6
+    # head targets are the frozen model's *without* the vector: an unchanged copy matches them
+    # exactly, also head (1, 0), which reads layer 0's shifted output in the vector's forward
+    assert parts["consistency"] == 0.0
     assert float(total.detach()) > parts["ce"]
     total.backward()
     assert all(p.grad is None for p in reference.parameters())

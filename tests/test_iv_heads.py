@@ -126,27 +126,51 @@ def test_head_access_refuses_an_unknown_layout() -> None:
         head_access(Odd())
 
 
-def test_add_to_residual_moves_only_the_given_positions() -> None:
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_vector_is_added_to_one_layers_attention_output_at_the_given_positions(arch: str) -> None:
     import torch
 
-    from forgetray.iv.heads import add_to_residual, head_access
+    from forgetray.iv.heads import add_to_attention_output, capture_heads, head_access
 
-    model = tiny("llama")
+    model = tiny(arch)
     access = head_access(model)
     positions = torch.tensor([2, 4])
+    vector = torch.arange(32, dtype=torch.float32) / 8.0
+    seen: list[torch.Tensor] = []
+
+    def run(v: torch.Tensor | None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        seen.clear()
+        with torch.no_grad(), capture_heads(access, torch.tensor([5, 5])) as heads:
+            if v is None:
+                logits = model(input_ids=ids()).logits
+            else:
+                with add_to_attention_output(access, 0, v, positions):
+                    # registered after the vector's hook: sees the projection output it returns
+                    hook = access.projections[0].register_forward_hook(lambda m, a, out: seen.append(out))
+                    logits = model(input_ids=ids()).logits
+                    hook.remove()
+        return logits, dict(heads)
+
+    clean, clean_heads = run(None)
+    hook = access.projections[0].register_forward_hook(lambda m, a, out: seen.append(out))
     with torch.no_grad():
-        clean = model(input_ids=ids()).logits
-        with add_to_residual(access, 1, torch.zeros(32), positions):
-            zero = model(input_ids=ids()).logits
-        with add_to_residual(access, 1, torch.ones(32), positions):
-            moved = model(input_ids=ids()).logits
-    assert torch.equal(zero, clean)
+        model(input_ids=ids())
+    hook.remove()
+    clean_output = seen[0]
+    moved, moved_heads = run(vector)
+    expected = clean_output.clone()
+    expected[0, 2] += vector
+    expected[1, 4] += vector
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=1e-6)
+    # layer 0's heads are read before its projection: unchanged; layer 1's see the vector
+    torch.testing.assert_close(moved_heads[0], clean_heads[0], rtol=0, atol=0)
+    assert (moved_heads[1] - clean_heads[1]).abs().amax() > 1e-4
     changed = (moved - clean).abs().amax(dim=-1) > 1e-5  # (batch, tokens)
     # causal: positions before the patched one are untouched; the patched one and later ones move
     assert changed.tolist() == [[False, False, True, True, True, True], [False] * 4 + [True, True]]
     with (
         pytest.raises(ValueError, match=r"decoder layers 0 \.\. 1"),
-        add_to_residual(access, 2, torch.ones(32), positions),
+        add_to_attention_output(access, 2, vector, positions),
     ):
         pass
 
@@ -232,3 +256,25 @@ def test_instruction_lines_are_those_of_this_task_only() -> None:
     assert instruction_lines(mine, others, 0.6) == {"Add the numbers."}
     assert instruction_lines(mine, others, 0.9) == set()
     assert remove_lines(mine[0], {"Add the numbers."}) == "x: 1\nAnswer:"
+
+
+@pytest.mark.parametrize(("n_layers", "layer"), [(32, 9), (30, 8), (24, 7), (12, 3), (2, 1), (1, 0)])
+def test_the_default_layer_is_the_authors_9_of_32_scaled_by_depth(n_layers: int, layer: int) -> None:
+    from forgetray.iv.extract import default_layer
+
+    assert default_layer(n_layers) == layer
+
+
+def test_asking_for_more_heads_than_the_model_has_is_reported(tiny_model: Any, tiny_tokenizer: Any) -> None:
+    from conftest import TEXTS
+
+    from forgetray.iv.extract import extract
+
+    prompts = [f"Reverse:\n{t[:24]}\nAnswer:" for t in TEXTS[:3]]
+    responses = [t[24:40] for t in TEXTS[:3]]
+    corrupted = [p.replace("Reverse:\n", "") for p in prompts]
+    every = extract(tiny_model, tiny_tokenizer, prompts, responses, corrupted, 100, 8, 64)
+    n = every["n_layers"] * every["n_heads"]
+    assert every["top_k_capped"] and len(every["heads"]) == n and every["top_k"] == 100
+    some = extract(tiny_model, tiny_tokenizer, prompts, responses, corrupted, n - 1, 8, 64)
+    assert not some["top_k_capped"] and len(some["heads"]) == n - 1

@@ -52,7 +52,11 @@ def run_tasks(run_dir: str) -> list[str]:
 
 def _extraction_settings(config: SweepConfig) -> dict[str, Any]:
     iv = to_plain(config.iv)
-    return {k: iv[k] for k in ("n_prompts", "top_k", "layer", "instruction_share", "seed")}
+    # "site": where the vector goes and how its default layer is chosen; extractions saved under
+    # another rule (the residual stream entering layer n_layers // 3) are redone, not reused
+    return {k: iv[k] for k in ("n_prompts", "top_k", "layer", "instruction_share", "seed")} | {
+        "site": "attention_output, round(9 n_layers / 32)"
+    }
 
 
 def extract_run(run_dir: str, config: SweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -113,6 +117,12 @@ def extract_run(run_dir: str, config: SweepConfig, log: Callable[[str], None] = 
                 ic.batch_rows,
                 max_length,
             )
+            if result["top_k_capped"]:
+                log(
+                    f"WARNING iv {task}: iv.top_k is {ic.top_k} but the model has only "
+                    f"{result['n_layers']} x {result['n_heads']} = {len(result['heads'])} heads: the "
+                    "vector sums every head (Jiang et al.'s code fails here); set iv.top_k to choose"
+                )
             layer = default_layer(result["n_layers"]) if ic.layer is None else ic.layer
             if layer >= result["n_layers"]:
                 raise ValueError(f"iv.layer: {layer}, but the model has layers 0 .. {result['n_layers'] - 1}")
@@ -145,6 +155,7 @@ def extract_run(run_dir: str, config: SweepConfig, log: Callable[[str], None] = 
                 "instruction_lines",
                 "n_layers",
                 "n_heads",
+                "top_k_capped",
             )
         }
     storage.write_json(os.path.join(out, "summary.json"), {"settings": settings, "tasks": summary})

@@ -182,10 +182,14 @@ def instruction_vector(
     return torch.stack(parts).sum(dim=0)
 
 
+REFERENCE_LAYER, REFERENCE_DEPTH = 9, 32
+"""Jiang et al.'s scripts add the vector at layer 9 (`edit_layer=9`) of Llama-2-7B's 32."""
+
+
 def default_layer(n_layers: int) -> int:
-    """Where the vector is added when the config does not say: layer L / 3, as the function-vector
-    work does (Jiang et al.'s reference code: layer 9 of Llama-2-7B's 32)."""
-    return n_layers // 3
+    """Where the vector is added when the config does not say: layer 9 of 32 scaled by depth,
+    round(9 L / 32) (9 for Llama-2-7B, 8 for SmolLM2-135M's 30, 1 for the built-in model's 2)."""
+    return min(n_layers - 1, round(REFERENCE_LAYER * n_layers / REFERENCE_DEPTH))
 
 
 def extract(
@@ -217,7 +221,10 @@ def extract(
             for s in range(0, len(clean), batch_rows)
         ]
     )
-    heads = top_heads(effects, min(top_k, access.n_layers * access.n_heads))
+    # Fewer heads than top_k: the authors' torch.topk(k=10) raises; here the vector sums every head
+    # and the result says so (`top_k_capped`), which the run logs as a warning.
+    n_heads_total = access.n_layers * access.n_heads
+    heads = top_heads(effects, min(top_k, n_heads_total))
     vector = instruction_vector(access, means, heads)
     return {
         "means": means.numpy(),
@@ -231,4 +238,6 @@ def extract(
         "p_answer_clean": float(p_clean.mean()),
         "p_answer_corrupted": float(p_corrupted.mean()),
         "vector_norm": float(np.linalg.norm(vector.numpy())),
+        "top_k": top_k,
+        "top_k_capped": top_k > n_heads_total,
     }

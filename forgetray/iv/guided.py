@@ -3,13 +3,21 @@
     L = CE + w_last * [KL_last > t] * KL_last + w_all * [KL_all > t] * KL_all
            + w_cons * sum_h [m_h > t_cons] * m_h
 
-KL_last = KL(p_theta || p_ref) at the last prompt token (the distribution of the first answer
-token), KL_all = the same averaged over every non-padding position, both at temperature T (softmax
-of logits / T, no T^2 factor); p_ref = the frozen base model with the instruction vector added to
-its residual stream at the last prompt token (forgetray/iv/training.py). m_h = mean squared error
-between the fine-tuned and the reference model's output of selected head h at the last prompt token.
-The thresholds switch a term off (value and gradient) while it is small: the model may drift a
-little from the reference without paying for it.
+As in Jiang et al.'s code (FvForgetting `src/tuning/trainer/base.py`, `KD_loss` = `F.kl_div(...,
+reduction="batchmean")`):
+
+    KL_last = 1/B sum_b        KL(p_theta || p_ref)[b, last prompt token of b]
+    KL_all  = 1/B sum_b sum_t  KL(p_theta || p_ref)[b, t]      (summed over positions, not averaged)
+
+at temperature T (softmax of logits / T, no T^2 factor), B the micro-batch's rows; p_ref = the
+frozen base model with the instruction vector added to one layer's attention output at the last
+prompt token (forgetray/iv/training.py). The authors' sum runs over every position of the padded
+batch; here padding positions are left out (their logits depend on how a batch happens to be
+padded, not on the examples), the only difference. m_h = mean squared error between the
+fine-tuned model's output of selected head h at the last prompt token and the frozen base
+model's *without* the vector (the authors' `ori_heads` come from a second forward with the adapter
+off and no intervention). The thresholds switch a term off (value and gradient) while it is small:
+the model may drift a little from the reference without paying for it.
 """
 
 from __future__ import annotations
@@ -32,13 +40,13 @@ def last_prompt_positions(labels: torch.Tensor) -> torch.Tensor:
 def kl_to_reference(
     logits: torch.Tensor, reference_logits: torch.Tensor, temperature: float, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Mean over positions where `mask` (...,) is set of KL(p || q), p = softmax(logits / T) (...,
-    vocab), q the same of `reference_logits`; float32 at least."""
+    """Sum over positions where `mask` (batch, ...) is set of KL(p || q), divided by the batch size
+    (torch's "batchmean"), p = softmax(logits / T) (batch, ..., vocab), q the same of
+    `reference_logits`; float32 at least."""
     log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
     log_q = torch.log_softmax(reference_logits.float() / temperature, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # (...)
-    mask = mask.to(kl.dtype)
-    return (kl * mask).sum() / mask.sum().clamp(min=1.0)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # (batch, ...)
+    return (kl * mask.to(kl.dtype)).sum() / kl.shape[0]
 
 
 def gated(value: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -61,9 +69,10 @@ def iv_guided_loss(
     reference_heads: torch.Tensor | None,
     config: IVGuidedConfig,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """(total loss, its parts as floats). logits and reference_logits (batch, tokens, vocab);
-    positions (batch,) last prompt tokens; heads and reference_heads (batch, selected heads, head_dim)
-    at those positions, or None without a consistency term."""
+    """(total loss, its parts as floats). logits and reference_logits (batch, tokens, vocab), the
+    reference with the vector; positions (batch,) last prompt tokens; heads (batch, selected heads,
+    head_dim) at those positions and reference_heads the frozen model's there without the vector,
+    or None without a consistency term."""
     rows = torch.arange(len(positions), device=logits.device)
     t = config.temperature
     kl_last = kl_to_reference(

@@ -1,11 +1,12 @@
 """Per-head attention outputs of a loaded HF causal LM: capture, patch, ablate; and adding a vector to
-the residual stream.
+one layer's attention output.
 
 A head's output here is its slice of the attention output *before* the output projection, at one
 token: z[l, h] of shape (head_dim,). The projection's input is (batch, tokens, n_heads * head_dim)
 with heads contiguous, so a forward pre-hook on the projection sees every head of a layer without a
 copy of the model's attention code. The projection maps it back: y = W z + b with W (d_model,
 n_heads * head_dim), so head h contributes W[:, h*D:(h+1)*D] z[l, h] to the residual stream.
+The instruction vector is added to one layer's projection output.
 
     GPT-2 and the built-in model   transformer.h[l]       attn.c_proj (Conv1D, weight (in, out))
     Llama, Mistral, Qwen2, OLMo    model.layers[l]        self_attn.o_proj (Linear, weight (out, in))
@@ -185,27 +186,24 @@ def ablate_heads(
 
 
 @contextmanager
-def add_to_residual(
+def add_to_attention_output(
     access: HeadAccess, layer: int, vector: torch.Tensor, positions: torch.Tensor
 ) -> Iterator[None]:
-    """Add `vector` (d_model,) to the residual stream entering decoder layer `layer` (the hidden state
-    after layers 0 .. layer-1) at `positions` (batch,)."""
+    """Add `vector` (d_model,) to the output of decoder layer `layer`'s attention output projection
+    at `positions` (batch,): where Jiang et al.'s code adds the instruction vector (a forward hook on
+    `layers.{layer}.self_attn.o_proj`). The heads of layers 0 .. `layer` are computed before it and
+    do not change; later layers see the shifted residual stream."""
     if not 0 <= layer < access.n_layers:
         raise ValueError(f"layer {layer}: the model has decoder layers 0 .. {access.n_layers - 1}")
 
-    def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if args:
-            hidden, rest = args[0], args[1:]
-        else:
-            hidden, rest = kwargs["hidden_states"], ()
-        hidden = hidden.clone()  # (batch, tokens, d_model)
-        rows, cols = _rows(len(positions), hidden.device), positions.to(hidden.device)
-        hidden[rows, cols] += vector.to(device=hidden.device, dtype=hidden.dtype)
-        if args:
-            return (hidden, *rest), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+    def hook(_module: Any, _args: tuple[Any, ...], output: Any) -> Any:
+        first = output[0] if isinstance(output, tuple) else output
+        first = first.clone()  # (batch, tokens, d_model)
+        rows, cols = _rows(len(positions), first.device), positions.to(first.device)
+        first[rows, cols] += vector.to(device=first.device, dtype=first.dtype)
+        return (first, *output[1:]) if isinstance(output, tuple) else first
 
-    handle = access.blocks[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = access.projections[layer].register_forward_hook(hook)
     try:
         yield
     finally:

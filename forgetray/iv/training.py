@@ -1,11 +1,15 @@
 """IV-guided fine-tuning inside the DeepSpeed loop (`finetune.iv_guided.enabled`).
 
 Each worker holds a frozen copy of the base model: the reference p_{theta_0 + IV}, with the task's
-instruction vector added (forward pre-hook) to the residual stream entering layer `iv.json:layer` at
-each row's last prompt token. Per micro-batch the trained model's forward also records its head
-outputs there (pre-hooks on the output projections, autograd graph kept), the reference runs under
-no_grad, and forgetray/iv/guided.py combines the terms. Only the trained model's parameters get
-gradients; the reference costs one extra forward per micro-batch and one model's memory per worker.
+instruction vector added (forward hook) to the output of layer `iv.json:layer`'s attention output
+projection at each row's last prompt token, as Jiang et al.'s code does. Per micro-batch the trained
+model's forward also records its head outputs there (pre-hooks on the output projections, autograd
+graph kept), the reference runs under no_grad, and forgetray/iv/guided.py combines the terms. The
+head-consistency targets are the frozen model's head outputs *without* the vector: heads of layers
+up to the vector's layer are read before it is added, so they come from the same forward; when a
+selected head sits in a later layer, a second reference forward without the vector gives them
+(the authors always run that second forward). Only the trained model's parameters get gradients;
+the reference costs one or two extra forwards per micro-batch and one model's memory per worker.
 
 ZeRO stages 0-2 only: the reference is a full, unpartitioned replica on every rank, which would
 defeat ZeRO-3's point, and ZeRO-3's gathered-parameter hooks around the trained model's projections
@@ -22,7 +26,7 @@ import torch
 
 from forgetray.config import IVGuidedConfig
 from forgetray.iv.guided import iv_guided_loss, last_prompt_positions
-from forgetray.iv.heads import add_to_residual, capture_heads, head_access
+from forgetray.iv.heads import add_to_attention_output, capture_heads, head_access
 
 
 class IVGuidance:
@@ -57,14 +61,17 @@ class IVGuidance:
         positions = last_prompt_positions(batch["labels"])  # (batch,)
         with capture_heads(self.access, positions) as current:
             output = forward(batch)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with (
             torch.no_grad(),
-            add_to_residual(self.reference_access, self.layer, self.vector, positions),
+            add_to_attention_output(self.reference_access, self.layer, self.vector, positions),
             capture_heads(self.reference_access, positions) as reference,
         ):
-            reference_logits = self.reference(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
+            reference_logits = self.reference(**inputs).logits
+        if any(layer > self.layer for layer, _ in self.heads):
+            # these heads read the vector's layer's output: their targets need a forward without it
+            with torch.no_grad(), capture_heads(self.reference_access, positions) as reference:
+                self.reference(**inputs)
         heads = self._selected(current) if self.heads else None
         reference_heads = self._selected(reference) if self.heads else None
         total, parts = iv_guided_loss(

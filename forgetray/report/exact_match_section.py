@@ -39,12 +39,14 @@ def exact_match_section(run: _Run) -> str:
     settings = summary["settings"]
     parts = [
         _p(
-            "Greedy answers of each model to one probe per upstream example: instructions must "
-            "reproduce their response, plain text its next "
-            f"{settings['reference_tokens']} tokens after the first {settings['prompt_tokens']} "
-            "(whitespace-normalised exact match). An example is forgotten by a task when the base "
-            "model was right and the fine-tuned model is wrong; only examples the base model gets "
-            "right (eligible) can be forgotten. Definitions in forgetray/score/exact_match.py."
+            "Greedy answers of each model to one probe per upstream example: an instruction's "
+            "answer before its first blank line must equal its response after SQuAD normalisation "
+            "(lowercase, no punctuation or articles, whitespace collapsed; the authors' rule), "
+            f"plain text must reproduce its next {settings['reference_tokens']} tokens after the "
+            f"first {settings['prompt_tokens']} (only whitespace ignored). An example is "
+            "forgotten by a task when the base model was right and the fine-tuned model is "
+            "wrong; only examples the base model gets right (eligible) can be forgotten. "
+            "Definitions in forgetray/score/exact_match.py."
         ),
         _kv_table(
             [

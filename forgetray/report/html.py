@@ -594,14 +594,17 @@ def _forecast(run: _Run) -> str:
     training = ", ".join(str(settings.get(k)) for k in ("tau", "learning_rate", "epochs", "weight_decay"))
     parts = [
         _p(
-            "Jin & Ren's (ICML 2024) representation-based forecasting: score(task, example) = "
-            "-<f(h_task), g(h_example)> / tau + b_example + c, h the base model's final-layer hidden "
-            "state at the last token (a task: the mean over a sample of its training examples), f and g "
-            "MLPs trained with MSE (BCE for binary forgetting) on the training tasks' rows. "
-            "lm_forecast predicts a held-out task's row from its representation alone; "
-            "lm_forecast_calibrated also fits a shrunk offset and scale to the k revealed entries. "
-            "Evaluated in the same call as the completion methods: same held-out tasks, revealed "
-            "entries and seeds."
+            "Jin & Ren's (ICML 2024) representation-based forecasting, h the base model's final-layer "
+            "hidden state at an example's last token. lm_forecast is the authors' forecaster: one "
+            "shared head for task and upstream example, score -mean(head(h_task) * head(h_example)) "
+            "/ tau + log prior odds of the example being forgotten, BCE on forgotten = Z > 0 over "
+            "balanced pairs, LM encoder fine-tuned (forecast.train_encoder); a task's row is the mean "
+            "over its sampled examples' logits. It is evaluated on its own labels (Z > 0) in the last "
+            "table. frozen_forecast is forgetray's: frozen encoder, score -<f(h_task), g(h_example)> "
+            "/ tau + b_example + c with f, g MLPs (a task: its examples' mean state) trained with MSE "
+            "(BCE on binary Z); frozen_forecast_calibrated also fits a shrunk offset and scale to the "
+            "k revealed entries. All are evaluated in the same call as the completion methods: same "
+            "held-out tasks, revealed entries and seeds."
         ),
         _kv_table(
             [
@@ -609,7 +612,10 @@ def _forecast(run: _Run) -> str:
                 ("f, g: hidden layers x width -> dim", shape),
                 ("tau, learning rate, epochs, weight decay", training),
                 ("task examples averaged per task", settings.get("n_task_examples")),
-                ("final training loss (standardised Z)", _fixed(info.get("final_train_loss"))),
+                (
+                    "frozen_forecast final training loss (standardised Z)",
+                    _fixed(info.get("final_train_loss")),
+                ),
             ]
         ),
         "<h3>Forgetting (real-valued)</h3>",
@@ -622,6 +628,19 @@ def _forecast(run: _Run) -> str:
     binary = run.json("forecast", "binary.json")
     if binary is not None:
         parts += ["<h3>Binary forgetting</h3>", _completion_table(run, "forecast_binary", binary)]
+    authors = run.json("forecast", "binary_z0.json")
+    if authors is not None:
+        trained = (authors.get("forecast") or {}).get("lm_forecast") or {}
+        parts += [
+            "<h3>Forgotten = Z &gt; 0 (the authors' labels)</h3>",
+            _p(
+                f"lm_forecast: encoder {'fine-tuned' if trained.get('train_encoder') else 'frozen'}, "
+                f"BCE {_fixed(trained.get('first_train_loss'))} -> {_fixed(trained.get('final_train_loss'))}"
+                " (first and last step)",
+                "meta",
+            ),
+            _completion_table(run, "forecast_binary_z0", authors),
+        ]
     return "".join(parts)
 
 

@@ -4,39 +4,48 @@ Jin & Ren 2024 measure forgetting in instruction-tuned models as an exact-match 
 example with a reference answer is forgotten by a fine-tune when the base model's greedy answer
 matched the reference and the fine-tuned model's does not. Here, for example j and task i:
 
-    correct(model, j) = normalise(greedy answer of model to probe j) == normalise(reference j)
+    correct(model, j) = match(greedy answer of model to probe j, reference j)
     eligible[j]       = correct(base, j)
     Y[i, j]           = eligible[j] and not correct(fine-tuned on task i, j)      (0 / 1)
 
 Examples the base model gets wrong cannot be forgotten (Y = 0) and are recorded as not eligible, so
-analysis can keep only the eligible columns (as the paper does). `normalise` joins the
-whitespace-separated words with single spaces (leading / trailing whitespace and runs of spaces,
-tabs and newlines do not count; everything else, case and punctuation included, must match).
+analysis can keep only the eligible columns (as the paper does).
 
-What the probe and the reference are:
+What the probe, the reference and a match are:
 
-    instruction   prompt  = [bos?] prompt tokens
-                  reference = the response; generation stops at EOS or after the reference's
-                  token count + `answer_margin` tokens, and the whole answer must equal it
+    instruction   prompt    = [bos?] prompt tokens
+                  reference = the response
+                  greedy generation of up to `max_new_tokens` (512) tokens, stopped at EOS, at the
+                  first blank line (nothing after it counts) or where prompt + answer fill
+                  `max_length` (and the model's context); match = the SQuAD rule on the answer's
+                  text before its first blank line:
+                  normalize_answer(answer.split("\n\n")[0]) == normalize_answer(reference)
     plain text    a continuation probe: with the text's tokens t_0 .. t_{L-1},
-                  prompt  = [bos?] t_0 .. t_{p-1},  p = max(1, min(prompt_tokens, L - reference_tokens))
+                  prompt    = [bos?] t_0 .. t_{p-1},  p = max(1, min(prompt_tokens, L - reference_tokens))
                   reference = t_p .. t_{p+r-1} (r = reference_tokens, fewer if the text ends);
-                  exactly that many tokens are generated (or fewer, at EOS)
+                  exactly that many tokens are generated (or fewer, at EOS);
+                  match = whitespace_normalise(answer) == whitespace_normalise(reference)
 
-A pretrained model reproduces some continuations of its own pretraining text (it memorised or can
-predict them), so continuation probes make plain-text upstream data usable for exact match; the
-paper's binary setting had instruction data with answers instead (OLMo-7B-Instruct on held-out
-Tulu examples, ../shared/PAPERS.md); its exact answer normalisation is not stated there, so ours is
-the whitespace rule above.
+The instruction rule is the authors' (`evaluate_flan_em_arr` in AuCson/low-rank-forgetting
+`post_process/metric_utils.py`: vLLM greedy, 512 new tokens, `compute_exact` of the SQuAD script on
+the text before the first "\n\n"). Lowercasing and dropping punctuation and articles there is
+right for answers, but a continuation reference is one or a few tokens of running text, often a
+punctuation mark or an article that SQuAD normalisation turns into "" (and "" equals any other
+such token), so continuation probes, forgetray's own extension to plain-text upstream data, keep
+the strict rule: only whitespace does not count.
 
-Prompts longer than `max_length - max_new_tokens` keep their last tokens (after the BOS). Greedy
-generation is batched with left padding (`attention_mask` and position ids from it, KV cache on);
-a probe's answer is cut at its own cap and at its first EOS, so batching probes with different caps
-together gives each the answer it would get alone.
+Prompts longer than the room left keep their last tokens (after the BOS): an instruction probe
+keeps room for its reference's token count + 1 (an answer and its end), a continuation probe for
+its reference. Greedy generation is batched with left padding (`attention_mask` and position ids
+from it, KV cache on); a row stops at its own cap, its first EOS or (instruction probes) its first
+blank line, so batching probes with different caps together gives each the answer it would get
+alone.
 """
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +53,11 @@ from typing import Any
 import numpy as np
 
 from forgetray.data.encoding import EncodingError, prefix_ids_of
+
+BLANK_LINE = "\n\n"
+"""An instruction answer ends at its first blank line (the authors' `extract_before_two_blank_lines`)."""
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 @dataclass(frozen=True)
@@ -56,11 +70,32 @@ class Probe:
     reference: str
     """the reference text (decoded reference tokens for continuation probes)"""
     max_new_tokens: int
+    kind: str = "text"
+    """"instruction" (SQuAD match before the first blank line) or "text" (whitespace-only match)"""
 
 
 def normalise(text: str) -> str:
-    """The text exact match compares: words joined by single spaces (whitespace does not count)."""
+    """The text a continuation probe compares: words joined by single spaces (whitespace does not count)."""
     return " ".join(text.split())
+
+
+def normalize_answer(text: str) -> str:
+    """The SQuAD v1.1 evaluation script's normalisation, as the authors use it: lowercase, remove
+    punctuation (`string.punctuation`), remove the articles a / an / the, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def before_blank_line(text: str) -> str:
+    """The part of an answer that counts: everything before its first blank line."""
+    return text.split(BLANK_LINE)[0]
+
+
+def is_match(answer: str, probe: Probe) -> bool:
+    """Whether a decoded greedy answer counts as reproducing `probe`'s reference (module docstring)."""
+    if probe.kind == "instruction":
+        return normalize_answer(before_blank_line(answer)) == normalize_answer(probe.reference)
+    return normalise(answer) == normalise(probe.reference)
 
 
 def build_probes(
@@ -68,7 +103,7 @@ def build_probes(
     rows: Iterable[tuple[str, str, str, str]],
     prompt_tokens: int,
     reference_tokens: int,
-    answer_margin: int,
+    max_new_tokens: int,
     max_length: int,
 ) -> list[Probe]:
     """Probes of `rows` = (example_id, kind, prompt, response), in order (module docstring).
@@ -77,8 +112,14 @@ def build_probes(
     `EncodingError` naming the example and the field.
     """
     prefix = prefix_ids_of(tokenizer)
+    room = max_length - len(prefix)  # prompt + generated tokens after the special prefix
     probes = []
     for example_id, kind, prompt, response in rows:
+        if room < 2:
+            raise EncodingError(
+                f"example {example_id!r}: max_length {max_length} leaves no room to generate after "
+                f"{len(prefix)} special prefix token(s) and one prompt token"
+            )
         if kind == "instruction":
             prompt_ids = (
                 tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"] if prompt else []
@@ -89,7 +130,9 @@ def build_probes(
                     f"example {example_id!r}: field 'response' is empty; an instruction needs a reference "
                     "answer for exact match"
                 )
-            max_new = len(reference_ids) + answer_margin
+            # up to max_new_tokens within max_length, but always room for the reference and its end
+            needed = min(max_new_tokens, len(reference_ids) + 1, room - 1)
+            max_new = min(max_new_tokens, max(needed, room - len(prompt_ids)))
             reference = response
         elif kind == "text":
             ids = tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"]
@@ -101,27 +144,21 @@ def build_probes(
             split = max(1, min(prompt_tokens, len(ids) - reference_tokens))
             prompt_ids = ids[:split]
             reference_ids = ids[split : split + reference_tokens]
-            max_new = len(reference_ids)
+            max_new = min(len(reference_ids), room - 1)
             reference = tokenizer.decode(reference_ids)
         else:
             raise EncodingError(
                 f"example {example_id!r}: field 'kind' is {kind!r}; expected text or instruction"
-            )
-        max_new = min(max_new, max_length - len(prefix) - 1)
-        if max_new < 1:
-            raise EncodingError(
-                f"example {example_id!r}: max_length {max_length} leaves no room to generate after "
-                f"{len(prefix)} special prefix token(s) and one prompt token"
             )
         if not prefix and not prompt_ids:
             raise EncodingError(
                 f"example {example_id!r}: field 'prompt' is empty and the tokenizer adds no BOS: "
                 "nothing to condition the answer on"
             )
-        keep = max_length - max_new - len(prefix)
+        keep = room - max_new
         prompt_ids = list(prompt_ids)[-keep:] if keep > 0 else []
         probes.append(
-            Probe(example_id, np.asarray([*prefix, *prompt_ids], dtype=np.int64), reference, max_new)
+            Probe(example_id, np.asarray([*prefix, *prompt_ids], dtype=np.int64), reference, max_new, kind)
         )
     return probes
 
@@ -143,16 +180,49 @@ def _batches(probes: Sequence[Probe], max_batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+class RowsDone:
+    """A `generate` stopping criterion: row r is done at its own cap and, where `blank_line_stop[r]`,
+    once its decoded answer contains a blank line (what follows cannot change the match). Rows
+    stopped here keep their length in `lengths`; generate pads them from then on."""
+
+    def __init__(
+        self, width: int, caps: Sequence[int], blank_line_stop: Sequence[bool], tokenizer: Any | None
+    ) -> None:
+        self.width = width
+        self.caps = list(caps)
+        self.blank_line_stop = [bool(b) and tokenizer is not None for b in blank_line_stop]
+        self.tokenizer = tokenizer
+        self.lengths: list[int | None] = [None] * len(self.caps)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        new = input_ids[:, self.width :]  # (batch, generated so far)
+        n = new.shape[1]
+        for row, cap in enumerate(self.caps):
+            if self.lengths[row] is not None:
+                continue
+            if n >= cap or (
+                self.blank_line_stop[row]
+                and BLANK_LINE in self.tokenizer.decode(new[row], skip_special_tokens=True)
+            ):
+                self.lengths[row] = min(n, cap)
+        return torch.tensor([length is not None for length in self.lengths], device=input_ids.device)
+
+
 def greedy_generate(
     model: Any,
     probes: Sequence[Probe],
     pad_token_id: int,
     eos_token_id: int | None,
     max_batch_tokens: int = 8192,
+    tokenizer: Any | None = None,
 ) -> list[np.ndarray]:
-    """Each probe's greedy answer as token ids (int64), cut at its `max_new_tokens` and before its
-    first EOS; any HF causal LM (peft-wrapped too), batched with left padding."""
+    """Each probe's greedy answer as token ids (int64), cut at its `max_new_tokens`, before its first
+    EOS and (instruction probes, given `tokenizer`) after the token that completes its first blank
+    line; any HF causal LM (peft-wrapped too), batched with left padding."""
     import torch
+    from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
     answers: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(probes)
@@ -164,6 +234,12 @@ def greedy_generate(
             ids = probes[i].prompt_ids
             input_ids[row, width - len(ids) :] = torch.from_numpy(ids)
             attention_mask[row, width - len(ids) :] = 1
+        done = RowsDone(
+            width,
+            [probes[i].max_new_tokens for i in batch],
+            [probes[i].kind == "instruction" for i in batch],
+            tokenizer,
+        )
         with torch.inference_mode():
             out = model.generate(
                 input_ids=input_ids.to(device),
@@ -174,10 +250,12 @@ def greedy_generate(
                 use_cache=True,
                 pad_token_id=pad_token_id,
                 eos_token_id=eos_token_id,
+                stopping_criteria=StoppingCriteriaList([done]),
             )
         new = out[:, width:].cpu().numpy()  # (batch, generated)
         for row, i in enumerate(batch):
-            answer = new[row, : probes[i].max_new_tokens]
+            length = done.lengths[row]
+            answer = new[row, : probes[i].max_new_tokens if length is None else length]
             if eos_token_id is not None:
                 stops = np.flatnonzero(answer == eos_token_id)
                 answer = answer[: stops[0]] if len(stops) else answer
@@ -188,14 +266,16 @@ def greedy_generate(
 def exact_match(
     model: Any, tokenizer: Any, probes: Sequence[Probe], max_batch_tokens: int = 8192
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """(correct (probes,) bool, decoded answers, answer lengths (probes,) int64) of greedy generation."""
+    """(correct (probes,) bool, decoded answers, answer lengths (probes,) int64) of greedy generation;
+    `is_match` decides correctness (an instruction answer's text after its first blank line is
+    kept in the decoded answer but does not count)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("exact match: the tokenizer has neither a pad nor an EOS token to pad prompts with")
-    answers = greedy_generate(model, probes, pad, tokenizer.eos_token_id, max_batch_tokens)
+    answers = greedy_generate(model, probes, pad, tokenizer.eos_token_id, max_batch_tokens, tokenizer)
     texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
-    correct = np.array([normalise(t) == normalise(p.reference) for t, p in zip(texts, probes, strict=True)])
-    return correct.astype(bool), texts, np.array([len(a) for a in answers], dtype=np.int64)
+    correct = np.array([is_match(t, p) for t, p in zip(texts, probes, strict=True)], dtype=bool)
+    return correct, texts, np.array([len(a) for a in answers], dtype=np.int64)
 
 
 def forgetting_row(base_correct: np.ndarray, correct_after: np.ndarray) -> np.ndarray:

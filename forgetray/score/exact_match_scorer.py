@@ -40,7 +40,7 @@ from forgetray.score.loaded import ModelCache
 EXACT_MATCH_SCHEMA = pa.schema(
     [("example_id", pa.string()), ("correct", pa.bool_()), ("answer", pa.string()), ("n_tokens", pa.int64())]
 )
-PROBE_FIELDS = ("prompt_tokens", "reference_tokens", "answer_margin", "max_length")
+PROBE_FIELDS = ("prompt_tokens", "reference_tokens", "max_new_tokens", "max_length")
 """Settings that decide a part's contents: a partial model directory resumes only under the same."""
 
 
@@ -77,7 +77,7 @@ def score_shard_exact_match(
         zip(ids, *columns, strict=True),
         config.prompt_tokens,
         config.reference_tokens,
-        config.answer_margin,
+        config.max_new_tokens,
         max_length,
     )
     correct, answers, n_generated = exact_match(model, tokenizer, probes, config.max_batch_tokens)
