@@ -1,7 +1,7 @@
 """Replay over a (ratio, T) grid on a finished run, and the table of every cell measured.
 
-    python benchmarks/replay_grid.py runs/default --ratios 0.03125 0.25 --temperatures 0.1 \
-        -- replay.n_seeds=2 "replay.predictors=[als_mf]"
+    python benchmarks/replay_grid.py runs/default replay.n_seeds=2 "replay.predictors=[als_mf]" \
+        --ratios 0.03125 0.25 --temperatures 0.1
     python benchmarks/replay_grid.py runs/default --table-only      # the table from <run>/replay/cells/
 
 Each cell is one `forgetray replay RUN replay.ratio=R replay.temperature=T ...` (the library call,
@@ -32,6 +32,10 @@ def cell_rows(run_dir: str) -> list[dict[str, Any]]:
 def _ci(effect: dict[str, Any]) -> str:
     ci = effect.get("ci95")
     return "" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
+def _p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
 
 
 def markdown_table(cells: list[dict[str, Any]]) -> str:
