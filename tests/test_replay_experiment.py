@@ -74,3 +74,51 @@ def test_plan_draws_per_seed_from_the_pool_only(mixing):
         assert [sorted(o) for o in task["orders"]["top_k_knn"]] == [
             sorted(task["orders"]["top_k_knn"][0])
         ] * 3
+
+
+def test_report_shows_unit_effects_with_intervals(tmp_path):
+    from forgetray import storage
+    from forgetray.replay.compare import compare_conditions, unit_effects
+    from forgetray.report.html import build_report
+
+    rng = np.random.default_rng(1)
+    per_example = {
+        c: rng.normal(m, 0.1, size=(2, 2, 30))
+        for c, m in [("none", 0.8), ("random", 0.2), ("predicted_knn", 0.19)]
+    }
+    units = {c: f.mean(axis=2) for c, f in per_example.items()}  # (tasks, seeds)
+    pairs = [("random", "none"), ("predicted_knn", "none"), ("predicted_knn", "random")]
+    effects = unit_effects(units, pairs)
+    results = {
+        "tasks": ["a", "b"],
+        "n_seeds": 2,
+        "units": 4,
+        "n_never_replayed": 30,
+        "pool_size": 70,
+        "mixing": "lrf",
+        "ratio": 0.25,
+        "temperature": 0.1,
+        "predictors": ["knn"],
+        "revealed_k": 5,
+        "probe": "random",
+        "conditions": {
+            c: {
+                "mean_forgetting": float(f.mean()),
+                "per_task": {"a": float(f[0].mean()), "b": float(f[1].mean())},
+            }
+            for c, f in per_example.items()
+        },
+        "effects": effects,
+        "verdicts": {k: "x" for k in effects},
+        "per_example_description": compare_conditions(
+            {c: f.mean(axis=1) for c, f in per_example.items()}, pairs
+        ),
+        "prediction_on_pool": {"a": {"knn": {"rmse": 0.1, "pearson": 0.5, "spearman": 0.4}}},
+    }
+    storage.write_json(str(tmp_path / "replay" / "results.json"), results)
+    storage.write_json(str(tmp_path / "replay" / "cells" / "r0.25_T0.1.json"), results)
+    html = open(build_report(str(tmp_path))).read()
+    e = effects["predicted_knn_vs_random"]
+    assert "predicted_knn vs random" in html and "95% CI" in html
+    assert f"[{e['ci95'][0]:+.4f}, {e['ci95'][1]:+.4f}]" in html
+    assert "Description only" in html and "Every measured (ratio, T)" in html
