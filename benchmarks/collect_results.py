@@ -107,17 +107,30 @@ def summary_markdown(run: str) -> str:
         for name, c in replay["conditions"].items():
             per_task = ", ".join(f"{t} {v:.3f}" for t, v in c["per_task"].items())
             lines.append(f"| {name} | {c['mean_forgetting']:.4f} | {per_task} |")
-        lines += [
-            "",
-            "| comparison | mean difference | Wilcoxon p (examples) | t-test p |",
-            "|---|---|---|---|",
-        ]
-        for name, test in replay["tests"].items():
-            e = test.get("over_examples", {})
-            lines.append(
-                f"| {name} | {e.get('mean_difference', float('nan')):+.4f} | {_p(e.get('wilcoxon_p'))} "
-                f"| {_p(e.get('t_p'))} |"
-            )
+        if "effects" in replay:
+            lines += [
+                "",
+                f"Effects over {replay['units']} task x seed fine-tunes ({replay['mixing']} mixing, "
+                f"{replay['n_seeds']} seeds): mean paired difference, 95% t-interval, t-test p over units.",
+                "",
+                "| comparison | effect (nats) | 95% CI | t-test p (units) |",
+                "|---|---|---|---|",
+            ]
+            for name, e in replay["effects"].items():
+                ci = "" if e["ci95"] is None else f"[{e['ci95'][0]:+.4f}, {e['ci95'][1]:+.4f}]"
+                lines.append(f"| {name} | {e['effect']:+.4f} | {ci} | {_p(e.get('t_p'))} |")
+        else:  # results of an older forgetray: one fine-tune per condition, tests over examples only
+            lines += [
+                "",
+                "| comparison | mean difference | Wilcoxon p (examples) | t-test p |",
+                "|---|---|---|---|",
+            ]
+            for name, test in replay["tests"].items():
+                e = test.get("over_examples", {})
+                lines.append(
+                    f"| {name} | {e.get('mean_difference', float('nan')):+.4f} | {_p(e.get('wilcoxon_p'))} "
+                    f"| {_p(e.get('t_p'))} |"
+                )
         lines.append("")
     return "\n".join(lines)
 

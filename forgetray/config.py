@@ -623,14 +623,25 @@ class ReplayConfig:
     """
 
     ratio: float = 0.25
-    """Replay steps per task step; training runs task_steps x (1 + ratio) steps."""
-    samplers: tuple[str, ...] = REPLAY_SAMPLERS
-    """Conditions besides no replay: random, predicted, ground_truth (upper bound), top_k, and
-    online (the partition method: random replay for `online_fraction` of steps, then predicted)."""
+    """Upstream examples per task example (lrf mixing) or replay steps per task step (steps
+    mixing); training runs max_steps x (1 + ratio) steps."""
+    mixing: Literal["lrf", "steps"] = "lrf"
+    """lrf: the authors' code, one upstream example after every 1 / ratio task examples, the
+    mixture shuffled into batches; steps: whole optimizer steps of upstream examples
+    (forgetray.replay.samplers). The online variant always uses steps."""
+    samplers: tuple[str, ...] = ("random", "predicted", "ground_truth")
+    """Conditions besides no replay: random, predicted and top_k (one condition per predictor,
+    `predicted_<method>`), ground_truth (upper bound), and online (the partition method: random
+    replay for `online_fraction` of steps, then predicted by ALS MF)."""
+    predictors: tuple[str, ...] = ("additive", "knn", "als_mf")
+    """Completion methods (`complete.methods` names) whose predictions drive predicted and top_k."""
     temperature: float = 0.1
     """T of softmax(forgetting / T) for the predicted and ground_truth samplers."""
     n_tasks: int = 3
-    """Held-out tasks of the offline experiment (each costs one fine-tune per sampler)."""
+    """Held-out tasks of the offline experiment (each costs one fine-tune per condition and seed)."""
+    n_seeds: int = 3
+    """Training seeds per condition (finetune.seed + 0, 1, ...): seed s changes the batch order,
+    the initialisation noise and the replay draw. Effects are judged over (task, seed) units."""
     task_seed: int = 0
     n_never_replayed: int = 500
     """Upstream examples never replayed: the only ones replay runs are judged on (paper: 10,000)."""
@@ -656,6 +667,12 @@ class ReplayConfig:
         unknown = [s for s in self.samplers if s not in allowed]
         _require(not unknown, "samplers", f"unknown {unknown}; choose from {', '.join(allowed)}")
         _require(self.n_tasks > 0, "n_tasks", "must be a positive integer")
+        _require(self.mixing in ("lrf", "steps"), "mixing", f"got {self.mixing!r}; choose from lrf, steps")
+        _require(bool(self.predictors), "predictors", "needs at least one completion method")
+        bad = [m for m in self.predictors if m not in COMPLETION_METHODS]
+        _require(not bad, "predictors", f"unknown {bad}; choose from {', '.join(COMPLETION_METHODS)}")
+        _require(len(set(self.predictors)) == len(self.predictors), "predictors", "has repeated methods")
+        _require(self.n_seeds > 0, "n_seeds", "must be a positive integer")
         _require(self.n_never_replayed > 0, "n_never_replayed", "must be a positive integer")
         _require(self.revealed_k > 0, "revealed_k", "must be a positive integer")
         _require(

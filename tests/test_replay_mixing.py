@@ -101,3 +101,35 @@ def test_online_partition_measures_completes_and_never_reuses(
     again.load_state(mixer.state())
     np.testing.assert_array_equal(again.order, mixer.order)
     assert not again.needs_measurement(3)
+
+
+def test_lrf_mixer_shuffles_the_authors_mixture_into_batches(upstream_path, tiny_tokenizer):
+    """10 task examples at ratio 1/4: mixture [t0 t1 t2 t3 u0 t4 t5 t6 t7 u1 t8 t9] (hand-computed
+    from create_mixture_examples), batches from the per-epoch seeded shuffle of those 12 entries."""
+    config = FinetuneConfig(
+        micro_batch_size=2, gradient_accumulation_steps=2, max_steps=4, max_epochs=3.0, seed=5
+    )
+    order = [31, 7, 12]  # int(10 * 0.25) + 1 = 3 drawn, the first 2 placed
+    spec = {"upstream_path": upstream_path, "ratio": 0.25, "mixing": "lrf", "order": order, "max_length": 64}
+    mixer = ReplayMixer(spec, tiny_tokenizer, 4, config, world_size=1, rank=0, n_task=10)
+    assert mixer.total_steps == 5  # int(4 * 1.25), under the cap 3 * 10 // 4 = 7
+    mixture = ["t0", "t1", "t2", "t3", "u/31", "t4", "t5", "t6", "t7", "u/7", "t8", "t9"]
+    # the trainer's random sampler: a seeded permutation of the 12 entries per epoch
+    stream = [mixture[i] for epoch in range(2) for i in np.random.default_rng([5, epoch]).permutation(12)]
+    from forgetray.data.encoding import encode_example
+
+    texts = pq.read_table(upstream_path).column("response").to_pylist()
+    tokens = {tuple(encode_example(tiny_tokenizer, "", texts[r], 64).input_ids): f"u/{r}" for r in order}
+    task_examples = [f"t{i}" for i in range(10)]
+    seen = []
+    for step in range(5):
+        chunks = mixer.step_examples(step, task_examples, lambda i: [])
+        assert [len(c) for c in chunks] == [2, 2]
+        seen += [e if isinstance(e, str) else tokens[tuple(e.input_ids)] for c in chunks for e in c]
+    assert seen == stream[:20]
+    summary = mixer.summary()
+    assert summary["mixing"] == "lrf" and summary["replayed"] == ["u/31", "u/7"]
+    assert (summary["task_steps"], summary["replay_steps"], summary["total_steps"]) == (4, 1, 5)
+    assert summary["replay_share_trained"] == pytest.approx(sum(e.startswith("u/") for e in seen) / 20)
+    with pytest.raises(ValueError, match="n_task"):
+        ReplayMixer(spec, tiny_tokenizer, 4, config, world_size=1, rank=0)

@@ -2,11 +2,16 @@
 
 import numpy as np
 import pytest
+import scipy.stats
 
-from forgetray.replay.compare import compare_conditions, paired_tests
+from forgetray.replay.compare import compare_conditions, mean_ci, paired_tests, unit_effects
 from forgetray.replay.probes import evaluate_probes, select_probes
 from forgetray.replay.samplers import (
+    lrf_mixture,
+    lrf_replay_draws,
+    lrf_total_steps,
     online_switch_step,
+    permuted_draws,
     replay_order,
     replay_schedule,
     replay_step_count,
@@ -130,3 +135,73 @@ def test_paired_tests_find_a_real_difference_and_not_a_null_one():
     )
     assert list(out) == ["x_vs_y"] and out["x_vs_y"]["over_tasks"]["underpowered"]
     assert out["x_vs_y"]["over_examples"]["n"] == 800
+
+
+# ---- the authors' mixing (create_mixture_examples) and effects over units --------------------------
+
+
+def test_lrf_mixture_places_one_upstream_example_after_every_one_over_ratio_task_examples():
+    # ratio 1/4 over 10 task examples, by hand from the authors' loop: wait reaches 1 after task
+    # examples 3 and 7 (0-based); int(10 * 0.25) + 1 = 3 draws, 2 placed
+    np.testing.assert_array_equal(lrf_mixture(10, 0.25), [0, 1, 2, 3, -1, 4, 5, 6, 7, -2, 8, 9])
+    assert lrf_replay_draws(10, 0.25) == 3
+    # 1/32 over 64: after task examples 31 and 63; 3 draws
+    mix = lrf_mixture(64, 1 / 32)
+    assert len(mix) == 66 and np.flatnonzero(mix < 0).tolist() == [32, 65] and mix[-1] == -2
+    assert lrf_replay_draws(64, 1 / 32) == 3
+    # 0.1 accumulates as the authors' float loop does: placed after 11, 21 and 31 task examples
+    mix = lrf_mixture(31, 0.1)
+    assert np.flatnonzero(mix < 0).tolist() == [11, 22, 33]
+    with pytest.raises(ValueError, match="ratio"):
+        lrf_mixture(10, 0.0)
+
+
+def test_lrf_total_steps_extend_then_cap_at_epochs_of_the_task_set():
+    assert lrf_total_steps(60, 0.25, 3.0, 256, 8) == 75  # int(60 * 1.25), under the 96-step cap
+    assert lrf_total_steps(60, 1 / 32, 3.0, 256, 8) == 61  # int(61.875)
+    assert lrf_total_steps(90, 0.25, 3.0, 256, 8) == 96  # int(112.5) capped at 3 * 256 // 8
+    assert lrf_total_steps(1, 0.25, 3.0, 2, 8) == 1  # at least one step
+
+
+def test_permuted_draws_are_a_seeded_permutation():
+    order = np.arange(100, 110)
+    first = permuted_draws(order, 7)
+    assert sorted(first.tolist()) == order.tolist() and first.tolist() != order.tolist()
+    np.testing.assert_array_equal(first, permuted_draws(order, 7))
+    np.testing.assert_array_equal(first, order[np.random.default_rng([7, 1]).permutation(10)])
+
+
+def test_mean_ci_is_scipys_t_interval():
+    diff = np.array([1.0, 2.0, 3.0, 4.0])
+    out = mean_ci(diff)
+    # by hand: mean 2.5, sd sqrt(5/3) = 1.290994, t(0.975, 3) = 3.182446, half width 2.054260
+    assert out["effect"] == 2.5 and out["sd"] == pytest.approx(1.290994, abs=1e-6)
+    np.testing.assert_allclose(out["ci95"], [2.5 - 2.054260, 2.5 + 2.054260], atol=1e-6)
+    reference = scipy.stats.ttest_1samp(diff, 0.0)
+    np.testing.assert_allclose(out["ci95"], reference.confidence_interval(0.95), rtol=1e-12)
+    assert out["t_p"] == pytest.approx(reference.pvalue, rel=1e-12)
+    assert mean_ci(np.array([0.3]))["ci95"] is None
+
+
+def test_unit_effects_pair_units_of_task_and_seed():
+    rng = np.random.default_rng(0)
+    none = rng.normal(1.0, 0.1, size=(3, 4))  # (tasks, seeds)
+    random_ = none - 0.5 + rng.normal(0, 0.05, size=(3, 4))
+    predicted = random_ - 0.02 + rng.normal(0, 0.05, size=(3, 4))
+    out = unit_effects(
+        {"none": none, "random": random_, "predicted": predicted},
+        [("random", "none"), ("predicted", "random")],
+    )
+    e = out["random_vs_none"]
+    assert e["n_units"] == 12 and e["n_tasks"] == 3 and e["n_seeds"] == 4
+    assert e["effect"] == pytest.approx(float((random_ - none).mean()))
+    reference = scipy.stats.ttest_rel(random_.ravel(), none.ravel())
+    assert e["t_p"] == pytest.approx(reference.pvalue, rel=1e-10)
+    np.testing.assert_allclose(e["ci95"], reference.confidence_interval(0.95), rtol=1e-10)
+    assert e["significant"] and e["ci95"][1] < 0
+    assert e["over_tasks"]["n_units"] == 3 and e["over_tasks"]["underpowered"]
+    assert e["over_tasks"]["effect"] == pytest.approx(e["effect"])
+    p = out["predicted_vs_random"]
+    assert p["significant"] == (p["ci95"][1] < 0 or p["ci95"][0] > 0)
+    with pytest.raises(ValueError, match="tasks, seeds"):
+        unit_effects({"a": np.zeros((2, 3)), "b": np.zeros((3, 2))}, [("a", "b")])

@@ -17,6 +17,7 @@ mask). Checkpoints are reported through `ray.train.report`:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -107,6 +108,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from forgetray.models import context_length, load_model
 
     config = config_from_dict(loop_config["finetune"], "finetune", FinetuneConfig)
+    seed = (loop_config.get("seed_by_task") or {}).get(loop_config["task"])
+    if seed is not None:
+        # One Tune run may train the same task under several training seeds (replay's n_seeds):
+        # the seed drives initialisation noise and the batch order (forgetray.finetune.batches).
+        config = dataclasses.replace(config, seed=int(seed))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -125,11 +131,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loop_config["task"]
     )
     if replay_spec:
-        # Upstream examples interleaved into training (forgetray.replay.mixing); steps x (1 + ratio).
+        # Upstream examples mixed into training (forgetray.replay.mixing); steps x (1 + ratio).
         from forgetray.replay.mixing import ReplayMixer
 
         replay_spec = {**replay_spec, "max_length": min(int(replay_spec["max_length"]), max_length)}
-        replay = ReplayMixer(replay_spec, tokenizer, steps, config, world_size, rank)
+        replay = ReplayMixer(replay_spec, tokenizer, steps, config, world_size, rank, n_task=len(examples))
         steps = replay.total_steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (

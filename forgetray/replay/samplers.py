@@ -1,10 +1,19 @@
 """Which upstream examples to replay, and when: pure numpy, no Ray, no torch.
 
-Replay (Jin & Ren 2024, sec. 5) interleaves optimizer steps on upstream examples into fine-tuning:
-one replay step per `1 / ratio` task steps (paper: ratio 1/32 for OLMo-1B/7B, 1/8 for
-OLMo-7B-Instruct), so training runs `task_steps * (1 + ratio)` steps in all. Which examples fill the
-replay steps is the sampler's choice, always drawn from the replay pool, never from the held-out
-(never-replayed) examples that replay runs are judged on, and without replacement:
+Replay (Jin & Ren 2024, sec. 5) mixes upstream examples into fine-tuning at `ratio` (paper: 1/32
+for OLMo-1B/7B, 1/8 for OLMo-7B-Instruct). Two mixings (`replay.mixing`):
+
+    lrf    the authors' code (`data_utils/replay_helper.py` `create_mixture_examples`, run by the
+           Hugging Face Trainer's random sampler): one upstream example after every 1 / ratio task
+           examples of the task's training set, int(n_task * ratio) + 1 upstream examples drawn
+           and their order permuted; the whole mixture is then shuffled into batches each epoch, so
+           replayed examples share batches with task examples. Steps: int(max_steps * (1 + ratio)),
+           capped at max_epochs passes over the task set alone (`run_llm_ocl.py`). `lrf_mixture`.
+    steps  whole replay steps: one optimizer step of upstream examples per 1 / ratio task steps,
+           task_steps * (1 + ratio) steps in all (`replay_schedule`).
+
+Which examples are replayed is the sampler's choice, always drawn from the replay pool, never from
+the held-out (never-replayed) examples that replay runs are judged on, and without replacement:
 
     random        uniform
     predicted     probability softmax(predicted forgetting / T), T = 0.1
@@ -163,3 +172,54 @@ def online_switch_step(schedule: np.ndarray, fraction: float) -> tuple[int, int]
         raise ValueError(f"online fraction must be in (0, 1), got {fraction}")
     step = math.ceil(fraction * len(schedule))
     return step, int(np.count_nonzero(schedule[:step]))
+
+
+# ---- the authors' mixing (replay.mixing: lrf) --------------------------------------------------------
+
+
+def lrf_replay_draws(n_task: int, ratio: float) -> int:
+    """Upstream examples drawn for a task set of `n_task` examples: int(n_task * ratio) + 1, as
+    `create_mixture_examples` (the last one is drawn but never placed when n_task * ratio is whole)."""
+    if ratio <= 0:
+        raise ValueError(f"replay ratio must be > 0, got {ratio}")
+    return int(n_task * ratio) + 1
+
+
+def lrf_mixture(n_task: int, ratio: float) -> np.ndarray:
+    """(n_task + placed,) int64: the mixture dataset before shuffling, exactly as the authors' loop
+
+        wait = 0; for each task example: append it; wait += ratio; if wait >= 1: wait -= 1, append
+        the next upstream example
+
+    Entries >= 0 are task example indices, entry -(r + 1) is the r-th drawn upstream example. The
+    float accumulation is kept as theirs: a power-of-two ratio (1/32, 1/8, 1/4) places exactly after
+    every 1 / ratio task examples, while ratio 0.1 places after 11, 21, 31, ... (ten additions of
+    0.1 fall just short of 1.0), as their code does."""
+    if n_task <= 0:
+        raise ValueError(f"lrf_mixture: the task needs at least one example, got {n_task}")
+    lrf_replay_draws(n_task, ratio)  # validation
+    out: list[int] = []
+    wait, placed = 0.0, 0
+    for task_index in range(n_task):
+        out.append(task_index)
+        wait += ratio
+        if wait >= 1:
+            wait -= 1
+            placed += 1
+            out.append(-placed)
+    return np.asarray(out, dtype=np.int64)
+
+
+def lrf_total_steps(max_steps: int, ratio: float, max_epochs: float, n_task: int, batch: int) -> int:
+    """Optimizer steps of an lrf replay fine-tune: int(max_steps * (1 + ratio)), then capped at
+    max_epochs passes over the task set (not the mixture), as `run_llm_ocl.py` does (at least 1)."""
+    extended = int(max_steps * (1 + ratio))
+    by_epochs = math.floor(max_epochs * n_task / batch)
+    return max(1, min(extended, by_epochs))
+
+
+def permuted_draws(order: np.ndarray, seed: int) -> np.ndarray:
+    """The drawn examples in a seeded random order (`rng.permutation(sample_idxs)` in the authors'
+    `sample_random`): which of the int(n * ratio) + 1 draws is left unplaced does not depend on the
+    sampler's own order (top_k's is by score)."""
+    return np.random.default_rng([seed, 1]).permutation(np.asarray(order, dtype=np.int64))

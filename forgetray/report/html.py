@@ -713,25 +713,86 @@ def _paired_tests_table(tests: Mapping[str, Any], task_t: bool) -> str:
     return _table(headers, rows)
 
 
+def _ci(effect: Mapping[str, Any]) -> _Num:
+    ci = effect.get("ci95")
+    return _Num("–" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]")
+
+
+def _replay_effects_table(effects: Mapping[str, Any], verdicts: Mapping[str, str]) -> str:
+    """`forgetray.replay.compare.unit_effects`: one row per A vs B, over task x seed units."""
+    rows = []
+    for key, e in effects.items():
+        t = e["over_tasks"]
+        rows.append(
+            [
+                key.replace("_vs_", " vs "),
+                _Num(f"{e['effect']:+.4f}"),
+                _ci(e),
+                _Num(_num(e["t_p"])),
+                _Num(_num(e["wilcoxon_p"])),
+                e["n_units"],
+                _Num(_num(t["t_p"])),
+                verdicts.get(key, ""),
+            ]
+        )
+    headers = ["comparison (A vs B)", "effect A - B (nats)", "95% CI", "t p (units)", "Wilcoxon p (units)"]
+    return _table([*headers, "units", "t p (tasks)", "verdict"], rows)
+
+
+def _replay_cells(run: _Run) -> str:
+    """Every (ratio, T) measured in this run: predicted vs random and ground truth vs random."""
+    folder = run.path("replay", "cells")
+    if not os.path.isdir(folder):
+        return ""
+    rows = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json"):
+            continue
+        cell = run.json("replay", "cells", name)
+        if not cell or "effects" not in cell:
+            continue
+        for key, e in cell["effects"].items():
+            if not key.endswith("_vs_random"):
+                continue
+            rows.append(
+                [
+                    _Num(f"{cell['ratio']:g}"),
+                    _Num(f"{cell['temperature']:g}"),
+                    key.replace("_vs_", " vs "),
+                    _Num(f"{e['effect']:+.4f}"),
+                    _ci(e),
+                    _Num(_num(e["t_p"])),
+                    e["n_units"],
+                ]
+            )
+    if not rows:
+        return ""
+    headers = ["ratio", "T", "comparison", "effect (nats)", "95% CI", "t p (units)", "units"]
+    return _p("Every measured (ratio, T) of this run, against random replay:") + _table(headers, rows)
+
+
 def _replay(run: _Run) -> str:
-    """Forgetting on never-replayed examples per replay condition, the paired tests, prediction
-    quality, and the active-probe evaluation (`forgetray replay`, forgetray.replay.experiment)."""
+    """Forgetting on never-replayed examples per replay condition, effects with 95% confidence
+    intervals over (task, seed) fine-tunes, the per-example description, prediction quality, and
+    the active-probe evaluation (`forgetray replay`, forgetray.replay.experiment)."""
     results = run.json("replay", "results.json")
     probes = run.json("replay", "probes.json")
     if results is None and probes is None:
         return _note(f"not run yet: {run.command('replay')}")
-    if results is not None and "conditions" not in results:
-        return _generic(results)  # not written by forgetray.replay.experiment: show what it holds
+    if results is not None and "effects" not in results:
+        return _generic(results)  # not written by this forgetray.replay.experiment: show what it holds
     parts = []
     if results is not None:
         tasks = results["tasks"]
         parts.append(
             _p(
-                f"Each of {len(tasks)} held-out tasks fine-tuned once per condition with "
-                f"{results['ratio']:g} replay steps per task step; forgetting (nats) measured on "
+                f"Each of {len(tasks)} held-out tasks fine-tuned with {results['n_seeds']} training "
+                f"seeds per condition ({results['units']} task x seed units), {results['mixing']} "
+                f"mixing at ratio {results['ratio']:g}; forgetting (nats) measured on "
                 f"{results['n_never_replayed']} upstream examples that no condition replays "
                 f"(replay pool {results['pool_size']}, T = {results['temperature']:g}, "
-                f"{results['revealed_k']} {results['probe']} probes). Lower is better."
+                f"{results['revealed_k']} {results['probe']} probes, predictors "
+                f"{', '.join(results['predictors'])}). Lower is better."
             )
         )
         rows = [
@@ -739,26 +800,28 @@ def _replay(run: _Run) -> str:
             for name, c in results["conditions"].items()
         ]
         parts.append(_table(["condition", "mean forgetting", *tasks], rows))
-        parts.append(_paired_tests_table(results["tests"], task_t=True))
-        versus = results["tests"].get("predicted_vs_random", {}).get("over_examples")
-        if versus and versus.get("wilcoxon_p") is not None:
-            significant = versus["wilcoxon_p"] < 0.05
-            if versus["mean_difference"] < 0:
-                verdict = "beat" if significant else "was not significantly better than"
-            else:
-                verdict = "was significantly worse than" if significant else "did not beat"
-            parts.append(
-                _p(
-                    f"Predicted replay {verdict} random replay on the never-replayed examples "
-                    f"(mean difference {versus['mean_difference']:+.4f} nats, Wilcoxon p = "
-                    f"{versus['wilcoxon_p']:.3g} over {versus['n']} pairs)."
-                )
+        parts.append(
+            _p(
+                "Effects over independent units (one fine-tune per task and seed): mean paired "
+                "difference, its 95% t-interval and p-values over units; the verdict is the interval."
             )
+        )
+        parts.append(_replay_effects_table(results["effects"], results.get("verdicts", {})))
+        parts.append(
+            _p(
+                "Description only (seeds averaged per task and example; examples of one fine-tune "
+                "are not independent, so these p-values are not a verdict):",
+                "meta",
+            )
+        )
+        parts.append(_paired_tests_table(results["per_example_description"], task_t=True))
         quality = [
-            [t, _fixed(q["rmse"]), _fixed(q["pearson"], 3), _fixed(q["spearman"], 3)]
-            for t, q in results["prediction_on_pool"].items()
+            [t, m, _fixed(q["rmse"]), _fixed(q["pearson"], 3), _fixed(q["spearman"], 3)]
+            for t, per in results["prediction_on_pool"].items()
+            for m, q in per.items()
         ]
-        parts.append(_table(["task", "prediction RMSE", "Pearson", "Spearman"], quality))
+        parts.append(_table(["task", "predictor", "prediction RMSE", "Pearson", "Spearman"], quality))
+        parts.append(_replay_cells(run))
     if probes is not None:
         rows = []
         for method, per in probes.items():
