@@ -61,3 +61,34 @@ def test_complete_refuses_matrices_it_cannot_split(tmp_path):
         complete_run(run_dir, CompleteConfig(), lambda m: None)
     with pytest.raises(FileNotFoundError, match="no forgetting matrix yet"):
         complete_run(str(tmp_path / "empty"), CompleteConfig(), lambda m: None)
+
+
+def test_distributed_als_is_chosen_by_size_or_when_asked():
+    from forgetray.study import distributed_als
+
+    assert not distributed_als(CompleteConfig(), (1000, 100_000))  # exactly the default 1e8
+    assert distributed_als(CompleteConfig(), (1000, 100_001))
+    assert distributed_als(CompleteConfig(distributed_above=10), (3, 4))
+    assert distributed_als(CompleteConfig(distributed=True, distributed_above=None), (3, 4))
+    assert not distributed_als(CompleteConfig(distributed_above=None), (10**4, 10**6))
+
+
+@pytest.mark.slow
+def test_complete_with_distributed_als_gives_the_in_memory_results(tmp_path, ray_session):
+    run_dir, _ = planted_run(tmp_path)
+    config = CompleteConfig(revealed_k=20, n_seeds=2, methods=("global_mean", "als_mf"), binary=True)
+    local = complete_run(run_dir, config, lambda m: None)
+    messages = []
+    distributed = complete_run(
+        run_dir, CompleteConfig(**{**vars(config), "distributed": True}), messages.append
+    )
+    assert any("ALS MF fits as Ray tasks over column blocks" in m for m in messages)
+    for method in ("global_mean", "als_mf"):
+        np.testing.assert_allclose(
+            distributed[method]["rmse_per_seed"], local[method]["rmse_per_seed"], rtol=1e-8
+        )
+    np.testing.assert_allclose(
+        distributed["binary"]["als_mf"]["rmse_per_seed"],
+        local["binary"]["als_mf"]["rmse_per_seed"],
+        rtol=1e-8,
+    )

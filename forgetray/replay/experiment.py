@@ -41,6 +41,7 @@ from forgetray.matrix import load_forgetting_matrix
 from forgetray.models import ModelRef
 from forgetray.replay.probes import select_probes
 from forgetray.replay.samplers import replay_order, replay_schedule, split_never_replayed
+from forgetray.study import distributed_als
 
 NONE = "none"
 ONLINE = "online"
@@ -92,9 +93,17 @@ def prediction_quality(prediction: np.ndarray, truth: np.ndarray) -> dict[str, f
 
 
 def plan_replay(
-    z: np.ndarray, index: dict[str, Any], config: SweepConfig, task_steps: dict[str, int]
+    z: np.ndarray,
+    index: dict[str, Any],
+    config: SweepConfig,
+    task_steps: dict[str, int],
+    matrix_path: str | None = None,
 ) -> dict[str, Any]:
-    """The whole experiment's choices, from the matrix alone: split, tasks, probes, orders (pure)."""
+    """The whole experiment's choices, from the matrix alone: split, tasks, probes, orders (pure).
+
+    With `matrix_path` (Z's file) and a matrix above `complete.distributed_above` entries, the
+    predictions' ALS fits run as Ray tasks reading their column blocks from that file."""
+    from forgetray.stats.als_ray import DistributedALSMF
     from forgetray.stats.completion import ALSMF, split_tasks
 
     rc = config.replay
@@ -111,7 +120,11 @@ def plan_replay(
         probes = select_probes(
             rc.probe, z_other, rc.revealed_k, candidates=pool, rank=rc.rank, seed=rc.seed + row
         )
-        prediction = ALSMF(rank=rc.rank, reg=rc.reg).fit_predict(z_other, probes, z[row, probes].copy())
+        als: Any = ALSMF(rank=rc.rank, reg=rc.reg)
+        if matrix_path is not None and distributed_als(config.complete, z.shape):
+            others = tuple(r for r in range(n_tasks) if r != row)
+            als = DistributedALSMF(os.path.abspath(matrix_path), others, rank=rc.rank, reg=rc.reg)
+        prediction = als.fit_predict(z_other, probes, z[row, probes].copy())
         count = int(replay_schedule(task_steps[name], rc.ratio).sum()) * batch
         seed = rc.seed * 1000 + row
         orders = {}
@@ -228,7 +241,9 @@ def replay_run(
 
     _, test_rows = split_tasks(z.shape[0], min(rc.n_tasks, max(1, z.shape[0] - 2)), rc.task_seed)
     names = [index["tasks"][r] for r in test_rows]
-    plan = plan_replay(z, index, config, _task_steps(run_dir, config, names))
+    plan = plan_replay(
+        z, index, config, _task_steps(run_dir, config, names), os.path.join(matrix_dir, "forgetting.npy")
+    )
     pool, never = split_never_replayed(z.shape[1], rc.n_never_replayed, rc.split_seed)
     plan["pool"] = pool.tolist()
     storage.write_json(plan_path, plan)
