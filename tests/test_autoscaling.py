@@ -145,7 +145,7 @@ def test_autoscaler_adds_two_workers_and_trains_two_tasks_at_once(tmp_path):
     }
     try:
         # `ray start` gives a raylet a fixed 30 s to register, which an overloaded machine can miss.
-        for _ in range(3):
+        for _ in range(6):
             head = subprocess.run(
                 [
                     os.path.join(os.path.dirname(sys.executable), "ray"),
@@ -215,3 +215,32 @@ def test_autoscaler_adds_two_workers_and_trains_two_tasks_at_once(tmp_path):
         stop_processes_under(temp_dir)
         stop_processes_under(gcs_address)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_fixed_two_cpu_cluster_runs_four_tasks_two_at_a_time(ray_session, tmp_path):
+    """Without an autoscaler all 4 trials are in flight on 2 CPUs: 2 train, 2 wait for a CPU (they
+    hold none), and every task finishes; scoring's autoscaling pool stays within the CPUs."""
+    from forgetray.cli import main
+
+    run_dir = str(tmp_path / "run")
+    overrides = [
+        f"model.cache_dir={tmp_path / 'cache'}",
+        *[o for o in TINY_RUN if not o.startswith("tasks.builtin")],
+        f"tasks.builtin=[{', '.join(AUTOSCALING_TASKS)}]",
+        "finetune.max_steps=200",
+        "finetune.max_epochs=1000",
+        "finetune.micro_batch_size=4",
+    ]
+    assert main(["run", "--out", run_dir, "--no-progress", *overrides]) == 0
+    intervals = []
+    for task in AUTOSCALING_TASKS:
+        with open(os.path.join(run_dir, "checkpoints", f"{task}.json")) as f:
+            pointer = json.load(f)
+        assert pointer["steps"] == 200
+        intervals.append((pointer["train_started_at"], pointer["train_finished_at"]))
+    assert max_overlap(intervals) == 2, intervals
+    with open(os.path.join(run_dir, "logs", "forgetray.log")) as f:
+        log = f.read()
+    assert "finetune: 4 task(s), 4 at a time" in log
+    assert "on 1-10 actor(s)" in log  # 5 models x 2 shards, one actor per item at most
