@@ -619,7 +619,8 @@ class ExactMatchConfig:
     shard_size: int = 256
     """Examples per shard: the unit of parallelism, of the part files and of resumption."""
     num_actors: int | None = None
-    """Generation actors; default: as many as the cluster's CPUs (or GPUs) allow."""
+    """A fixed pool of this many generation actors; null: a pool that autoscales from 1 to one
+    actor per shard left (`forgetray.score.driver.actor_count`)."""
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
 

@@ -124,11 +124,6 @@ def test_autoscaler_adds_two_workers_and_trains_two_tasks_at_once(tmp_path):
 
     # Short: Ray's unix sockets live under it and must stay within 107 characters.
     temp_dir = tempfile.mkdtemp(prefix="fra", dir="/tmp")
-    gcs, *ports = free_ports(7)
-    gcs_address = f"{ray.util.get_node_ip_address()}:{gcs}"
-    config_path = os.path.join(temp_dir, "autoscaling.json")
-    with open(config_path, "w") as f:
-        json.dump(fake_cluster_config(gcs_address), f)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env |= {
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
@@ -143,9 +138,17 @@ def test_autoscaler_adds_two_workers_and_trains_two_tasks_at_once(tmp_path):
         "FORGETRAY_CACHE": str(tmp_path / "cache"),
         "TORCH_EXTENSIONS_DIR": os.path.join(REPO, ".cache", "torch_extensions"),
     }
+    gcs_address = ""
     try:
-        # `ray start` gives a raylet a fixed 30 s to register, which an overloaded machine can miss.
+        # `ray start` gives a raylet a fixed 30 s to register, which an overloaded machine can miss,
+        # and a port picked free may be taken by another Ray instance before the raylet binds it:
+        # each attempt picks new ports.
         for _ in range(6):
+            gcs, *ports = free_ports(7)
+            gcs_address = f"{ray.util.get_node_ip_address()}:{gcs}"
+            config_path = os.path.join(temp_dir, "autoscaling.json")
+            with open(config_path, "w") as f:
+                json.dump(fake_cluster_config(gcs_address), f)
             head = subprocess.run(
                 [
                     os.path.join(os.path.dirname(sys.executable), "ray"),
@@ -157,7 +160,7 @@ def test_autoscaler_adds_two_workers_and_trains_two_tasks_at_once(tmp_path):
                     "--num-cpus=0",
                     "--include-dashboard=false",
                     "--disable-usage-stats",
-                    *node_ports(ports[:6]),
+                    *node_ports(ports),
                 ],
                 env=env,
                 capture_output=True,
@@ -213,7 +216,8 @@ def test_autoscaler_adds_two_workers_and_trains_two_tasks_at_once(tmp_path):
         print(f"autoscaling run: {seconds:.0f} s; training intervals {intervals}")
     finally:
         stop_processes_under(temp_dir)
-        stop_processes_under(gcs_address)
+        if gcs_address:
+            stop_processes_under(gcs_address)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
