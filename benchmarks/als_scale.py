@@ -132,6 +132,21 @@ def temporary_directory() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def start_ray(num_cpus: int, attempts: int = 4) -> None:
+    """ray.init, again if it fails: Ray gives a new node 30 s to register, which a heavily loaded
+    machine can miss."""
+    import ray
+
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise
+
+
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
 
@@ -234,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         driver_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
         started = time.perf_counter()
-        ray.init(num_cpus=options.num_cpus, include_dashboard=False, logging_level="WARNING")
+        start_ray(options.num_cpus)
         results["ray_start_seconds"] = time.perf_counter() - started
         if options.complete:
             results |= complete_row(path, planted, options)
