@@ -131,8 +131,9 @@ def test_autoscaler_adds_two_workers_and_trains_two_tasks_at_once(tmp_path):
         "RAY_FAKE_CLUSTER": "1",
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
-        # A raylet waits this long for its agents to come up (slow on a loaded machine).
-        "RAY_agent_register_timeout_ms": "120000",
+        # How long a raylet waits for its agents (their port files) before it gives up; the
+        # dashboard agent takes over 30 s to start on a heavily loaded machine.
+        "RAY_raylet_start_wait_time_s": "180",
         "DS_ACCELERATOR": "cpu",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
