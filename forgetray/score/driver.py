@@ -216,7 +216,7 @@ def actor_count(config: ScoreConfig, n_items: int) -> tuple[int, int]:
 
 
 def pool_size_text(pool: tuple[int, int]) -> str:
-    """"3" for a fixed pool, "1-8" for an autoscaling one (for log lines)."""
+    """The pool size for log lines: "3" for a fixed pool, "1-8" for an autoscaling one."""
     return str(pool[0]) if pool[0] == pool[1] else f"{pool[0]}-{pool[1]}"
 
 
