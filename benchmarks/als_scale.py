@@ -132,7 +132,7 @@ def temporary_directory() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def start_ray(num_cpus: int, attempts: int = 4) -> None:
+def start_ray(num_cpus: int, attempts: int = 8) -> None:
     """ray.init, again if it fails: Ray gives a new node 30 s to register, which a heavily loaded
     machine can miss."""
     import ray
