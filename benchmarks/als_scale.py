@@ -1,8 +1,15 @@
 """ALS at the scale of a real run: fit_als_ray on a 1,000 x 1,000,000 float32 .npy (4 GB) on 2 CPUs.
 
-    python benchmarks/als_scale.py                                   # full size
+    python benchmarks/als_scale.py --complete                        # the completion path, full size
+    python benchmarks/als_scale.py                                   # the plain fit, full size
     python benchmarks/als_scale.py --tasks 200 --examples 100000     # smaller
     python benchmarks/als_scale.py --tasks 200 --examples 100000 --compare-single
+
+`--complete` runs what `forgetray complete` and the replay experiment run above
+`complete.distributed_above`: `DistributedALSMF` completes the last task's row from `--revealed-k`
+revealed entries, fitted on the other rows, each Ray task reading its column block of those rows
+from the file (`NpyRowsSource`); it reports wall time, peak RSS and the RMSE of the completed row
+on its unrevealed entries (against the noisy entries and against the truth).
 
 Writes a planted matrix Z = 0.1 + a_i + b_j + U_i . V_j / sqrt(rank) + sigma * noise row-chunk by
 row-chunk (never whole in memory) to a temporary directory under /tmp, fits it with `fit_als_ray`
@@ -73,7 +80,7 @@ def write_planted(path: str, tasks: int, examples: int, rank: int, sigma: float,
 
 
 class RssSampler:
-    """Samples, every `interval` s, the RSS of this process and of every Ray worker process.
+    """Samples, every `interval` s, the RSS of this process and of every Ray worker process it started.
 
     Also the private part (RSS minus file-backed and shared-memory pages, i.e. RssAnon): Ray workers
     map the object store's shared memory, which RSS counts in every process that touches it.
@@ -92,9 +99,11 @@ class RssSampler:
         while not self._stop.is_set():
             self.driver_peak = max(self.driver_peak, me.memory_info().rss)
             workers = []
-            for process in psutil.process_iter(["name"]):
+            # Only this run's workers: the Ray that ray.init() started here is this process's
+            # subtree (other Ray instances on the machine are not).
+            for process in me.children(recursive=True):
                 try:
-                    if (process.info["name"] or "").startswith("ray::"):
+                    if process.name().startswith("ray::"):
                         info = process.memory_info()
                         workers.append((info.rss, info.rss - info.shared))
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -123,8 +132,83 @@ def temporary_directory() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def start_ray(num_cpus: int, attempts: int = 8) -> None:
+    """ray.init, again if it fails: Ray gives a new node 30 s to register, which a heavily loaded
+    machine can miss."""
+    import ray
+
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise
+
+
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def complete_row(path: str, planted: Planted, options: argparse.Namespace) -> dict[str, Any]:
+    """Complete the last task's row through `DistributedALSMF`; timings, peak RSS and RMSE."""
+    from forgetray.stats.als_ray import DistributedALSMF
+
+    held, n = options.tasks - 1, options.examples
+    z = np.load(path, mmap_mode="r")  # (tasks, examples), never read whole here
+    revealed = np.sort(np.random.default_rng(2).choice(n, size=options.revealed_k, replace=False))
+    values = np.asarray(z[held, revealed], dtype=np.float64)  # (k,)
+    completer = DistributedALSMF(
+        path,
+        tuple(range(held)),
+        rank=options.rank,
+        reg=options.reg,
+        iterations=options.iterations,
+        block_size=options.block_size,
+    )
+    started = time.perf_counter()
+    with RssSampler() as sampler:
+        # z[:held] is a view of the map: fit_predict checks its shape, the tasks read the file.
+        prediction = completer.fit_predict(z[:held], revealed, values)  # (examples,)
+    seconds = time.perf_counter() - started
+    hidden = np.ones(n, dtype=bool)
+    hidden[revealed] = False
+    observed = np.asarray(z[held], dtype=np.float64)
+    truth = planted.truth(np.full(n, held), np.arange(n))
+    del z
+    return {
+        "complete_seconds": seconds,
+        "driver_peak_rss_bytes_sampled": sampler.driver_peak,
+        "worker_peak_rss_bytes_sampled": sampler.worker_peak,
+        "worker_peak_private_bytes_sampled": sampler.worker_private_peak,
+        "workers_total_peak_rss_bytes_sampled": sampler.workers_total_peak,
+        "rmse_vs_observed": float(np.sqrt(np.mean(np.square(prediction - observed)[hidden]))),
+        "rmse_vs_truth": float(np.sqrt(np.mean(np.square(prediction - truth)[hidden]))),
+        "rmse_of_the_row_mean": float(np.sqrt(np.mean(np.square(values.mean() - truth)[hidden]))),
+    }
+
+
+def print_completion(results: dict[str, Any], options: argparse.Namespace) -> None:
+    print(
+        f"DistributedALSMF, {options.num_cpus} CPUs, block {options.block_size}, rank {options.rank}, "
+        f"{options.iterations} iterations, reg {options.reg}: row {options.tasks - 1} from "
+        f"{options.revealed_k} revealed entries, fitted on {options.tasks - 1} x {options.examples:,}"
+    )
+    print(
+        f"  wall time        {results['complete_seconds']:.1f} s (+ Ray start {results['ray_start_seconds']:.1f} s)"
+    )
+    print(f"  driver peak RSS  {gib(results['driver_peak_rss_bytes_sampled'])} (sampled)")
+    print(
+        f"  worker peak RSS  {gib(results['worker_peak_rss_bytes_sampled'])} one worker, "
+        f"{gib(results['workers_total_peak_rss_bytes_sampled'])} all ray:: processes (sampled); "
+        f"private {gib(results['worker_peak_private_bytes_sampled'])}"
+    )
+    print(
+        f"  completed row    RMSE {results['rmse_vs_observed']:.4f} vs its noisy entries (sigma "
+        f"{options.sigma}), {results['rmse_vs_truth']:.4f} vs truth; the revealed entries' mean "
+        f"{results['rmse_of_the_row_mean']:.4f} vs truth"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -133,14 +217,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--examples", type=int, default=1_000_000)
     parser.add_argument("--rank", type=int, default=5)
     parser.add_argument("--sigma", type=float, default=0.5)
-    parser.add_argument("--reg", type=float, default=0.01)
+    parser.add_argument("--reg", type=float, help="default 0.01 (fit) or ALSMF's 0.03 (--complete)")
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--block-size", type=int, default=16384)
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--sample", type=int, default=1_000_000, help="entries for the recovery RMSE")
     parser.add_argument("--compare-single", action="store_true", help="also time fit_als in-process")
+    parser.add_argument("--complete", action="store_true", help="the distributed completion path")
+    parser.add_argument("--revealed-k", type=int, default=30)
     parser.add_argument("--json", help="also write the results here")
     options = parser.parse_args(argv)
+    if options.reg is None:
+        options.reg = 0.03 if options.complete else 0.01
 
     import ray
 
@@ -161,8 +249,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         driver_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
         started = time.perf_counter()
-        ray.init(num_cpus=options.num_cpus, include_dashboard=False, logging_level="WARNING")
+        start_ray(options.num_cpus)
         results["ray_start_seconds"] = time.perf_counter() - started
+        if options.complete:
+            results |= complete_row(path, planted, options)
+            ray.shutdown()
+            print_completion(results, options)
+            if options.json:
+                with open(options.json, "w", encoding="utf-8") as f:
+                    json.dump(results, f, indent=2)
+            return results
         iterations: list[dict[str, Any]] = []
 
         def report(progress: dict[str, Any]) -> None:

@@ -361,7 +361,11 @@ class FinetuneConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_concurrent_tasks: int | None = None
-    """Tasks trained at once; default: as many as the cluster's CPUs (or GPUs) allow."""
+    """At most this many tasks in flight; default: every task. Each task in flight is a Ray Tune
+    trial whose TorchTrainer asks for its workers' resources: those the cluster cannot place yet
+    wait, which is the demand that makes an autoscaler add (GPU) nodes, and on a fixed cluster they
+    start as earlier tasks finish. Nothing is sized from the resources present at start, so set
+    this to bound what one run may ask an autoscaler for (or the waiting trials' memory)."""
     checkpoint_every: int = 0
     """Report a resumable checkpoint every this many steps (0: only the final one)."""
     max_failures: int = 2
@@ -426,7 +430,13 @@ class ScoreConfig:
     shard_size: int = 256
     """Examples per shard: the unit of parallelism, of the parquet part files and of resumption."""
     num_actors: int | None = None
-    """Scoring actors per model; default: as many as the cluster's CPUs (or GPUs) allow."""
+    """A fixed pool of this many scoring actors (min_actors = max_actors); null: an autoscaling pool."""
+    min_actors: int = 1
+    """The autoscaling pool's smallest size: actors kept while scoring runs."""
+    max_actors: int | None = None
+    """The autoscaling pool's largest size; null: one actor per shard left to score. The pool grows
+    while shards wait and resources (or an autoscaler's new nodes) can place another actor, so it is
+    never sized from the resources present at start."""
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     packing: bool = True
@@ -445,6 +455,13 @@ class ScoreConfig:
             _require(getattr(self, name) > 0, name, "must be a positive integer")
         _require(self.max_batch_tokens >= self.max_length, "max_batch_tokens", "must be >= max_length")
         _require(self.num_actors is None or self.num_actors > 0, "num_actors", "must be positive or null")
+        _require(self.min_actors > 0, "min_actors", "must be a positive integer")
+        _require(self.max_actors is None or self.max_actors > 0, "max_actors", "must be positive or null")
+        _require(
+            self.max_actors is None or self.max_actors >= self.min_actors,
+            "max_actors",
+            f"must be >= min_actors ({self.min_actors}) or null",
+        )
         _require(self.cpus_per_actor > 0, "cpus_per_actor", "must be > 0")
         _require(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0")
 
@@ -562,6 +579,13 @@ class CompleteConfig:
     (forgetray's Newton logistic MF; under lrf the authors' gradient-ascent one as well)."""
     binary_threshold: float | None = None
     """Null: the 75th percentile of the training rows' Z, so a quarter of entries count as forgotten."""
+    distributed_above: int | None = 100_000_000
+    """ALS MF fits (here and in the replay experiment's predictions) run as Ray tasks, each reading
+    its column block of `matrix/forgetting.npy` (`forgetray.stats.als_ray`), when the matrix has
+    more than this many entries (1e8: 1,000 tasks x 100,000 examples, 400 MB float32); null: only
+    when `distributed` is true."""
+    distributed: bool = False
+    """Run the ALS MF fits as Ray tasks whatever the matrix size."""
 
     @property
     def method_names(self) -> tuple[str, ...]:
@@ -577,6 +601,11 @@ class CompleteConfig:
             f"got {self.protocol!r}; choose from {', '.join(COMPLETION_PROTOCOLS)}",
         )
         _require(self.revealed_k > 0, "revealed_k", "must be a positive integer")
+        _require(
+            self.distributed_above is None or self.distributed_above > 0,
+            "distributed_above",
+            "must be a positive number of matrix entries or null",
+        )
         _require(self.n_seeds > 0, "n_seeds", "must be a positive integer")
         _require(
             self.n_test_tasks is None or self.n_test_tasks > 0, "n_test_tasks", "must be positive or null"
@@ -734,7 +763,8 @@ class ExactMatchConfig:
     shard_size: int = 256
     """Examples per shard: the unit of parallelism, of the part files and of resumption."""
     num_actors: int | None = None
-    """Generation actors; default: as many as the cluster's CPUs (or GPUs) allow."""
+    """A fixed pool of this many generation actors; null: a pool that autoscales from 1 to one
+    actor per shard left (`forgetray.score.driver.actor_count`)."""
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
 

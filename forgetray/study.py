@@ -87,6 +87,36 @@ def completion_methods(config: CompleteConfig, binary: bool) -> dict[str, Any]:
     return methods
 
 
+def distributed_als(config: CompleteConfig, shape: tuple[int, ...]) -> bool:
+    """Whether ALS MF fits of a matrix of `shape` run as Ray tasks (`complete.distributed*`)."""
+    entries = int(np.prod(shape))
+    return config.distributed or (config.distributed_above is not None and entries > config.distributed_above)
+
+
+def with_distributed_als(
+    methods: dict[str, Any],
+    matrix_path: str,
+    train_rows: Sequence[int],
+    rank: int,
+    reg: float,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """`methods` with "als_mf" (if present) fitted as Ray tasks over column blocks of `matrix_path`
+    (`DistributedALSMF`: the same answer as `completion.ALSMF`, without Z in the driver's fit)."""
+    from forgetray.stats.als_ray import DistributedALSMF
+
+    if "als_mf" not in methods:
+        return methods
+    als = DistributedALSMF(
+        os.path.abspath(matrix_path),
+        tuple(int(r) for r in train_rows),
+        rank=rank,
+        reg=reg,
+        threshold=threshold,
+    )
+    return methods | {"als_mf": als}
+
+
 def completion_split(
     tasks: Sequence[str], config: CompleteConfig, families: Mapping[str, str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -153,10 +183,16 @@ def complete_run(
     seeds = range(config.n_seeds)
     reveal = reveal_columns_lrf if config.protocol == "lrf" else None
     out = os.path.join(run_dir, "completion")
+    distributed = distributed_als(config, z.shape)
+    matrix_path = os.path.join(run_dir, "matrix", "forgetting.npy")
+    methods = completion_methods(config, binary=False)
+    if distributed:
+        log(f"complete: ALS MF fits as Ray tasks over column blocks of {matrix_path}")
+        methods = with_distributed_als(methods, matrix_path, train_rows, config.rank, config.reg)
     results = evaluate_completion(
         z,
         test_rows,
-        completion_methods(config, binary=False),
+        methods,
         config.revealed_k,
         seeds,
         train_rows=train_rows,
@@ -177,10 +213,15 @@ def complete_run(
         threshold = config.binary_threshold
         if threshold is None:
             threshold = float(np.quantile(z[train_rows], 0.75))
+        methods = completion_methods(config, binary=True)
+        if distributed:
+            methods = with_distributed_als(
+                methods, matrix_path, train_rows, config.rank, config.reg, threshold
+            )
         binary = evaluate_completion(
             z,
             test_rows,
-            completion_methods(config, binary=True),
+            methods,
             config.revealed_k,
             seeds,
             binary_threshold=threshold,

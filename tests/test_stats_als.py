@@ -159,3 +159,59 @@ def test_read_npy_columns_reads_the_block(tmp_path: Any, fortran_order: bool, dt
     np.save(path, np.asfortranarray(matrix) if fortran_order else matrix)
     for start, stop in [(0, 5), (5, 10), (20, 25), (0, 23)]:
         np.testing.assert_array_equal(read_npy_columns(path, start, stop), matrix[:, start:stop])
+
+
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_npy_rows_source_builds_what_alsmf_builds_in_memory(tmp_path: Any, threshold: float | None) -> None:
+    """The blocks a completion fit's tasks read: chosen rows (binarised), one sparse new row, scaled."""
+    from forgetray.stats.als_ray import NpyRowsSource, read_npy_columns
+
+    matrix = np.random.default_rng(0).normal(size=(9, 50)).astype(np.float32)
+    path = str(tmp_path / "z.npy")
+    np.save(path, matrix)
+    rows, new_idx, new_values = (7, 0, 3, 5), (2, 11, 49), (0.5, -1.0, 2.0)
+    np.testing.assert_array_equal(read_npy_columns(path, 10, 20, rows), matrix[list(rows), 10:20])
+    target = matrix.astype(np.float64) if threshold is None else (matrix > threshold).astype(np.float64)
+    expected = np.zeros((5, 50))
+    expected[:4] = target[list(rows)]
+    expected[4, list(new_idx)] = new_values
+    expected_mask = np.ones((5, 50), bool)
+    expected_mask[4] = False
+    expected_mask[4, list(new_idx)] = True
+    source = NpyRowsSource(path, rows, new_idx, new_values, scale=2.0, threshold=threshold)
+    assert source.shape == (5, 50)
+    for start, stop in [(0, 12), (12, 40), (40, 50)]:
+        z_block, mask_block = source.block(start, stop)
+        np.testing.assert_array_equal(z_block, expected[:, start:stop] / 2.0)
+        np.testing.assert_array_equal(mask_block, expected_mask[:, start:stop])
+    whole, no_mask = NpyRowsSource(path).block(0, 50)
+    assert no_mask is None and whole.dtype == np.float64
+    np.testing.assert_array_equal(whole, matrix)
+    with pytest.raises(IndexError, match="row 9 out of range"):
+        read_npy_columns(path, 0, 5, [9])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threshold", [None, 0.05])
+def test_distributed_alsmf_equals_in_memory_alsmf(ray_module: Any, tmp_path: Any, threshold: Any) -> None:
+    """Completing a new row from k revealed entries: the Ray fit over the file's column blocks gives
+    ALSMF's prediction (same scaling, same factors up to float rounding)."""
+    from forgetray.stats.als_ray import DistributedALSMF
+    from forgetray.stats.completion import ALSMF
+
+    _, z = planted(20, 300, rank=3, sigma=0.1, seed=4)
+    z32 = (0.05 * z).astype(np.float32)
+    path = str(tmp_path / "forgetting.npy")
+    np.save(path, z32)
+    train, new = tuple(r for r in range(20) if r != 6), 6
+    target = z32.astype(np.float64) if threshold is None else (z32 > threshold).astype(np.float64)
+    revealed = np.sort(np.random.default_rng(0).choice(300, size=30, replace=False))
+    kwargs: dict[str, Any] = {"rank": 3, "reg": 0.03, "iterations": 6, "seed": 2}
+    in_memory = ALSMF(**kwargs).fit_predict(target[list(train)], revealed, target[new, revealed])
+    distributed = DistributedALSMF(path, train, threshold=threshold, block_size=64, **kwargs).fit_predict(
+        target[list(train)], revealed, target[new, revealed]
+    )
+    np.testing.assert_allclose(distributed, in_memory, rtol=1e-8, atol=1e-10)
+    assert np.std(in_memory) > 0.01  # a real prediction, not a constant
+    with pytest.raises(ValueError, match="z_train has shape"):
+        DistributedALSMF(path, train, **kwargs).fit_predict(target[:5], revealed, target[new, revealed])

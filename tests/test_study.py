@@ -206,3 +206,34 @@ def test_lrf_binary_adds_the_authors_logistic_mf(tmp_path):
     # scores are probabilities; the authors' cut (logit > 0) is score > 0.5
     assert 0.0 <= binary["logistic_mf_ga"]["auc_mean"] <= 1.0
     assert binary["binary_threshold"] == pytest.approx(float(np.quantile(z[[0, 1, 2, 4]], 0.75)), rel=1e-6)
+
+
+def test_distributed_als_is_chosen_by_size_or_when_asked():
+    from forgetray.study import distributed_als
+
+    assert not distributed_als(CompleteConfig(), (1000, 100_000))  # exactly the default 1e8
+    assert distributed_als(CompleteConfig(), (1000, 100_001))
+    assert distributed_als(CompleteConfig(distributed_above=10), (3, 4))
+    assert distributed_als(CompleteConfig(distributed=True, distributed_above=None), (3, 4))
+    assert not distributed_als(CompleteConfig(distributed_above=None), (10**4, 10**6))
+
+
+@pytest.mark.slow
+def test_complete_with_distributed_als_gives_the_in_memory_results(tmp_path, ray_session):
+    run_dir, _ = planted_run(tmp_path)
+    config = CompleteConfig(revealed_k=20, n_seeds=2, methods=("global_mean", "als_mf"), binary=True)
+    local = complete_run(run_dir, config, lambda m: None)
+    messages = []
+    distributed = complete_run(
+        run_dir, CompleteConfig(**{**vars(config), "distributed": True}), messages.append
+    )
+    assert any("ALS MF fits as Ray tasks over column blocks" in m for m in messages)
+    for method in ("global_mean", "als_mf"):
+        np.testing.assert_allclose(
+            distributed[method]["rmse_per_seed"], local[method]["rmse_per_seed"], rtol=1e-8
+        )
+    np.testing.assert_allclose(
+        distributed["binary"]["als_mf"]["rmse_per_seed"],
+        local["binary"]["als_mf"]["rmse_per_seed"],
+        rtol=1e-8,
+    )

@@ -175,7 +175,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     hook = _step_hook(loop_config, model=engine.module, tokenizer=tokenizer, rank=rank, total_steps=steps)
     if hook is not None:
         hook(start_step, None)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     loss_value = float("nan")
     tokens = 0
     for step in range(start_step, steps):
@@ -242,6 +242,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "loss": loss_value,
             "final": True,
             "train_seconds": seconds,
+            "train_started_at": started_at,
+            "train_finished_at": time.time(),
             "train_tokens_rank0": tokens,
             "resumed_from_step": start_step,
         }

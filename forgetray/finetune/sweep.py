@@ -1,7 +1,9 @@
 """Many tasks at once: one Ray Train `TorchTrainer` per task, run concurrently as Ray Tune trials.
 
 Each Tune trial is a light driver (`train_task`) that builds the task's TorchTrainer and waits for it;
-`max_concurrent_trials` keeps as many Train runs in flight as the cluster's CPUs (or GPUs) can hold.
+every task is submitted at once (or `finetune.max_concurrent_tasks` of them), and a TorchTrainer
+whose workers the cluster cannot place yet waits for them: pending placement groups are what an
+autoscaler adds nodes for (`concurrent_tasks`).
 A Train run restarts its worker group from the last reported checkpoint when a worker dies
 (`FailureConfig`). A task whose pointer file `<run>/checkpoints/<task>.json` exists is done and is
 not trained again; the pointer is written last, atomically, after the final checkpoint is stored:
@@ -41,16 +43,16 @@ def finetuned_model(base: ModelRef, pointer: dict[str, Any]) -> ModelRef:
 
 
 def concurrent_tasks(config: FinetuneConfig, n_tasks: int) -> int:
-    import ray
+    """Tasks in flight at once: all of them, or `finetune.max_concurrent_tasks`.
 
+    Not sized from the cluster's resources: on an autoscaling cluster whose GPU workers start at
+    zero that would be 1 for ever. Every task in flight is a trial whose TorchTrainer asks for its
+    workers' placement group; the groups the cluster cannot place yet wait (the demand an autoscaler
+    adds nodes for) and, on a fixed cluster, start as earlier tasks release their workers.
+    """
     if config.max_concurrent_tasks is not None:
         return min(config.max_concurrent_tasks, n_tasks)
-    resources = ray.cluster_resources()
-    by_cpu = int(resources.get("CPU", 1) // (config.cpus_per_worker * config.num_workers))
-    by_gpu = by_cpu
-    if config.gpus_per_worker > 0:
-        by_gpu = int(resources.get("GPU", 0) // (config.gpus_per_worker * config.num_workers))
-    return max(1, min(by_cpu, by_gpu, n_tasks))
+    return n_tasks
 
 
 def check_task_encodings(base: ModelRef, task_paths: dict[str, str], config: FinetuneConfig) -> None:
@@ -130,6 +132,9 @@ def train_task(tune_config: dict[str, Any]) -> None:
         "steps": metrics["step"],
         "train_seconds": metrics["train_seconds"],
         "wall_seconds": time.perf_counter() - started,
+        # Wall-clock (epoch) bounds of the training loop on rank 0: which tasks trained at once.
+        "train_started_at": metrics.get("train_started_at"),
+        "train_finished_at": metrics.get("train_finished_at"),
         "resumed_from_step": metrics["resumed_from_step"],
     }
     if metrics.get("replay") is not None:

@@ -58,7 +58,7 @@ from forgetray.replay.samplers import (
     replay_schedule,
     split_never_replayed,
 )
-from forgetray.study import completion_methods
+from forgetray.study import completion_methods, distributed_als, with_distributed_als
 
 NONE = "none"
 ONLINE = "online"
@@ -175,9 +175,13 @@ def plan_replay(
     config: SweepConfig,
     task_steps: dict[str, int],
     task_examples: dict[str, int] | None = None,
+    matrix_path: str | None = None,
 ) -> dict[str, Any]:
     """The whole experiment's choices, from the matrix alone: split, tasks, probes, predictions'
-    quality, replay orders per condition and training seed (pure)."""
+    quality, replay orders per condition and training seed (pure).
+
+    With `matrix_path` (Z's file) and a matrix above `complete.distributed_above` entries, the
+    predictions' ALS fits run as Ray tasks reading their column blocks from that file."""
     rc = config.replay
     n_tasks, n_examples = z.shape
     if rc.n_tasks > n_tasks - 2:
@@ -196,9 +200,13 @@ def plan_replay(
         probes = select_probes(
             rc.probe, z_other, rc.revealed_k, candidates=pool, rank=rc.rank, seed=rc.seed + row
         )
+        row_completers = completers
+        if matrix_path is not None and distributed_als(config.complete, z.shape):
+            others = [r for r in range(n_tasks) if r != row]
+            row_completers = with_distributed_als(completers, matrix_path, others, rc.rank, rc.reg)
         predictions = {
             m: np.asarray(c.fit_predict(z_other, probes, z[row, probes].copy()), dtype=np.float64)
-            for m, c in completers.items()
+            for m, c in row_completers.items()
         }  # {method: (examples,)}
         orders: dict[str, list[list[int]]] = {}
         for condition in names:
@@ -359,7 +367,9 @@ def replay_run(
     _, test_rows = split_tasks(z.shape[0], min(rc.n_tasks, max(1, z.shape[0] - 2)), rc.task_seed)
     names = [index["tasks"][r] for r in test_rows]
     task_steps, task_examples = _task_sizes(run_dir, config, names)
-    plan = plan_replay(z, index, config, task_steps, task_examples)
+    plan = plan_replay(
+        z, index, config, task_steps, task_examples, os.path.join(matrix_dir, "forgetting.npy")
+    )
     pool, never = split_never_replayed(z.shape[1], rc.n_never_replayed, rc.split_seed)
     plan["pool"] = pool.tolist()
     storage.write_json(os.path.join(out, "plan.json"), plan)

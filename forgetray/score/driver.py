@@ -287,15 +287,24 @@ def _scorer(config: ScoreConfig, reference: ModelRef | None) -> tuple[Any, dict[
     return SoftCEShardScorer, {"reference": dataclasses.asdict(reference)}
 
 
-def actor_count(config: ScoreConfig, n_shards: int) -> int:
-    import ray
+def actor_count(config: ScoreConfig, n_items: int) -> tuple[int, int]:
+    """(min, max) size of the scoring actor pool for `n_items` (model, shard) items to score.
 
+    `score.num_actors` fixes the pool; otherwise it autoscales from `score.min_actors` up to
+    `score.max_actors` (default one actor per item). Ray Data adds an actor while items wait and
+    the cluster can place one, so an autoscaler that starts GPU workers from zero gets the demand
+    that makes it add them; nothing is sized from the resources present at start.
+    """
     if config.num_actors is not None:
-        return min(config.num_actors, n_shards)
-    resources = ray.cluster_resources()
-    by_cpu = int(resources.get("CPU", 1) // config.cpus_per_actor)
-    by_gpu = int(resources.get("GPU", 0) // config.gpus_per_actor) if config.gpus_per_actor > 0 else by_cpu
-    return max(1, min(by_cpu, by_gpu, n_shards))
+        fixed = min(config.num_actors, n_items)
+        return fixed, fixed
+    largest = n_items if config.max_actors is None else min(config.max_actors, n_items)
+    return min(config.min_actors, largest), largest
+
+
+def pool_size_text(pool: tuple[int, int]) -> str:
+    """The pool size for log lines: "3" for a fixed pool, "1-8" for an autoscaling one."""
+    return str(pool[0]) if pool[0] == pool[1] else f"{pool[0]}-{pool[1]}"
 
 
 def run_shard_actors(
@@ -303,7 +312,7 @@ def run_shard_actors(
     constructor: Mapping[str, Any],
     todo: list[dict[str, Any]],
     n_examples: int,
-    n_actors: int,
+    pool: tuple[int, int],
     resources: Any,
     desc: str,
     progress: bool,
@@ -311,7 +320,8 @@ def run_shard_actors(
     """Run a `ShardActor` subclass over (model, shard) items on one Ray Data actor pool.
 
     Yields each finished item's row (`n_examples` and what the actor returns) while one bar counts
-    examples across shards; `resources` has `cpus_per_actor` / `gpus_per_actor`.
+    examples across shards; `pool` is the (min, max) actor count (`actor_count`), `resources` has
+    `cpus_per_actor` / `gpus_per_actor`.
     """
     import ray
     from tqdm import tqdm
@@ -323,7 +333,7 @@ def run_shard_actors(
         actor,
         fn_constructor_kwargs=dict(constructor),
         batch_size=1,
-        concurrency=n_actors,
+        concurrency=pool[0] if pool[0] == pool[1] else pool,
         num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor,
     )
@@ -413,10 +423,11 @@ def score_models(
     start = time.perf_counter()
     tokens: dict[str, int] = dict.fromkeys(pending, 0)
     if todo:
-        n_actors = actor_count(config, len(todo))
+        pool = actor_count(config, len(todo))
         log(
             f"scores: {len(todo)} shard(s) of {len(pending)} model(s) to score "
-            f"({sum(len(shards[item['shard']]) for item in todo)} model-examples) on {n_actors} actor(s)"
+            f"({sum(len(shards[item['shard']]) for item in todo)} model-examples) "
+            f"on {pool_size_text(pool)} actor(s)"
         )
         scorer, scorer_kwargs = _scorer(config, reference)
         constructor = {
@@ -427,7 +438,7 @@ def score_models(
             **scorer_kwargs,
         }
         examples = sum(len(shards[item["shard"]]) for item in todo)
-        for row in run_shard_actors(scorer, constructor, todo, examples, n_actors, config, "score", progress):
+        for row in run_shard_actors(scorer, constructor, todo, examples, pool, config, "score", progress):
             tokens[str(row["model"])] += int(row["n_tokens"])
     seconds = time.perf_counter() - start
     rate = sum(tokens.values()) / seconds if seconds > 0 and todo else None

@@ -29,8 +29,10 @@ from forgetray.models import ModelRef
 from forgetray.score.driver import (
     ScoreError,
     ShardActor,
+    actor_count,
     check_plan,
     part_path,
+    pool_size_text,
     require_parts,
     run_shard_actors,
     shard_plan,
@@ -149,8 +151,6 @@ def score_exact_match(
     """
     import pyarrow.parquet as pq
 
-    from forgetray.score.driver import actor_count
-
     summaries: dict[str, dict[str, Any]] = {}
     upstream = pq.read_table(upstream_path)
     shards = shard_plan(upstream, config.shard_size)
@@ -181,10 +181,11 @@ def score_exact_match(
     start = time.perf_counter()
     if todo:
         score = shard_config(config)
-        n_actors = actor_count(score, len(todo))
+        pool = actor_count(score, len(todo))
         log(
             f"exact match: {len(todo)} shard(s) of {len(pending)} model(s) to generate "
-            f"({sum(len(shards[item['shard']]) for item in todo)} model-examples) on {n_actors} actor(s)"
+            f"({sum(len(shards[item['shard']]) for item in todo)} model-examples) "
+            f"on {pool_size_text(pool)} actor(s)"
         )
         constructor = {
             "models": {name: dataclasses.asdict(models[name]) for name in pending},
@@ -195,7 +196,7 @@ def score_exact_match(
         }
         total = sum(len(shards[item["shard"]]) for item in todo)
         rows = run_shard_actors(
-            ExactMatchScorer, constructor, todo, total, n_actors, config, "exact match", progress
+            ExactMatchScorer, constructor, todo, total, pool, config, "exact match", progress
         )
         for _ in rows:
             pass
