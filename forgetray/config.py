@@ -101,34 +101,85 @@ class ModelConfig:
         return self.cache_dir or default_cache_dir()
 
 
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""`model.attn_implementation` values transformers accepts for `from_pretrained`."""
+
+
 @dataclass(frozen=True)
 class SourceConfig:
-    """One dataset of upstream examples: `builtin`, a local .jsonl/.json/.parquet file or directory,
-    or a hub id loaded with `datasets.load_dataset`.
+    """One dataset of upstream examples: `builtin`, a local .jsonl/.json/.parquet/.csv file or
+    directory, a `datasets` builder (`json`, `parquet`, `csv`) with `data_files`, or a hub id loaded
+    with `datasets.load_dataset`.
 
     `format: text` scores every token of `text_field`; `format: instruction` scores only the tokens of
-    `response_field`, conditioned on `prompt_field`.
+    `response_field`, conditioned on `prompt_field`; `format: messages` reads a conversation
+    (`messages_field`: a list of {role, content}, or ShareGPT's {from, value}), renders it with the
+    base model's chat template and scores the assistant turns named by `target_turns`.
     """
 
     path: str = "builtin"
     """Also `builtin_instructions`: questions about built-in corpus chunks, answered by the base model."""
-    format: Literal["text", "instruction"] = "text"
+    format: Literal["text", "instruction", "messages"] = "text"
     name: str | None = None
     """Hub dataset configuration name (the second argument of `load_dataset`)."""
     split: str = "train"
+    """A split name or a `datasets` slice (`train[:1000]`); local files hold one split, `train`."""
+    data_files: tuple[str, ...] = ()
+    """Files (globs allowed) of a hub dataset or a `datasets` builder such as `json` to read."""
     text_field: str = "text"
     prompt_field: str = "prompt"
     response_field: str = "response"
+    messages_field: str = "messages"
+    """`format: messages`: the column holding each conversation (ShareGPT data: `conversations`)."""
+    target_turns: Literal["last", "all"] = "last"
+    """`format: messages`: score the last assistant turn only, or every assistant turn."""
+    system_prompt: str | None = None
+    """`format: messages`: a system turn put first in conversations that have none."""
     id_field: str | None = None
     """Column with stable example ids; default `<source>/<row>`."""
     limit: int | None = None
-    """Keep the first `limit` rows of this source."""
+    """Keep the first `limit` rows of this source (with `streaming`, the `limit` rows sampled)."""
+    streaming: bool = False
+    """Read the source as a `datasets` stream instead of downloading it whole; needs `limit`."""
+    stream_sample: Literal["first", "reservoir"] = "first"
+    """`streaming`: the first `limit` examples of the stream, or a seeded uniform reservoir sample
+    of `limit` examples from the first `stream_scan` (kept in stream order)."""
+    stream_scan: int | None = None
+    """`stream_sample: reservoir`: examples read from the stream; null reads the whole stream."""
+    seed: int = 0
+    """Seeds the reservoir sample."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "path", "must not be empty")
         _require(self.limit is None or self.limit > 0, "limit", "must be a positive integer or null")
         _require(
             self.path != "builtin" or self.format == "text", "format", "the builtin corpus is plain text"
+        )
+        _require(
+            self.path != "builtin_instructions" or self.format != "messages",
+            "format",
+            "builtin_instructions are prompt/response rows; use format: instruction",
+        )
+        _require(bool(self.messages_field), "messages_field", "must not be empty")
+        _require(
+            not self.streaming or self.limit is not None,
+            "limit",
+            "streaming needs limit (how many examples to take from the stream)",
+        )
+        _require(
+            not self.streaming or self.path not in ("builtin", "builtin_instructions"),
+            "streaming",
+            "the built-in sources are in memory; streaming is for datasets",
+        )
+        _require(
+            self.stream_scan is None or (self.limit is not None and self.stream_scan >= self.limit),
+            "stream_scan",
+            "must be >= limit (a reservoir of limit examples from the first stream_scan) or null",
+        )
+        _require(
+            self.stream_sample == "first" or self.streaming,
+            "stream_sample",
+            "applies to streaming sources; set streaming: true or leave it at first",
         )
 
 
@@ -141,7 +192,9 @@ class UpstreamConfig:
     """Deterministic sample of this many examples from all sources together; null keeps all."""
     seed: int = 0
     chat_template: bool = False
-    """Render instruction examples' prompts with the base model's chat template (instruct models)."""
+    """Render `format: instruction` prompts with the base model's chat template (instruct models).
+    `format: messages` sources are always rendered with a chat template (the model's, else
+    forgetray's plain role-tag one)."""
     answer_max_new_tokens: int = 48
     """Source `builtin_instructions`: length cap of the base model's greedy answers."""
 
@@ -153,21 +206,34 @@ class UpstreamConfig:
 
 @dataclass(frozen=True)
 class TaskSourceConfig:
-    """A user task: (prompt, response) pairs from a local file or a hub id."""
+    """A user task from a local file, a `datasets` builder with `data_files`, or a hub id:
+    (prompt, response) pairs (`format: instruction`) or conversations (`format: messages`, trained on
+    the assistant turns named by `target_turns`)."""
 
     name: str
     path: str
     subset: str | None = None
     """Hub dataset configuration name."""
     split: str = "train"
+    """A split name or a `datasets` slice (`train[:1000]`); local files hold one split, `train`."""
+    data_files: tuple[str, ...] = ()
+    """Files (globs allowed) of a hub dataset or a `datasets` builder such as `json` to read."""
+    format: Literal["instruction", "messages"] = "instruction"
     prompt_field: str = "prompt"
     response_field: str = "response"
+    messages_field: str = "messages"
+    """`format: messages`: the column holding each conversation (ShareGPT data: `conversations`)."""
+    target_turns: Literal["last", "all"] = "last"
+    """`format: messages`: train on the last assistant turn only, or on every assistant turn."""
+    system_prompt: str | None = None
+    """`format: messages`: a system turn put first in conversations that have none."""
     limit: int | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         _require(bool(self.path), "path", "must not be empty")
         _require(self.limit is None or self.limit > 0, "limit", "must be a positive integer or null")
+        _require(bool(self.messages_field), "messages_field", "must not be empty")
 
 
 DEFAULT_TASKS = (
@@ -199,7 +265,8 @@ class TasksConfig:
     """Training examples per built-in task."""
     seed: int = 0
     chat_template: bool = False
-    """Render task prompts with the base model's chat template (instruct models)."""
+    """Render built-in and `format: instruction` task prompts with the base model's chat template
+    (instruct models). `format: messages` tasks are always rendered with a chat template."""
 
     def __post_init__(self) -> None:
         _require(self.n_examples > 0, "n_examples", "must be a positive integer")

@@ -143,7 +143,12 @@ def prepare_data(
     """Write the run's upstream and task tables. `base` is needed only for chat templates (its
     tokenizer) and for the `builtin_instructions` source (the model answers those questions)."""
     from forgetray.data import instructions
-    from forgetray.data.sources import load_tasks, load_upstream
+    from forgetray.data.sources import (
+        load_tasks,
+        load_upstream,
+        tasks_need_tokenizer,
+        upstream_needs_tokenizer,
+    )
     from forgetray.models import load_model, load_tokenizer
 
     def require_base() -> ModelRef:
@@ -152,9 +157,9 @@ def prepare_data(
         return base
 
     if not os.path.exists(paths.upstream):
-        upstream = load_upstream(config.upstream)
-        if config.upstream.chat_template:
-            upstream = instructions.apply_chat_template(upstream, load_tokenizer(require_base()), "upstream")
+        # Chat templates (and conversations) are rendered while loading, once.
+        tokenizer = load_tokenizer(require_base()) if upstream_needs_tokenizer(config.upstream) else None
+        upstream = load_upstream(config.upstream, tokenizer)
         if any(s.path == "builtin_instructions" for s in config.upstream.sources):
             model, tokenizer = load_model(require_base())
             upstream = instructions.answer_pending(
@@ -168,11 +173,9 @@ def prepare_data(
         )
     task_names = [name for name in _task_names(config) if not os.path.exists(paths.task(name))]
     if task_names:
-        tokenizer = load_tokenizer(require_base()) if config.tasks.chat_template else None
-        for name, table in load_tasks(config.tasks).items():
+        tokenizer = load_tokenizer(require_base()) if tasks_need_tokenizer(config.tasks) else None
+        for name, table in load_tasks(config.tasks, tokenizer).items():
             if not os.path.exists(paths.task(name)):
-                if tokenizer is not None:
-                    table = instructions.apply_chat_template(table, tokenizer, "tasks")
                 storage.write_parquet(paths.task(name), table)
         log(f"data: {len(_task_names(config))} tasks in {os.path.dirname(paths.task('x'))}")
 
