@@ -155,4 +155,6 @@ def test_every_assistant_turn_is_a_target_and_nothing_else(llama_tokenizer):
     assert targets == expected
     last_only = encode_example(tokenizer, rendered.prompt, rendered.response, 128, append_eos=True)
     assert last_only.input_ids.tolist() == encoded.input_ids.tolist()
-    assert last_only.n_targets == encoded.n_targets - len(tokenizer("5", add_special_tokens=False)["input_ids"])
+    assert last_only.n_targets == encoded.n_targets - len(
+        tokenizer("5", add_special_tokens=False)["input_ids"]
+    )
