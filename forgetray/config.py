@@ -67,6 +67,10 @@ class BuiltinModelConfig:
         _require(self.learning_rate > 0, "learning_rate", "must be > 0")
 
 
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""`model.attn_implementation` values transformers accepts for `from_pretrained`."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The base model: `builtin`, a Hugging Face hub id, or a local directory saved by transformers."""
@@ -83,8 +87,20 @@ class ModelConfig:
     """A GGUF file as the base model instead of `name_or_path`: a path, or `package:<distribution>`
     (the one .gguf file an installed Python package ships) or `package:<distribution>/<file name>`.
     Dequantised once to `dtype` and cached as a transformers directory under `cache_dir`."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to `from_pretrained` for fine-tuning and scoring: `eager`, `sdpa`,
+    `flash_attention_2` (needs the flash-attn package and a GPU), `flash_attention_3`,
+    `flex_attention`, or a hub kernel `org/repo`; null: transformers' default (sdpa where supported)."""
 
     def __post_init__(self) -> None:
+        _require(
+            self.attn_implementation is None
+            or self.attn_implementation in ATTN_IMPLEMENTATIONS
+            or "/" in self.attn_implementation,
+            "attn_implementation",
+            f"expected one of {', '.join(ATTN_IMPLEMENTATIONS)}, a hub kernel org/repo, or null; "
+            f"got {self.attn_implementation!r}",
+        )
         if self.gguf_file is not None:
             _require(
                 self.name_or_path == "builtin",
@@ -99,10 +115,6 @@ class ModelConfig:
 
     def resolved_cache_dir(self) -> str:
         return self.cache_dir or default_cache_dir()
-
-
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-"""`model.attn_implementation` values transformers accepts for `from_pretrained`."""
 
 
 @dataclass(frozen=True)
@@ -364,7 +376,12 @@ class FinetuneConfig:
     """torch's AdamW as DeepSpeed's client optimizer (no compilation, runs anywhere), or DeepSpeed's
     own AdamW (FusedAdam on GPU, DeepSpeedCPUAdam on CPU: compiled on first use)."""
     zero_stage: int = 0
+    """ZeRO-3 builds the model already partitioned (each rank loads its shard, `zero.Init`) and
+    gathers the weights layer by layer onto rank 0 to save them."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of storing them: about a
+    third more compute for activation memory that no longer grows with the number of layers."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON to use as is (batch sizes must agree with the fields above)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
