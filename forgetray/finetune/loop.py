@@ -116,7 +116,7 @@ def build_model(ref: ModelRef, config: FinetuneConfig, ds_config: dict[str, Any]
     model, _ = load_model(ref, "cpu")
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it also works under LoRA.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if config.method == "lora":
         model = apply_lora(model, config.lora)
