@@ -107,8 +107,10 @@ _PLACEMENT_FIELDS = (
     "max_concurrent_tasks",
     "max_failures",
     "checkpoint_every",
+    "gradient_checkpointing",
 )
-"""Finetune fields that only decide where and how robustly training runs, not its results."""
+"""Finetune fields that only decide where, how robustly and in how much memory training runs, not
+its results."""
 
 
 def _result_settings(config: SweepConfig, section: str) -> Any:

@@ -16,7 +16,7 @@ import pytest
 
 from forgetray.config import FinetuneConfig
 
-STEPS = 6
+STEPS = 4
 
 
 def record_steps(config, rank, model, **context):
@@ -100,7 +100,7 @@ def run(tmp_path, name, model_dir, task_path, zero_stage):
         max_steps=STEPS,
         learning_rate=1e-3,
         micro_batch_size=2,
-        warmup_steps=1,
+        warmup_steps=0,
         num_workers=2,
         zero_stage=zero_stage,
         max_length=64,
@@ -128,8 +128,8 @@ def run(tmp_path, name, model_dir, task_path, zero_stage):
 def test_zero3_matches_zero0_with_less_memory_per_worker(ray_session, tmp_path, llama_dir, addition_path):
     from safetensors.numpy import load_file
 
-    zero0, rows0 = run(tmp_path, "zero0", llama_dir, addition_path, 0)
     zero3, rows3 = run(tmp_path, "zero3", llama_dir, addition_path, 3)
+    zero0, rows0 = run(tmp_path, "zero0", llama_dir, addition_path, 0)
     total = n_parameters(llama_dir)
     assert 25e6 < total < 35e6
 
@@ -140,7 +140,7 @@ def test_zero3_matches_zero0_with_less_memory_per_worker(ray_session, tmp_path, 
 
     # The same loss curve: both are the same fp32 maths, summed in another order (reduce-scatter
     # of bucketed partitions vs one all-reduce), so the curves agree to float32 rounding carried
-    # through 6 Adam steps: measured within 2e-6 relative here, asserted within 1e-4.
+    # through 4 Adam steps: measured within 2e-6 relative here, asserted within 1e-4.
     losses0 = [r["loss"] for r in rows0[0][1:]]
     losses3 = [r["loss"] for r in rows3[0][1:]]
     assert len(losses0) == len(losses3) == STEPS

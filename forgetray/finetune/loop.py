@@ -111,6 +111,13 @@ def build_model(ref: ModelRef, config: FinetuneConfig, ds_config: dict[str, Any]
     from transformers.integrations import HfDeepSpeedConfig
 
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    if zero3:
+        import deepspeed
+        import torch.distributed as dist
+
+        # zero.Init takes the world size from deepspeed.comm, which `deepspeed.initialize` would
+        # set up only later; it wraps the process group Ray Train has already made.
+        deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
     # transformers holds only a weak reference: this name keeps it alive through from_pretrained.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
     model, _ = load_model(ref, "cpu")
