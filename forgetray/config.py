@@ -100,6 +100,10 @@ class BuiltinModelConfig:
         _require(self.learning_rate > 0, "learning_rate", "must be > 0")
 
 
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""`model.attn_implementation` values transformers accepts for `from_pretrained`."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The base model: `builtin`, a Hugging Face hub id, or a local directory saved by transformers."""
@@ -116,8 +120,20 @@ class ModelConfig:
     """A GGUF file as the base model instead of `name_or_path`: a path, or `package:<distribution>`
     (the one .gguf file an installed Python package ships) or `package:<distribution>/<file name>`.
     Dequantised once to `dtype` and cached as a transformers directory under `cache_dir`."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to `from_pretrained` for fine-tuning and scoring: `eager`, `sdpa`,
+    `flash_attention_2` (needs the flash-attn package and a GPU), `flash_attention_3`,
+    `flex_attention`, or a hub kernel `org/repo`; null: transformers' default (sdpa where supported)."""
 
     def __post_init__(self) -> None:
+        _require(
+            self.attn_implementation is None
+            or self.attn_implementation in ATTN_IMPLEMENTATIONS
+            or "/" in self.attn_implementation,
+            "attn_implementation",
+            f"expected one of {', '.join(ATTN_IMPLEMENTATIONS)}, a hub kernel org/repo, or null; "
+            f"got {self.attn_implementation!r}",
+        )
         if self.gguf_file is not None:
             _require(
                 self.name_or_path == "builtin",
@@ -136,32 +152,79 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """One dataset of upstream examples: `builtin`, a local .jsonl/.json/.parquet file or directory,
-    or a hub id loaded with `datasets.load_dataset`.
+    """One dataset of upstream examples: `builtin`, a local .jsonl/.json/.parquet/.csv file or
+    directory, a `datasets` builder (`json`, `parquet`, `csv`) with `data_files`, or a hub id loaded
+    with `datasets.load_dataset`.
 
     `format: text` scores every token of `text_field`; `format: instruction` scores only the tokens of
-    `response_field`, conditioned on `prompt_field`.
+    `response_field`, conditioned on `prompt_field`; `format: messages` reads a conversation
+    (`messages_field`: a list of {role, content}, or ShareGPT's {from, value}), renders it with the
+    base model's chat template and scores the assistant turns named by `target_turns`.
     """
 
     path: str = "builtin"
     """Also `builtin_instructions`: questions about built-in corpus chunks, answered by the base model."""
-    format: Literal["text", "instruction"] = "text"
+    format: Literal["text", "instruction", "messages"] = "text"
     name: str | None = None
     """Hub dataset configuration name (the second argument of `load_dataset`)."""
     split: str = "train"
+    """A split name or a `datasets` slice (`train[:1000]`); local files hold one split, `train`."""
+    data_files: tuple[str, ...] = ()
+    """Files (globs allowed) of a hub dataset or a `datasets` builder such as `json` to read."""
     text_field: str = "text"
     prompt_field: str = "prompt"
     response_field: str = "response"
+    messages_field: str = "messages"
+    """`format: messages`: the column holding each conversation (ShareGPT data: `conversations`)."""
+    target_turns: Literal["last", "all"] = "last"
+    """`format: messages`: score the last assistant turn only, or every assistant turn."""
+    system_prompt: str | None = None
+    """`format: messages`: a system turn put first in conversations that have none."""
     id_field: str | None = None
     """Column with stable example ids; default `<source>/<row>`."""
     limit: int | None = None
-    """Keep the first `limit` rows of this source."""
+    """Keep the first `limit` rows of this source (with `streaming`, the `limit` rows sampled)."""
+    streaming: bool = False
+    """Read the source as a `datasets` stream instead of downloading it whole; needs `limit`."""
+    stream_sample: Literal["first", "reservoir"] = "first"
+    """`streaming`: the first `limit` examples of the stream, or a seeded uniform reservoir sample
+    of `limit` examples from the first `stream_scan` (kept in stream order)."""
+    stream_scan: int | None = None
+    """`stream_sample: reservoir`: examples read from the stream; null reads the whole stream."""
+    seed: int = 0
+    """Seeds the reservoir sample."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "path", "must not be empty")
         _require(self.limit is None or self.limit > 0, "limit", "must be a positive integer or null")
         _require(
             self.path != "builtin" or self.format == "text", "format", "the builtin corpus is plain text"
+        )
+        _require(
+            self.path != "builtin_instructions" or self.format != "messages",
+            "format",
+            "builtin_instructions are prompt/response rows; use format: instruction",
+        )
+        _require(bool(self.messages_field), "messages_field", "must not be empty")
+        _require(
+            not self.streaming or self.limit is not None,
+            "limit",
+            "streaming needs limit (how many examples to take from the stream)",
+        )
+        _require(
+            not self.streaming or self.path not in ("builtin", "builtin_instructions"),
+            "streaming",
+            "the built-in sources are in memory; streaming is for datasets",
+        )
+        _require(
+            self.stream_scan is None or (self.limit is not None and self.stream_scan >= self.limit),
+            "stream_scan",
+            "must be >= limit (a reservoir of limit examples from the first stream_scan) or null",
+        )
+        _require(
+            self.stream_sample == "first" or self.streaming,
+            "stream_sample",
+            "applies to streaming sources; set streaming: true or leave it at first",
         )
 
 
@@ -174,7 +237,9 @@ class UpstreamConfig:
     """Deterministic sample of this many examples from all sources together; null keeps all."""
     seed: int = 0
     chat_template: bool = False
-    """Render instruction examples' prompts with the base model's chat template (instruct models)."""
+    """Render `format: instruction` prompts with the base model's chat template (instruct models).
+    `format: messages` sources are always rendered with a chat template (the model's, else
+    forgetray's plain role-tag one)."""
     answer_max_new_tokens: int = 48
     """Source `builtin_instructions`: length cap of the base model's greedy answers."""
 
@@ -186,15 +251,27 @@ class UpstreamConfig:
 
 @dataclass(frozen=True)
 class TaskSourceConfig:
-    """A user task: (prompt, response) pairs from a local file or a hub id."""
+    """A user task from a local file, a `datasets` builder with `data_files`, or a hub id:
+    (prompt, response) pairs (`format: instruction`) or conversations (`format: messages`, trained on
+    the assistant turns named by `target_turns`)."""
 
     name: str
     path: str
     subset: str | None = None
     """Hub dataset configuration name."""
     split: str = "train"
+    """A split name or a `datasets` slice (`train[:1000]`); local files hold one split, `train`."""
+    data_files: tuple[str, ...] = ()
+    """Files (globs allowed) of a hub dataset or a `datasets` builder such as `json` to read."""
+    format: Literal["instruction", "messages"] = "instruction"
     prompt_field: str = "prompt"
     response_field: str = "response"
+    messages_field: str = "messages"
+    """`format: messages`: the column holding each conversation (ShareGPT data: `conversations`)."""
+    target_turns: Literal["last", "all"] = "last"
+    """`format: messages`: train on the last assistant turn only, or on every assistant turn."""
+    system_prompt: str | None = None
+    """`format: messages`: a system turn put first in conversations that have none."""
     limit: int | None = None
     family: str | None = None
     """The task's family (e.g. flan, tulu, dolly): `complete.test_family` / `train_family` hold out
@@ -205,6 +282,7 @@ class TaskSourceConfig:
         _require(self.family is None or bool(self.family), "family", "must be a non-empty name or null")
         _require(bool(self.path), "path", "must not be empty")
         _require(self.limit is None or self.limit > 0, "limit", "must be a positive integer or null")
+        _require(bool(self.messages_field), "messages_field", "must not be empty")
 
 
 DEFAULT_TASKS = (
@@ -236,7 +314,8 @@ class TasksConfig:
     """Training examples per built-in task."""
     seed: int = 0
     chat_template: bool = False
-    """Render task prompts with the base model's chat template (instruct models)."""
+    """Render built-in and `format: instruction` task prompts with the base model's chat template
+    (instruct models). `format: messages` tasks are always rendered with a chat template."""
 
     def __post_init__(self) -> None:
         _require(self.n_examples > 0, "n_examples", "must be a positive integer")
@@ -348,7 +427,12 @@ class FinetuneConfig:
     """torch's AdamW as DeepSpeed's client optimizer (no compilation, runs anywhere), or DeepSpeed's
     own AdamW (FusedAdam on GPU, DeepSpeedCPUAdam on CPU: compiled on first use)."""
     zero_stage: int = 0
+    """ZeRO-3 builds the model already partitioned (each rank loads its shard, `zero.Init`) and
+    gathers the weights layer by layer onto rank 0 to save them."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of storing them: about a
+    third more compute for activation memory that no longer grows with the number of layers."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON to use as is (batch sizes must agree with the fields above)."""
     lora: LoraConfig = field(default_factory=LoraConfig)

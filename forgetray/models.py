@@ -27,6 +27,7 @@ class ModelRef:
     trust_remote_code: bool = False
     revision: str | None = None
     adapter_path: str | None = None
+    attn_implementation: str | None = None
 
 
 def _builtin_texts() -> tuple[list[str], list[str]]:
@@ -58,6 +59,7 @@ def resolve_base_model(config: ModelConfig, log: Any = print) -> ModelRef:
         dtype=config.dtype,
         trust_remote_code=config.trust_remote_code,
         revision=config.revision,
+        attn_implementation=config.attn_implementation,
     )
 
 
@@ -99,6 +101,7 @@ def load_model(ref: ModelRef, device: Any = "cpu") -> tuple[Any, Any]:
         revision=ref.revision,
         trust_remote_code=ref.trust_remote_code,
         dtype=getattr(torch, ref.dtype),
+        **({"attn_implementation": ref.attn_implementation} if ref.attn_implementation else {}),
     )
     if ref.adapter_path is not None:
         from peft import PeftModel

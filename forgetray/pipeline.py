@@ -111,8 +111,10 @@ _PLACEMENT_FIELDS = (
     "max_concurrent_tasks",
     "max_failures",
     "checkpoint_every",
+    "gradient_checkpointing",
 )
-"""Finetune fields that only decide where and how robustly training runs, not its results."""
+"""Finetune fields that only decide where, how robustly and in how much memory training runs, not
+its results."""
 
 
 def _result_settings(config: SweepConfig, section: str) -> Any:
@@ -184,7 +186,12 @@ def prepare_data(
     directory as it was. With `reuse`, tables already there are kept; without, they are rewritten
     (leftovers of an attempt that never got as far as saving its config)."""
     from forgetray.data import instructions
-    from forgetray.data.sources import load_tasks, load_upstream
+    from forgetray.data.sources import (
+        load_tasks,
+        load_upstream,
+        tasks_need_tokenizer,
+        upstream_needs_tokenizer,
+    )
     from forgetray.models import load_model, load_tokenizer
 
     def require_base() -> ModelRef:
@@ -197,9 +204,9 @@ def prepare_data(
 
     upstream = None
     if not present(paths.upstream):
-        upstream = load_upstream(config.upstream)
-        if config.upstream.chat_template:
-            upstream = instructions.apply_chat_template(upstream, load_tokenizer(require_base()), "upstream")
+        # Chat templates (and conversations) are rendered while loading, once.
+        tokenizer = load_tokenizer(require_base()) if upstream_needs_tokenizer(config.upstream) else None
+        upstream = load_upstream(config.upstream, tokenizer)
         if any(s.path == "builtin_instructions" for s in config.upstream.sources):
             model, tokenizer = load_model(require_base())
             upstream = instructions.answer_pending(
@@ -207,11 +214,9 @@ def prepare_data(
             )
     tables = {}
     if any(not present(paths.task(name)) for name in _task_names(config)):
-        tokenizer = load_tokenizer(require_base()) if config.tasks.chat_template else None
-        for name, table in load_tasks(config.tasks).items():
+        tokenizer = load_tokenizer(require_base()) if tasks_need_tokenizer(config.tasks) else None
+        for name, table in load_tasks(config.tasks, tokenizer).items():
             if not present(paths.task(name)):
-                if tokenizer is not None:
-                    table = instructions.apply_chat_template(table, tokenizer, "tasks")
                 tables[name] = table
     if upstream is not None:
         storage.write_parquet(paths.upstream, upstream)

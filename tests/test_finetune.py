@@ -62,6 +62,105 @@ def test_user_deepspeed_json_passes_through_but_batch_sizes_must_agree(tmp_path)
         build_deepspeed_config(FinetuneConfig(deepspeed_config=str(path)), 1, 10)
 
 
+HF_ZERO3_JSON = {
+    # The ZeRO-3 template of the HF Trainer docs: every value HF fills is "auto".
+    "fp16": {"enabled": "auto"},
+    "bf16": {"enabled": "auto"},
+    "optimizer": {
+        "type": "AdamW",
+        "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+    },
+    "scheduler": {
+        "type": "WarmupDecayLR",
+        "params": {
+            "warmup_min_lr": "auto",
+            "warmup_max_lr": "auto",
+            "warmup_num_steps": "auto",
+            "total_num_steps": "auto",
+        },
+    },
+    "zero_optimization": {
+        "stage": 3,
+        "overlap_comm": True,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+}
+
+
+def test_auto_values_are_filled_like_hf_trainer(tmp_path):
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps(HF_ZERO3_JSON))
+    config = FinetuneConfig(
+        deepspeed_config=str(path),
+        micro_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=2e-5,
+        weight_decay=0.1,
+        warmup_steps=10,
+        max_grad_norm=0.5,
+        precision="bf16",
+    )
+    ds = build_deepspeed_config(config, world_size=2, total_steps=100, hidden_size=1024)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1}
+    assert ds["scheduler"]["params"] == {
+        "warmup_min_lr": 0.0,
+        "warmup_max_lr": 2e-5,
+        "warmup_num_steps": 10,
+        "total_num_steps": 100,
+    }
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    zero = ds["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 1024 * 1024
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 1024 * 1024)
+    assert zero["stage3_param_persistence_threshold"] == 10 * 1024
+    assert zero["overlap_comm"] is True  # the user's own values are kept
+    assert HF_ZERO3_JSON["train_batch_size"] == "auto"  # the file's dict is not modified
+
+
+def test_given_values_that_disagree_are_listed_and_unfillable_autos_named(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(
+        json.dumps({"gradient_clipping": 2.0, "optimizer": {"type": "AdamW", "params": {"lr": 1.0}}})
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"ds.json: gradient_clipping is 2.0 but finetune settings give 1.0; "
+        r"optimizer.params.lr is 1.0 but finetune settings give 0.001",
+    ):
+        build_deepspeed_config(FinetuneConfig(deepspeed_config=str(path)), 1, 10)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
+    with pytest.raises(
+        ConfigError, match=r"zero_optimization.reduce_bucket_size is \"auto\", which forgetray cannot fill"
+    ):
+        build_deepspeed_config(FinetuneConfig(deepspeed_config=str(path)), 1, 10, hidden_size=None)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "stage3_prefetch_bucket_size": "auto"}}))
+    with pytest.raises(ConfigError, match=r"stage3_prefetch_bucket_size is \"auto\" but nothing here"):
+        build_deepspeed_config(FinetuneConfig(deepspeed_config=str(path)), 1, 10, hidden_size=64)
+
+
+def test_own_zero3_config_sizes_buckets_from_the_hidden_size():
+    ds = build_deepspeed_config(FinetuneConfig(zero_stage=3), 2, 10, hidden_size=384)
+    assert ds["zero_optimization"] == {
+        "stage": 3,
+        "stage3_gather_16bit_weights_on_model_save": True,
+        "reduce_bucket_size": 384 * 384,
+        "stage3_prefetch_bucket_size": int(0.9 * 384 * 384),
+        "stage3_param_persistence_threshold": 3840,
+    }
+    assert build_deepspeed_config(FinetuneConfig(zero_stage=2), 2, 10, hidden_size=384)[
+        "zero_optimization"
+    ] == {"stage": 2}
+
+
 def test_steps_are_capped_by_epochs():
     assert total_steps(FinetuneConfig(max_steps=1000, max_epochs=3, micro_batch_size=8), 100, 1) == 37
     assert total_steps(FinetuneConfig(max_steps=10, max_epochs=3, micro_batch_size=8), 100, 1) == 10

@@ -20,6 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from forgetray.data.conversations import render_chat_prompt, require_chat_template
+
 BUILTIN_INSTRUCTIONS = "builtin_instructions"
 """`upstream.sources[].path` of the self-answered built-in instruction source."""
 
@@ -52,19 +54,9 @@ def builtin_instruction_prompts(limit: int | None = None) -> pa.Table:
     return table.slice(0, limit) if limit else table
 
 
-def render_chat_prompt(tokenizer: Any, prompt: str) -> str:
-    """`prompt` as the user turn of the tokenizer's chat template, ending where the answer starts."""
-    return str(
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    )
-
-
 def apply_chat_template(table: pa.Table, tokenizer: Any, where: str) -> pa.Table:
     """Instruction rows' prompts rendered with the chat template (plain-text rows are left alone)."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"{where}.chat_template: true, but the base model's tokenizer has no chat template")
+    require_chat_template(tokenizer, where)
     kinds = table.column("kind").to_pylist() if "kind" in table.column_names else None
     prompts = [
         render_chat_prompt(tokenizer, p) if kinds is None or kinds[i] == "instruction" else p

@@ -56,14 +56,9 @@ def micro_batches(
 def encode_task(tokenizer: Any, task: str, table: Any, max_length: int) -> list[EncodedExample]:
     """A task's (prompt, response) table as training examples (EOS appended and trained on, so the
     model learns to stop); examples are named `<task>/<row>` in errors."""
-    from forgetray.data.encoding import encode_examples
+    from forgetray.data.encoding import encode_examples, example_rows
 
-    rows = zip(
-        (f"{task}/{i}" for i in range(table.num_rows)),
-        table.column("prompt").to_pylist(),
-        table.column("response").to_pylist(),
-        strict=True,
-    )
+    rows = example_rows(table, [f"{task}/{i}" for i in range(table.num_rows)])
     return encode_examples(tokenizer, rows, max_length, append_eos=True)
 
 

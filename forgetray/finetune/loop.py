@@ -1,15 +1,20 @@
 """`train_loop_per_worker`: a plain DeepSpeed loop inside a Ray Train worker (no HF Trainer).
 
-Each worker loads the base model, wraps it with LoRA if asked, and hands it to `deepspeed.initialize`
-with the config from `deepspeed_config.py`; Ray Train has already set up the process group (gloo on
-CPU, NCCL on GPU) and DeepSpeed reuses it. Loss counts response tokens only (labels from the loss
-mask). Checkpoints are reported through `ray.train.report`:
+Each worker builds the DeepSpeed config (from `deepspeed_config.py`, sized by the model's config and
+the task's step count), loads the base model, wraps it with LoRA if asked, and hands it to
+`deepspeed.initialize`; Ray Train has already set up the process group (gloo on CPU, NCCL on GPU)
+and DeepSpeed reuses it. Under ZeRO-3 the model is built partitioned: a live `HfDeepSpeedConfig`
+makes `from_pretrained` construct it inside `deepspeed.zero.Init`, so no rank ever holds the whole
+model, and the final weights are gathered one layer at a time onto rank 0, which alone saves them.
+Loss counts response tokens only (labels from the loss mask). Checkpoints are reported through
+`ray.train.report`:
 
     intermediate   <ckpt>/state/       DeepSpeed's own checkpoint (weights, optimizer, scheduler, per rank),
                                        read back weights-only (`forgetray.finetune.safe_load`)
                    <ckpt>/progress.json  {"step": s}  -> a restarted worker group resumes at step s
     final          <ckpt>/model/       what the scorer loads: consolidated weights (ZeRO-3 shards
-                                       gathered) plus tokenizer for full fine-tuning, the adapter for LoRA
+                                       gathered on rank 0) plus tokenizer for full fine-tuning, the
+                                       adapter for LoRA
                    <ckpt>/progress.json  {"step": total, "final": true, "loss": ...}
 
 `import deepspeed` happens here, inside the worker, never at import of forgetray.
@@ -26,7 +31,7 @@ from typing import Any
 
 from forgetray.config import FinetuneConfig, LoraConfig, config_from_dict
 from forgetray.finetune.safe_load import load_deepspeed_checkpoint
-from forgetray.models import ModelRef
+from forgetray.models import ModelRef, context_length, load_model, load_model_config, load_tokenizer
 
 PROGRESS_FILE = "progress.json"
 STATE_DIR = "state"
@@ -90,6 +95,57 @@ def _broadcast_from_rank0(value: Any) -> Any:
     return holder[0]
 
 
+def hidden_size_of(model_config: Any) -> int | None:
+    """The width HF Trainer sizes ZeRO buckets by: `hidden_size`, else the largest of `hidden_sizes`,
+    else the text config's (multimodal models)."""
+    for candidate in (model_config, getattr(model_config, "text_config", None)):
+        if candidate is None:
+            continue
+        if isinstance(getattr(candidate, "hidden_size", None), int):
+            return int(candidate.hidden_size)
+        if getattr(candidate, "hidden_sizes", None):
+            return int(max(candidate.hidden_sizes))
+    return None
+
+
+def build_model(ref: ModelRef, config: FinetuneConfig, ds_config: dict[str, Any]) -> Any:
+    """The model to train: ZeRO-3 partitioned from the start (module docstring), gradient
+    checkpointing and LoRA as configured, in train mode."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    if zero3:
+        import deepspeed
+        import torch.distributed as dist
+
+        # zero.Init takes the world size from deepspeed.comm, which `deepspeed.initialize` would
+        # set up only later; it wraps the process group Ray Train has already made.
+        deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
+    # transformers holds only a weak reference: this name keeps it alive through from_pretrained.
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
+    model, _ = load_model(ref, "cpu")
+    if config.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so it also works under LoRA.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if config.method == "lora":
+        model = apply_lora(model, config.lora)
+    model.train()
+    del hf_ds_config
+    return model
+
+
+def final_state_dict(engine: Any, lora: bool) -> dict[str, Any] | None:
+    """The weights rank 0 saves: under ZeRO-3 gathered one layer at a time onto rank 0 (every rank
+    must call this; the others get None), the trainable ones only for LoRA; otherwise None, and
+    `save_pretrained` reads the module's own full parameters."""
+    if engine.zero_optimization_stage() != 3:
+        return None
+    # DeepSpeed's consolidation behind `save_16bit_model`, which would write a pickle; here the
+    # state dict goes to `save_pretrained` as safetensors. It keeps the parameters' dtype.
+    return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)  # type: ignore[no-any-return]
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Fine-tune one task. `loop_config`: finetune (dict), model (ModelRef dict), task_path, task."""
     import pyarrow.parquet as pq
@@ -103,9 +159,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import deepspeed
 
     from forgetray.finetune.batches import collate, encode_task, micro_batches, total_steps
-    from forgetray.finetune.deepspeed_config import build_deepspeed_config
+    from forgetray.finetune.deepspeed_config import ADAM_BETAS, ADAM_EPS, build_deepspeed_config
     from forgetray.finetune.sam import build_sam
-    from forgetray.models import context_length, load_model
 
     config = config_from_dict(loop_config["finetune"], "finetune", FinetuneConfig)
     seed = (loop_config.get("seed_by_task") or {}).get(loop_config["task"])
@@ -117,13 +172,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model(ModelRef(**loop_config["model"]), "cpu")
-    if config.method == "lora":
-        model = apply_lora(model, config.lora)
-    model.train()
+    ref = ModelRef(**loop_config["model"])
+    # The step count (hence the DeepSpeed config) comes from the data, before the model exists.
+    tokenizer, model_config = load_tokenizer(ref), load_model_config(ref)
 
     task = pq.read_table(loop_config["task_path"])
-    max_length = min(config.max_length, context_length(model.config) or config.max_length)
+    max_length = min(config.max_length, context_length(model_config) or config.max_length)
     examples = encode_task(tokenizer, loop_config["task"], task, max_length)
     steps = total_steps(config, len(examples), world_size)
     replay = None
@@ -137,17 +191,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         replay_spec = {**replay_spec, "max_length": min(int(replay_spec["max_length"]), max_length)}
         replay = ReplayMixer(replay_spec, tokenizer, steps, config, world_size, rank, n_task=len(examples))
         steps = replay.total_steps
+    ds_config = build_deepspeed_config(config, world_size, steps, hidden_size_of(model_config))
+    model = build_model(ref, config, ds_config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (
-        torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        if config.optimizer == "torch_adamw"
+        torch.optim.AdamW(
+            params,
+            lr=config.learning_rate,
+            betas=tuple(ADAM_BETAS),
+            eps=ADAM_EPS,
+            weight_decay=config.weight_decay,
+        )
+        if config.optimizer == "torch_adamw" and "optimizer" not in ds_config
         else None
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=params,
-        optimizer=optimizer,
-        config=build_deepspeed_config(config, world_size, steps),
+        model=model, model_parameters=params, optimizer=optimizer, config=ds_config
     )
 
     # SAM: a first pass and a perturbation before each step's ordinary passes (forgetray/finetune/sam.py).
@@ -225,18 +284,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
 
     seconds = time.perf_counter() - started
-    zero3 = engine.zero_optimization_stage() == 3
+    state = final_state_dict(engine, lora=config.method == "lora")
     with tempfile.TemporaryDirectory() as directory:
-        # Under ZeRO-3 every rank holds a shard: gather the full parameters for rank 0 to save.
-        with deepspeed.zero.GatheredParameters(
-            list(engine.module.parameters()), modifier_rank=None, enabled=zero3
-        ):
-            if rank == 0:
-                engine.module.save_pretrained(os.path.join(directory, MODEL_DIR), safe_serialization=True)
-                if config.method == "full":
-                    tokenizer.save_pretrained(os.path.join(directory, MODEL_DIR))
-                with open(os.path.join(directory, PROGRESS_FILE), "w") as f:
-                    json.dump({"step": steps, "final": True, "loss": loss_value}, f)
+        if rank == 0:
+            engine.module.save_pretrained(
+                os.path.join(directory, MODEL_DIR), state_dict=state, safe_serialization=True
+            )
+            if config.method == "full":
+                tokenizer.save_pretrained(os.path.join(directory, MODEL_DIR))
+            with open(os.path.join(directory, PROGRESS_FILE), "w") as f:
+                json.dump({"step": steps, "final": True, "loss": loss_value}, f)
         metrics = {
             "step": steps,
             "loss": loss_value,

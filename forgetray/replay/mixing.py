@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from forgetray.config import FinetuneConfig
+from forgetray.data.encoding import PROMPT_TARGETS
 from forgetray.finetune.batches import micro_batches
 from forgetray.replay.samplers import (
     lrf_mixture,
@@ -76,7 +77,10 @@ class ReplayMixer:
             raise ValueError(f"replay mixing {self.mixing!r}: choose from {', '.join(MIXINGS)}")
         self.task_steps = task_steps
         self.batch = config.effective_batch_size
-        self.upstream = pq.read_table(spec["upstream_path"], columns=["example_id", "prompt", "response"])
+        columns = ["example_id", "prompt", "response"]
+        if PROMPT_TARGETS in pq.read_schema(spec["upstream_path"]).names:
+            columns.append(PROMPT_TARGETS)
+        self.upstream = pq.read_table(spec["upstream_path"], columns=columns)
         self.order = np.asarray(spec["order"], dtype=np.int64)
         self.online = spec.get("online")
         self.switch_step = None
@@ -133,6 +137,11 @@ class ReplayMixer:
                     self.upstream.column("response")[row].as_py(),
                     max_length,
                     example_id=self.upstream.column("example_id")[row].as_py(),
+                    prompt_targets=(
+                        self.upstream.column(PROMPT_TARGETS)[row].as_py() or ()
+                        if PROMPT_TARGETS in self.upstream.column_names
+                        else ()
+                    ),
                 )
             out.append(self._encoded[key])
         return out

@@ -35,7 +35,7 @@ class ForgettingProbe:
     ) -> None:
         import pyarrow.parquet as pq
 
-        from forgetray.data.encoding import encode_examples
+        from forgetray.data.encoding import encode_examples, example_rows
         from forgetray.finetune.batches import encode_task
 
         self.config = config
@@ -46,16 +46,7 @@ class ForgettingProbe:
         if not self.active:
             return
         upstream = pq.read_table(config["upstream_path"]).slice(0, config["n_upstream"])
-        self.upstream = encode_examples(
-            tokenizer,
-            zip(
-                upstream.column("example_id").to_pylist(),
-                upstream.column("prompt").to_pylist(),
-                upstream.column("response").to_pylist(),
-                strict=True,
-            ),
-            config["max_length"],
-        )
+        self.upstream = encode_examples(tokenizer, example_rows(upstream), config["max_length"])
         task = pq.read_table(config["task_path"]).slice(0, config["n_task_eval"])
         self.task = encode_task(tokenizer, config["task"], task, config["task_max_length"])
         self.n_params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))

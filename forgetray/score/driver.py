@@ -161,17 +161,13 @@ def score_shard(
     packing: bool = False,
 ) -> pa.Table:
     """The scores of one shard's examples as a SCORES_SCHEMA table (rows in shard order)."""
-    from forgetray.data.encoding import encode_examples
+    from forgetray.data.encoding import encode_examples, example_rows
     from forgetray.score.nll import per_example_nll
     from forgetray.score.packed import packed_nll
 
     part = upstream.take(pa.array(rows))
     ids = part.column("example_id").to_pylist()
-    encoded = encode_examples(
-        tokenizer,
-        zip(ids, part.column("prompt").to_pylist(), part.column("response").to_pylist(), strict=True),
-        max_length,
-    )
+    encoded = encode_examples(tokenizer, example_rows(part), max_length)
     scorer = packed_nll if packing else per_example_nll
     nll, n_tokens = scorer(model, encoded, max_batch_tokens)
     return pa.table({"example_id": ids, "nll": nll, "n_tokens": n_tokens}, schema=SCORES_SCHEMA)

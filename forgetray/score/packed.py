@@ -246,12 +246,8 @@ def packing_error(model: Any, examples: Sequence[EncodedExample]) -> float:
 
 def probe_examples(tokenizer: Any, upstream: Any, max_length: int, n: int = 6) -> list[EncodedExample]:
     """Up to `n` upstream examples spread over the table, encoded, for `packing_error`."""
-    from forgetray.data.encoding import encode_examples
+    from forgetray.data.encoding import encode_examples, example_rows
 
     rows = np.unique(np.linspace(0, upstream.num_rows - 1, num=min(n, upstream.num_rows)).astype(int))
     part = upstream.take(rows)
-    return encode_examples(
-        tokenizer,
-        zip(*(part.column(c).to_pylist() for c in ("example_id", "prompt", "response")), strict=True),
-        max_length,
-    )
+    return encode_examples(tokenizer, example_rows(part), max_length)

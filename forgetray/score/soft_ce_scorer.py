@@ -41,16 +41,12 @@ def score_shard_soft_ce(
     max_batch_tokens: int,
 ) -> pa.Table:
     """One shard's soft cross-entropies as a SOFT_CE_SCHEMA table (rows in shard order)."""
-    from forgetray.data.encoding import encode_examples
+    from forgetray.data.encoding import encode_examples, example_rows
     from forgetray.score.soft_ce import per_example_soft_ce
 
     part = upstream.take(pa.array(rows))
     ids = part.column("example_id").to_pylist()
-    encoded = encode_examples(
-        tokenizer,
-        zip(ids, part.column("prompt").to_pylist(), part.column("response").to_pylist(), strict=True),
-        max_length,
-    )
+    encoded = encode_examples(tokenizer, example_rows(part), max_length)
     vocab = int(model.get_output_embeddings().weight.shape[0])
     device = next(model.parameters()).device
     ce, entropy, nll, n_tokens = per_example_soft_ce(
