@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from forgetray.config import FinetuneConfig, LoraConfig, config_from_dict
+from forgetray.finetune.reporting import StepReporter
 from forgetray.models import ModelRef
 
 PROGRESS_FILE = "progress.json"
@@ -166,6 +167,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     hook = _step_hook(loop_config, model=engine.module, tokenizer=tokenizer, rank=rank, total_steps=steps)
     if hook is not None:
         hook(start_step, None)
+    reporter = StepReporter(loop_config, rank, world_size, steps, replay, sam, guidance)
     started = time.perf_counter()
     loss_value = float("nan")
     tokens = 0
@@ -203,6 +205,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step_loss /= world_size
         loss_value = float(step_loss)
         done = step + 1
+        reporter.after_step(done, loss_value, batches, engine)
         if hook is not None:
             hook(done, loss_value)
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
@@ -216,6 +219,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
 
     seconds = time.perf_counter() - started
+    reporter.close()
     zero3 = engine.zero_optimization_stage() == 3
     with tempfile.TemporaryDirectory() as directory:
         # Under ZeRO-3 every rank holds a shard: gather the full parameters for rank 0 to save.
