@@ -224,7 +224,12 @@ def _console_for(args: argparse.Namespace, verbosity: Verbosity) -> contextlib.A
 
     setup_logging(None)
     run_dir = getattr(args, "run_dir", None) or getattr(args, "protect", None)
-    if run_dir is None or is_uri(run_dir) or not os.path.isdir(run_dir):
+    if (
+        args.command in ("report", "matrix", "compare")
+        or run_dir is None
+        or is_uri(run_dir)
+        or not os.path.isdir(run_dir)
+    ):
         return contextlib.nullcontext()
     return console(run_dir, verbosity)
 

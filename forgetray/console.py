@@ -91,6 +91,13 @@ class NoiseLog:
 
 
 def _filter_handler(noise: NoiseLog, verbosity: Verbosity) -> Callable[[dict[str, Any]], None]:
+    from tqdm import tqdm
+
+    try:
+        from ray._private.worker import print_to_stdstream
+    except ImportError:
+        print_to_stdstream = None
+
     def handle(data: dict[str, Any]) -> None:
         # Runs before Ray's printer on the same dict: what it removes from `lines` is not printed.
         actor = data.get("actor_name") or data.get("task_name") or None
@@ -100,7 +107,13 @@ def _filter_handler(noise: NoiseLog, verbosity: Verbosity) -> Callable[[dict[str
             noise.write(
                 f"({actor or ''} pid={data.get('pid')})", [line for line in lines if line not in kept]
             )
-            data["lines"] = kept
+        if kept and print_to_stdstream is not None:
+            # Printed here, with forgetray's progress bars cleared and redrawn around the lines, by
+            # Ray's own printer (prefix, colour, deduplication); Ray's handler then has nothing left.
+            with tqdm.external_write_mode():
+                print_to_stdstream({**data, "lines": kept}, ignore_prefix=False)
+            kept = []
+        data["lines"] = kept
 
     return handle
 
@@ -151,9 +164,14 @@ def console(run_dir: str, verbosity: Verbosity = "normal") -> Iterator[NoiseLog]
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
     driver_filter = _DriverNoise(noise)
+    import ray  # noqa: F401  (sets up the handlers of its "ray" logger, which its modules log through)
+
+    # Filters on handlers, not loggers: Ray's modules log on child loggers ("ray._private...") that
+    # propagate to the "ray" logger's handlers without passing that logger's own filters.
     library_loggers = [logging.getLogger(name) for name in ("DeepSpeed", "ray", "transformers")]
-    for lib in library_loggers:
-        lib.addFilter(driver_filter)
+    filtered = [h for lib in library_loggers for h in lib.handlers]
+    for target in [*library_loggers, *filtered]:
+        target.addFilter(driver_filter)
     dispatcher = _dispatcher()
     if dispatcher is not None:
         with dispatcher._lock:
@@ -163,8 +181,8 @@ def console(run_dir: str, verbosity: Verbosity = "normal") -> Iterator[NoiseLog]
     finally:
         if dispatcher is not None:
             dispatcher.remove_handler(_HANDLER)
-        for lib in library_loggers:
-            lib.removeFilter(driver_filter)
+        for target in [*library_loggers, *filtered]:
+            target.removeFilter(driver_filter)
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
