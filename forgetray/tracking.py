@@ -158,6 +158,8 @@ class Tracker:
         elif self.backend == "wandb":
             from ray.air.integrations.wandb import setup_wandb
 
+            # Ray's setup_wandb asks for an API key unless WANDB_MODE says offline.
+            os.environ.setdefault("WANDB_MODE", spec["wandb_mode"])
             os.makedirs(spec["log_dir"], exist_ok=True)
             run = setup_wandb(
                 dict(params),
@@ -229,7 +231,7 @@ def _summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(summary.get(key), int | float):
             metrics[key] = float(summary[key])
     for task, value in summary["mean_forgetting_by_task"].items():
-        metrics[f"mean_forgetting/{task}"] = value
+        metrics[f"task_mean_forgetting/{task}"] = value
     return metrics
 
 
