@@ -43,6 +43,7 @@ KNOWN_NOISE: tuple[tuple[str, str], ...] = (
     ),
     (r"^- \(ip=.*world_rank=", "Ray Train start-up: the worker list"),
     (r"^(Checkpoint successfully created at|Reporting training result)", "Ray Train checkpoint receipts"),
+    (r"operation took .* which may be a performance bottleneck", "Tune's driver loop on a busy CPU"),
 )
 """(pattern, why it is harmless). A line matching one goes to the noise log."""
 
@@ -137,7 +138,9 @@ class _DriverNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if classify(message) == "noise":
-            self.noise.write(f"({record.name})", [message])
+            if not getattr(record, "forgetray_noise", False):  # one line however many handlers see it
+                record.forgetray_noise = True
+                self.noise.write(f"({record.name})", [message])
             return False
         return True
 
@@ -226,11 +229,17 @@ class TaskProgress:
         self.status = status
         self.interval = interval
         self.bar = tqdm(total=total, desc=desc, unit="task", disable=not enabled, dynamic_ncols=True)
+        self._last: tuple[int, dict[str, tuple[int, int]]] | None = None
+        stream = getattr(self.bar, "fp", None)
+        self._tty = bool(getattr(stream, "isatty", lambda: False)())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="forgetray-task-progress", daemon=True)
 
     def update(self) -> None:
         done, running = self.status()
+        if (done, running) == self._last and not self._tty:
+            return  # a log file gets a line per change, not one per poll
+        self._last = (done, running)
         self.bar.n = done
         self.bar.set_postfix_str(", ".join(f"{t} {s}/{n}" for t, (s, n) in sorted(running.items())))
 
