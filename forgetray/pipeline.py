@@ -308,7 +308,13 @@ def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
 
         log(f"report: {build_report(paths.root)}")
     timer.save()
-    tracking.log_run_artifacts(paths.root, config.tracking, log)
+    try:
+        tracking.log_run_artifacts(paths.root, config.tracking, log)
+    except Exception as error:  # the run's results are all written; a tracking server may be down
+        logger.warning(
+            f"tracking: the run summary was not logged to {config.tracking.backend} "
+            f"({type(error).__name__}: {error}); the results are complete in {paths.root}"
+        )
     return {"run_dir": paths.root, "scores": summaries, "finetune": pointers, "seconds": timer.stages}
 
 

@@ -59,7 +59,9 @@ def test_open_run_and_long_form(tmp_path):
     ]
     # Back to the matrix: the long form is a faithful reshaping.
     wide = frame.pivot(index="task", columns="example_id", values="forgetting")
-    np.testing.assert_array_equal(wide.loc[list(matrix.tasks), list(matrix.examples)].to_numpy(), matrix.values)
+    np.testing.assert_array_equal(
+        wide.loc[list(matrix.tasks), list(matrix.examples)].to_numpy(), matrix.values
+    )
     with pytest.raises(KeyError, match="no task 'uppercase'"):
         matrix.row("uppercase")
     with pytest.raises(KeyError, match="no learning curve for task 'addition'"):
@@ -79,7 +81,9 @@ def test_open_run_errors_name_the_place(tmp_path):
 def test_load_config_error_as_documented():
     with pytest.raises(forgetray.ConfigError) as error:
         forgetray.load_config(None, ["finetune.max_steps=0"])
-    assert str(error.value) == "built-in default + command line: finetune.max_steps: must be a positive integer"
+    assert (
+        str(error.value) == "built-in default + command line: finetune.max_steps: must be a positive integer"
+    )
     assert "ConfigError: " + str(error.value) in open(os.path.join(ROOT, "docs", "api.md")).read()
 
 

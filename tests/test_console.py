@@ -32,8 +32,18 @@ LOSS_TYPE = (
         (LOSS_TYPE, "RayTrainWorker", "normal", "noise"),
         ("Token authentication is enabled for this Ray cluster.", None, "normal", "noise"),
         ("Traceback (most recent call last):", "PlacementGroupCleaner", "normal", "noise"),
-        ("Loading weights: 100%|██████████| 16/16 [00:00<00:00, 5145.99it/s]", "RayTrainWorker", "normal", "noise"),
-        ("- (ip=192.0.2.2, pid=7981) world_rank=0, local_rank=0, node_rank=0", "TrainController", "normal", "noise"),
+        (
+            "Loading weights: 100%|██████████| 16/16 [00:00<00:00, 5145.99it/s]",
+            "RayTrainWorker",
+            "normal",
+            "noise",
+        ),
+        (
+            "- (ip=192.0.2.2, pid=7981) world_rank=0, local_rank=0, node_rank=0",
+            "TrainController",
+            "normal",
+            "noise",
+        ),
         # Errors and anything unknown stay on the console.
         ("Traceback (most recent call last):", "RayTrainWorker", "normal", "show"),
         ("RuntimeError: CUDA out of memory", "RayTrainWorker", "normal", "show"),
@@ -72,7 +82,11 @@ def test_filter_handler_prints_kept_lines_and_logs_the_rest(tmp_path, capsys):
     assert "(TrainController pid=7636)" in err and "ValueError: task 'x': row 3 has no response" in err
     assert "PreemptionWatcher" not in err
     logged = open(noise.path).read()
-    assert noise.count == 1 and logged.startswith("(TrainController pid=7636) ") and "PreemptionWatcher" in logged
+    assert (
+        noise.count == 1
+        and logged.startswith("(TrainController pid=7636) ")
+        and "PreemptionWatcher" in logged
+    )
 
 
 def test_console_installs_and_removes_its_filter(tmp_path):

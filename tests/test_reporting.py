@@ -11,7 +11,9 @@ from forgetray.finetune.reporting import StepReporter
 
 def reporter(replay=None, sam=None, guidance=None):
     loop_config = {"task": "addition", "finetune": {}, "tracking": {"backend": "none", "log_every": 4}}
-    return StepReporter(loop_config, rank=0, world_size=1, total_steps=8, replay=replay, sam=sam, guidance=guidance)
+    return StepReporter(
+        loop_config, rank=0, world_size=1, total_steps=8, replay=replay, sam=sam, guidance=guidance
+    )
 
 
 def test_replay_window_splits_task_and_replay_steps():

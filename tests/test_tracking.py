@@ -25,7 +25,12 @@ def test_curve_point_keeps_finite_numbers_of_step_reports_only():
         "replay": {"ratio": 0.1},
         "final": True,
     }
-    assert tracking.curve_point(report) == {"step": 20, "total_steps": 60.0, "loss": 1.5, "learning_rate": 1e-3}
+    assert tracking.curve_point(report) == {
+        "step": 20,
+        "total_steps": 60.0,
+        "loss": 1.5,
+        "learning_rate": 1e-3,
+    }
     assert tracking.curve_point({"step": 60, "loss": 1.0, "final": True}) is None  # the final report
 
 

@@ -69,7 +69,10 @@ def test_run_with_mlflow_tracking(ray_session, tmp_path, capfd):
     console = capfd.readouterr()
     printed = console.out + console.err
     assert "PreemptionWatcher" not in printed and "loss_type=None" not in printed
-    assert "forgetray finetune:" in printed or "finetune: 2 task(s)" in open(os.path.join(run_dir, "logs", "forgetray.log")).read()
+    assert (
+        "forgetray finetune:" in printed
+        or "finetune: 2 task(s)" in open(os.path.join(run_dir, "logs", "forgetray.log")).read()
+    )
     noise = open(os.path.join(run_dir, "logs", "ray-noise.log")).read()
     assert "loss_type=None" in noise
     html = open(os.path.join(run_dir, "report.html")).read()

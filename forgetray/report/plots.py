@@ -342,6 +342,10 @@ def learning_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path: s
         steps = [p["step"] for p in points]
         loss_ax.plot(steps, [p.get("loss", np.nan) for p in points], marker=".", linewidth=1.2, label=task)
         lr_ax.plot(steps, [p.get("learning_rate", np.nan) for p in points], linewidth=1.0)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (loss_ax, lr_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_ax.set_xlabel("optimizer step")
     loss_ax.set_ylabel("training loss (mean over the logging window)")
     loss_ax.set_title("learning curves")
