@@ -249,12 +249,14 @@ class TaskProgress:
                 self.update()
 
     def __enter__(self) -> TaskProgress:
-        self._thread.start()
+        if not self.bar.disable:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         with contextlib.suppress(OSError, ValueError, KeyError):
             self.update()
         self.bar.close()
