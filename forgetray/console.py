@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -109,9 +110,11 @@ def _filter_handler(noise: NoiseLog, verbosity: Verbosity) -> Callable[[dict[str
                 f"({actor or ''} pid={data.get('pid')})", [line for line in lines if line not in kept]
             )
         if kept and print_to_stdstream is not None:
-            # Printed here, with forgetray's progress bars cleared and redrawn around the lines, by
-            # Ray's own printer (prefix, colour, deduplication); Ray's handler then has nothing left.
-            with tqdm.external_write_mode():
+            # Printed here, with forgetray's progress bars cleared and redrawn around the lines (on a
+            # terminal; a log file gets no clearing), by Ray's own printer (prefix, colour,
+            # deduplication); Ray's handler then has nothing left.
+            terminal = sys.stderr.isatty()
+            with tqdm.external_write_mode() if terminal else contextlib.nullcontext():
                 print_to_stdstream({**data, "lines": kept}, ignore_prefix=False)
             kept = []
         data["lines"] = kept
