@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/forgetray run --out $(OUT)
+	$(BIN)/forgetray run --out $(OUT) tracking.backend=mlflow
 
 # The default suite (about 5 min on 2 cores); test-slow: the multi-minute Ray/DeepSpeed end-to-end
 # tests (real two-node cluster, size sweep, replay, ...), which CI runs too.

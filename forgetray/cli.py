@@ -18,10 +18,44 @@ forgetray forecast RUN [key.sub=value ...]
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
+import os
 import sys
 from collections.abc import Sequence
 
 from forgetray.config import ConfigError, SweepConfig, load_config
+from forgetray.console import Verbosity, console
+
+EXAMPLES = {
+    "run": "forgetray run --out runs/demo tracking.backend=mlflow\n"
+    "  forgetray run configs/smollm2.yaml --out runs/smollm2 finetune.max_steps=20 --quiet",
+    "score": "forgetray score runs/demo --model path/to/my-finetuned-model --name my_task",
+    "matrix": "forgetray matrix runs/demo",
+    "analyse": "forgetray analyse runs/demo analyse.max_rank=5",
+    "complete": "forgetray complete runs/demo complete.revealed_k=10",
+    "report": "forgetray report runs/demo",
+    "scaling": "forgetray scaling configs/scaling.yaml --out runs/scaling",
+    "flatness": "forgetray flatness runs/demo flatness.resolution=7",
+    "forecast": "forgetray forecast runs/demo forecast.epochs=500",
+    "compare": "forgetray compare runs/a runs/b --out comparison.json",
+    "replay": "forgetray replay runs/demo replay.n_tasks=2",
+    "finetune": "forgetray finetune addition --protect runs/demo replay.ratio=0.125",
+    "iv": "forgetray iv runs/demo --train iv.n_prompts=8",
+    "sweep": "forgetray sweep configs/sizes.yaml --out runs/sizes run.finetune.max_steps=10",
+    "exact-match": "forgetray exact-match runs/demo exact_match.reference_tokens=8",
+}
+"""One example line per subcommand, shown at the end of its --help."""
+
+
+def version() -> str:
+    """The installed distribution's version (package metadata), else the source tree's."""
+    try:
+        return importlib.metadata.version("forgetray")
+    except importlib.metadata.PackageNotFoundError:
+        from forgetray import __version__
+
+        return __version__
 
 
 def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -48,9 +82,40 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
 
+class _Subcommands:
+    """`sub.add_parser` with the console options and the command's example line as its epilog."""
+
+    def __init__(self, sub: argparse._SubParsersAction) -> None:
+        self.sub = sub
+        self.common = argparse.ArgumentParser(add_help=False)
+        group = self.common.add_mutually_exclusive_group()
+        group.add_argument(
+            "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars"
+        )
+        group.add_argument(
+            "-v", "--verbose", action="store_true", help="everything Ray and DeepSpeed print, unfiltered"
+        )
+
+    def add_parser(self, name: str, **kwargs: str) -> argparse.ArgumentParser:
+        return self.sub.add_parser(
+            name,
+            parents=[self.common],
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            description=kwargs.get("help"),
+            **kwargs,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forgetray", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="forgetray",
+        description=__doc__.split("\n")[0],
+        epilog="example:\n  forgetray run --out runs/demo\n  forgetray <command> --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"forgetray {version()}")
+    sub = _Subcommands(parser.add_subparsers(dest="command", required=True))
     _add_config_args(sub.add_parser("run", help="data, base model, scoring and the forgetting matrix"))
     score = sub.add_parser("score", help="score one more model (a fine-tuned checkpoint) in a run")
     score.add_argument("run_dir")
@@ -142,148 +207,172 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    verbosity: Verbosity = "quiet" if args.quiet else "verbose" if args.verbose else "normal"
+    if verbosity == "quiet" and hasattr(args, "no_progress"):
+        args.no_progress = True
     try:
-        if args.command == "run":
-            config = resolve_config(args.args, args.out)
-            if args.dry_run:
-                sys.stdout.write(config.to_yaml())
-                return 0
-            from forgetray.cluster import run_anywhere
-
-            run_anywhere(config, progress=not args.no_progress)
-        elif args.command == "score":
-            from forgetray.models import ModelRef
-            from forgetray.pipeline import load_run_config, score_checkpoint
-
-            base = load_run_config(args.run_dir).model
-            ref = ModelRef(args.model, base.dtype, base.trust_remote_code, None, args.adapter)
-            score_checkpoint(args.run_dir, args.name, ref, progress=not args.no_progress)
-        elif args.command == "matrix":
-            from forgetray.pipeline import RunPaths, assemble_matrix, load_run_config, setup_logging
-
-            paths = RunPaths(args.run_dir)
-            config = load_run_config(args.run_dir)
-            if not assemble_matrix(paths, config, setup_logging(paths)):
-                print(f"{args.run_dir}: no scored fine-tuned model yet; nothing to assemble", file=sys.stderr)
-                return 1
-        elif args.command in ("analyse", "complete"):
-            from forgetray.data.sources import task_families
-            from forgetray.pipeline import RunPaths, setup_logging
-            from forgetray.study import analyse_run, complete_run
-
-            paths = RunPaths(args.run_dir)
-            config = load_config(paths.config, args.overrides)
-            log = setup_logging(paths)
-            if args.command == "analyse":
-                analyse_run(args.run_dir, config.analyse, log)
-            else:
-                complete_run(args.run_dir, config.complete, log, task_families(config.tasks))
-        elif args.command in ("replay", "finetune"):
-            from forgetray.pipeline import RunPaths, setup_logging
-
-            run_dir = args.run_dir if args.command == "replay" else args.protect
-            paths = RunPaths(run_dir)
-            config = load_config(paths.config, args.overrides)
-            log = setup_logging(paths)
-            if args.command == "replay":
-                from forgetray.replay.experiment import probes_run, replay_run
-
-                probes_run(run_dir, config, log)
-                replay_run(run_dir, config, log, progress=not args.no_progress)
-                from forgetray.report.html import build_report
-
-                log(f"report: {build_report(run_dir)}")
-            else:
-                import os
-
-                from forgetray.replay.online import protect_finetune
-
-                protect_finetune(
-                    run_dir, args.task, args.out or os.path.join(run_dir, "protect"), config, log
-                )
-        elif args.command == "iv":
-            from forgetray.iv.experiment import compare_run, extract_run
-            from forgetray.pipeline import RunPaths, setup_logging
-            from forgetray.report.html import build_report
-
-            paths = RunPaths(args.run_dir)
-            config = load_config(paths.config, args.overrides)
-            log = setup_logging(paths)
-            if args.train:
-                compare_run(args.run_dir, config, log, progress=not args.no_progress)
-            else:
-                extract_run(args.run_dir, config, log)
-            log(f"report: {build_report(args.run_dir)}")
-        elif args.command == "report":
-            from forgetray.report.html import build_report
-
-            print(build_report(args.run_dir))
-        elif args.command == "scaling":
-            config = resolve_config(args.args, args.out)
-            if args.dry_run:
-                sys.stdout.write(config.to_yaml())
-                return 0
-            from forgetray.report.html import build_report
-            from forgetray.scaling.sweep import run_scaling
-
-            run_scaling(config)
-            print(build_report(config.run_dir))
-        elif args.command == "flatness":
-            from forgetray.flatness_study import flatness_run
-            from forgetray.pipeline import RunPaths, setup_logging
-
-            paths = RunPaths(args.run_dir)
-            config = load_config(paths.config, args.overrides)
-            flatness_run(args.run_dir, config.flatness, setup_logging(paths))
-        elif args.command == "forecast":
-            from forgetray.forecast_study import forecast_run
-            from forgetray.pipeline import RunPaths, setup_logging
-            from forgetray.report.html import build_report
-
-            paths = RunPaths(args.run_dir)
-            config = load_config(paths.config, args.overrides)
-            log = setup_logging(paths)
-            forecast_run(args.run_dir, config, log)
-            log(f"report: {build_report(args.run_dir)}")
-        elif args.command == "compare":
-            from forgetray import storage
-            from forgetray.flatness_study import compare_runs, comparison_markdown
-
-            comparison = compare_runs(args.run_dirs)
-            if args.out:
-                storage.write_json(args.out, comparison)
-            sys.stdout.write(comparison_markdown(comparison))
-        elif args.command == "sweep":
-            import yaml
-
-            from forgetray.size_sweep import load_size_sweep, replace_out, run_size_sweep
-
-            path, overrides = _split_config_args(args.args)
-            if path is None:
-                raise ConfigError("command line: forgetray sweep needs a sweep config file")
-            size_sweep = replace_out(load_size_sweep(path, overrides), args.out)
-            if args.dry_run:
-                sys.stdout.write(yaml.safe_dump(size_sweep.to_dict(), sort_keys=False))
-                return 0
-            run_size_sweep(size_sweep, progress=not args.no_progress)
-        elif args.command == "exact-match":
-            from forgetray.exact_match_study import exact_match_run
-            from forgetray.pipeline import RunPaths, setup_logging
-            from forgetray.report.html import build_report
-
-            paths = RunPaths(args.run_dir)
-            config = load_config(paths.config, args.overrides)
-            log = setup_logging(paths)
-            exact_match_run(args.run_dir, config, log, progress=not args.no_progress)
-            log(f"report: {build_report(args.run_dir)}")
+        with _console_for(args, verbosity):
+            return _dispatch(args, verbosity)
     except Exception as e:
-        from forgetray.errors import user_message
+        from forgetray.errors import user_message  # imports Ray: only once something failed
 
         message = user_message(e)
         if message is None:
             raise
         print(f"forgetray: error: {message}", file=sys.stderr)
         return 2
+
+
+def _console_for(args: argparse.Namespace, verbosity: Verbosity) -> contextlib.AbstractContextManager:
+    """The console filter for commands that work in one local run directory (`run` sets up its own,
+    in the directory it resolves)."""
+    from forgetray.pipeline import setup_logging
+    from forgetray.remote import is_uri
+
+    setup_logging(None)
+    run_dir = getattr(args, "run_dir", None) or getattr(args, "protect", None)
+    if (
+        args.command in ("report", "matrix", "compare")
+        or run_dir is None
+        or is_uri(run_dir)
+        or not os.path.isdir(run_dir)
+    ):
+        return contextlib.nullcontext()
+    return console(run_dir, verbosity)
+
+
+def _dispatch(args: argparse.Namespace, verbosity: Verbosity) -> int:
+    if args.command == "run":
+        config = resolve_config(args.args, args.out)
+        if args.dry_run:
+            sys.stdout.write(config.to_yaml())
+            return 0
+        from forgetray.cluster import run_anywhere
+
+        run_anywhere(config, progress=not args.no_progress, verbosity=verbosity)
+    elif args.command == "score":
+        from forgetray.models import ModelRef
+        from forgetray.pipeline import load_run_config, score_checkpoint
+
+        base = load_run_config(args.run_dir).model
+        ref = ModelRef(args.model, base.dtype, base.trust_remote_code, None, args.adapter)
+        score_checkpoint(args.run_dir, args.name, ref, progress=not args.no_progress)
+    elif args.command == "matrix":
+        from forgetray.pipeline import RunPaths, assemble_matrix, load_run_config, setup_logging
+
+        paths = RunPaths(args.run_dir)
+        config = load_run_config(args.run_dir)
+        if not assemble_matrix(paths, config, setup_logging(paths)):
+            print(f"{args.run_dir}: no scored fine-tuned model yet; nothing to assemble", file=sys.stderr)
+            return 1
+    elif args.command in ("analyse", "complete"):
+        from forgetray.data.sources import task_families
+        from forgetray.pipeline import RunPaths, setup_logging
+        from forgetray.study import analyse_run, complete_run
+
+        paths = RunPaths(args.run_dir)
+        config = load_config(paths.config, args.overrides)
+        log = setup_logging(paths)
+        if args.command == "analyse":
+            analyse_run(args.run_dir, config.analyse, log)
+        else:
+            complete_run(args.run_dir, config.complete, log, task_families(config.tasks))
+    elif args.command in ("replay", "finetune"):
+        from forgetray.pipeline import RunPaths, setup_logging
+
+        run_dir = args.run_dir if args.command == "replay" else args.protect
+        paths = RunPaths(run_dir)
+        config = load_config(paths.config, args.overrides)
+        log = setup_logging(paths)
+        if args.command == "replay":
+            from forgetray.replay.experiment import probes_run, replay_run
+
+            probes_run(run_dir, config, log)
+            replay_run(run_dir, config, log, progress=not args.no_progress)
+            from forgetray.report.html import build_report
+
+            log(f"report: {build_report(run_dir)}")
+        else:
+            import os
+
+            from forgetray.replay.online import protect_finetune
+
+            protect_finetune(run_dir, args.task, args.out or os.path.join(run_dir, "protect"), config, log)
+    elif args.command == "iv":
+        from forgetray.iv.experiment import compare_run, extract_run
+        from forgetray.pipeline import RunPaths, setup_logging
+        from forgetray.report.html import build_report
+
+        paths = RunPaths(args.run_dir)
+        config = load_config(paths.config, args.overrides)
+        log = setup_logging(paths)
+        if args.train:
+            compare_run(args.run_dir, config, log, progress=not args.no_progress)
+        else:
+            extract_run(args.run_dir, config, log)
+        log(f"report: {build_report(args.run_dir)}")
+    elif args.command == "report":
+        from forgetray.report.html import build_report
+
+        print(build_report(args.run_dir))
+    elif args.command == "scaling":
+        config = resolve_config(args.args, args.out)
+        if args.dry_run:
+            sys.stdout.write(config.to_yaml())
+            return 0
+        from forgetray.report.html import build_report
+        from forgetray.scaling.sweep import run_scaling
+
+        run_scaling(config)
+        print(build_report(config.run_dir))
+    elif args.command == "flatness":
+        from forgetray.flatness_study import flatness_run
+        from forgetray.pipeline import RunPaths, setup_logging
+
+        paths = RunPaths(args.run_dir)
+        config = load_config(paths.config, args.overrides)
+        flatness_run(args.run_dir, config.flatness, setup_logging(paths))
+    elif args.command == "forecast":
+        from forgetray.forecast_study import forecast_run
+        from forgetray.pipeline import RunPaths, setup_logging
+        from forgetray.report.html import build_report
+
+        paths = RunPaths(args.run_dir)
+        config = load_config(paths.config, args.overrides)
+        log = setup_logging(paths)
+        forecast_run(args.run_dir, config, log)
+        log(f"report: {build_report(args.run_dir)}")
+    elif args.command == "compare":
+        from forgetray import storage
+        from forgetray.flatness_study import compare_runs, comparison_markdown
+
+        comparison = compare_runs(args.run_dirs)
+        if args.out:
+            storage.write_json(args.out, comparison)
+        sys.stdout.write(comparison_markdown(comparison))
+    elif args.command == "sweep":
+        import yaml
+
+        from forgetray.size_sweep import load_size_sweep, replace_out, run_size_sweep
+
+        path, overrides = _split_config_args(args.args)
+        if path is None:
+            raise ConfigError("command line: forgetray sweep needs a sweep config file")
+        size_sweep = replace_out(load_size_sweep(path, overrides), args.out)
+        if args.dry_run:
+            sys.stdout.write(yaml.safe_dump(size_sweep.to_dict(), sort_keys=False))
+            return 0
+        run_size_sweep(size_sweep, progress=not args.no_progress)
+    elif args.command == "exact-match":
+        from forgetray.exact_match_study import exact_match_run
+        from forgetray.pipeline import RunPaths, setup_logging
+        from forgetray.report.html import build_report
+
+        paths = RunPaths(args.run_dir)
+        config = load_config(paths.config, args.overrides)
+        log = setup_logging(paths)
+        exact_match_run(args.run_dir, config, log, progress=not args.no_progress)
+        log(f"report: {build_report(args.run_dir)}")
     return 0
 
 

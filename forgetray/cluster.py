@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from forgetray import ray_reaper
 from forgetray.config import ConfigError
+from forgetray.console import Verbosity, console
 
 if TYPE_CHECKING:
     from forgetray.config import SweepConfig
@@ -137,21 +138,26 @@ def check_run_dir_visible(run_dir: str, what: str = "run directory") -> None:
     )
 
 
-def run_anywhere(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
+def run_anywhere(
+    config: SweepConfig, progress: bool = True, verbosity: Verbosity = "normal"
+) -> dict[str, Any]:
     """`forgetray.pipeline.run` on the cluster `ray.init()` finds, for a local or URI run directory.
 
     A URI is worked on in its staging copy (`forgetray.remote.staged`); either way a multi-node
     cluster whose nodes cannot all see the working directory is refused before anything runs.
+    Ray's known-harmless output goes to the run's `logs/ray-noise.log` (`forgetray.console`).
     """
     from forgetray.pipeline import run, setup_logging
     from forgetray.remote import is_uri, staged
 
     setup_logging(None)
+    progress = progress and verbosity != "quiet"
     if is_uri(config.run_dir):
-        with staged(config.run_dir) as local:
+        with staged(config.run_dir) as local, console(local, verbosity):
             connect()
             check_run_dir_visible(local, f"staging directory of {config.run_dir}")
             return run(dataclasses.replace(config, run_dir=local), progress=progress)
-    connect()
-    check_run_dir_visible(config.run_dir)
-    return run(config, progress=progress)
+    with console(config.run_dir, verbosity):
+        connect()
+        check_run_dir_visible(config.run_dir)
+        return run(config, progress=progress)

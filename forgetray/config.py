@@ -966,6 +966,38 @@ class IVConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking of every fine-tuning run through Ray's own integrations.
+
+    Each task's learning curve (loss, learning rate, tokens/s and the loss parts of replay, SAM and
+    IV-guided training every `log_every` steps) is always kept in `<run>/curves/<task>.json`, whatever
+    the backend; a backend also receives it live (MLflow through `setup_mlflow`, W&B through
+    `setup_wandb`, on rank 0), plus the run's matrix summary and report as artifacts at the end.
+    """
+
+    backend: Literal["none", "mlflow", "tensorboard", "wandb"] = "none"
+    log_every: int = 10
+    """Optimizer steps between two reports (and the last step always)."""
+    experiment: str | None = None
+    """MLflow experiment / W&B project; default: the run directory's name."""
+    tracking_uri: str | None = None
+    """MLflow only: where runs are stored; default a local store `file:<run>/mlruns` (works offline)."""
+    log_dir: str | None = None
+    """TensorBoard event files (default `<run>/tensorboard`) or W&B's local files (default `<run>`)."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """W&B only: `offline` writes runs locally (`wandb sync` uploads them later)."""
+
+    def __post_init__(self) -> None:
+        _require(self.log_every > 0, "log_every", "must be a positive integer")
+        _require(
+            self.tracking_uri is None or self.backend == "mlflow",
+            "tracking_uri",
+            f"is for backend mlflow only (backend is {self.backend!r}); use log_dir",
+        )
+        _require(self.experiment is None or bool(self.experiment.strip()), "experiment", "must not be empty")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """Everything one forgetray run needs; the resolved copy is saved as `<run>/config.yaml`."""
 
@@ -984,6 +1016,7 @@ class SweepConfig:
     exact_match: ExactMatchConfig = field(default_factory=ExactMatchConfig)
     forecast: ForecastConfig = field(default_factory=ForecastConfig)
     iv: IVConfig = field(default_factory=IVConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.run_dir.strip()), "run_dir", "must not be empty (give --out DIR or run_dir=DIR)")

@@ -2,10 +2,12 @@
 
 <run>/config.yaml                 the resolved config (a re-run must match it)
 <run>/logs/forgetray.log          everything the run logged
+<run>/logs/ray-noise.log          known-harmless Ray/DeepSpeed output kept off the console
 <run>/data/upstream.parquet       example_id, kind, prompt, response   (matrix columns)
 <run>/data/tasks/<task>.parquet   prompt, response                     (matrix rows)
 <run>/models/base.json            the base model reference (+ built-in pretraining report)
 <run>/checkpoints/<task>.json     where each task's fine-tuned model is (see forgetray.finetune.sweep)
+<run>/curves/<task>.json          each task's learning curve (see forgetray.tracking)
 <run>/train/<task>/, <run>/tune/  Ray Train and Ray Tune storage (checkpoints, run state)
 <run>/scores/<model>/...          per-example NLL parts (see forgetray.score.driver)
 <run>/matrix/...                  the forgetting matrix (see forgetray.matrix)
@@ -28,7 +30,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from forgetray import cluster, digests, storage
+from forgetray import cluster, digests, storage, tracking
 from forgetray.config import (
     ConfigError,
     FinetuneConfig,
@@ -330,6 +332,7 @@ class StageTimer:
         self.path = os.path.join(paths.root, "timings.json")
         self.log = log
         self.stages: dict[str, float] = {}
+        self._entry: int | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -339,8 +342,15 @@ class StageTimer:
         self.log(f"stage {name}: {self.stages[name]:.1f} s")
 
     def save(self) -> None:
+        """Append this call's entry; a second save replaces it (the report is built from a first save,
+        so it shows the stages before it)."""
         history = storage.read_json(self.path) if os.path.exists(self.path) else []
-        history.append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": self.stages})
+        entry = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": dict(self.stages)}
+        if self._entry is not None and self._entry < len(history):
+            history[self._entry] = entry
+        else:
+            self._entry = len(history)
+            history.append(entry)
         storage.write_json(self.path, history)
 
 
@@ -357,6 +367,7 @@ def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
     log = setup_logging(None)
     reuse = check_run_config(paths, config)
     check_finished_scores(paths.scores, config.score)
+    tracking.check_backend(config.tracking)
     timer = StageTimer(paths, log)
     with timer.stage("base_model"):
         base = prepare_base_model(paths, config, log, write=False)
@@ -378,6 +389,8 @@ def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
             config.finetune,
             torch_extensions_dir=torch_extensions_dir(),
             log=log,
+            tracking_config=config.tracking,
+            progress=progress,
         )
     models = {BASE: base} | {t: finetuned_model(base, pointers[t]) for t in tasks}
     with timer.stage("score"):
@@ -391,11 +404,19 @@ def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
     if len(tasks) >= 3:
         with timer.stage("complete"):
             complete_run(paths.root, config.complete, log, task_families(config.tasks))
+    timer.save()
     with timer.stage("report"):
         from forgetray.report.html import build_report
 
         log(f"report: {build_report(paths.root)}")
     timer.save()
+    try:
+        tracking.log_run_artifacts(paths.root, config.tracking, log)
+    except Exception as error:  # the run's results are all written; a tracking server may be down
+        logger.warning(
+            f"tracking: the run summary was not logged to {config.tracking.backend} "
+            f"({type(error).__name__}: {error}); the results are complete in {paths.root}"
+        )
     return {"run_dir": paths.root, "scores": summaries, "finetune": pointers, "seconds": timer.stages}
 
 

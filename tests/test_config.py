@@ -56,6 +56,18 @@ def test_round_trip_through_yaml(tmp_path):
         ("", ["score.nope=1"], "c.yaml + command line: score.nope: unknown key"),
         ("", ["score.shard_size"], "override 'score.shard_size' is not of the form key.sub=value"),
         ("", ["upstream.sources.3.path=x"], "upstream.sources.3: no list item '3' to override"),
+        (
+            "",
+            ["tracking.backend=neptune"],
+            "tracking.backend: expected one of 'none', 'mlflow', 'tensorboard'",
+        ),
+        ("", ["tracking.log_every=0"], "tracking.log_every: must be a positive integer"),
+        (
+            "tracking: {backend: tensorboard, tracking_uri: 'file:/x'}\n",
+            [],
+            "c.yaml: tracking.tracking_uri: is for backend mlflow only (backend is 'tensorboard')",
+        ),
+        ("", ["tracking.wandb_mode=cloud"], "tracking.wandb_mode: expected one of 'offline', 'online'"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path, text, overrides, message):

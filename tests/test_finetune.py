@@ -258,6 +258,11 @@ def test_zero_0_and_2_on_two_workers_train_the_same_weights(
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
     assert max(np.abs(a[n] - base[n]).max() for n in a) > 1e-3
     assert zero0["addition"]["steps"] == 4 and zero0["addition"]["method"] == "full"
+    # Both ranks report the last step (log_every 10 > 4 steps); the curve keeps rank 0's report.
+    from forgetray.tracking import read_curve
+
+    (point,) = read_curve(str(tmp_path / "z2"), "addition")
+    assert point["step"] == 4 and point["total_steps"] == 4 and point["tokens_per_second"] > 0
 
 
 @pytest.mark.slow
@@ -303,10 +308,20 @@ def test_worker_failure_restarts_from_the_last_checkpoint(ray_session, tmp_path,
         max_steps=6,
         checkpoint_every=2,
         max_failures=1,
-        extra={"fail_once_marker": str(marker), "fail_at_step": 3},
+        extra={
+            "fail_once_marker": str(marker),
+            "fail_at_step": 3,
+            "tracking": {"backend": "none", "log_every": 1},
+        },
     )
     assert marker.read_text() == "3"  # the worker really died at step 3
     assert pointers["addition"]["resumed_from_step"] == 2 and pointers["addition"]["steps"] == 6
+    # Steps 1-2 before the failure, 3-6 after the restart from step 2's checkpoint: one point each.
+    from forgetray.tracking import read_curve
+
+    points = read_curve(str(tmp_path / "run"), "addition")
+    assert [p["step"] for p in points] == [1, 2, 3, 4, 5, 6]
+    assert points[-1]["loss"] == pytest.approx(pointers["addition"]["loss"])
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from forgetray.config import FinetuneConfig, LoraConfig, config_from_dict
+from forgetray.finetune.reporting import StepReporter
 from forgetray.finetune.safe_load import load_deepspeed_checkpoint
 from forgetray.models import ModelRef, context_length, load_model, load_model_config, load_tokenizer
 
@@ -234,6 +235,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     hook = _step_hook(loop_config, model=engine.module, tokenizer=tokenizer, rank=rank, total_steps=steps)
     if hook is not None:
         hook(start_step, None)
+    reporter = StepReporter(loop_config, rank, world_size, steps, replay, sam, guidance)
     started, started_at = time.perf_counter(), time.time()
     loss_value = float("nan")
     tokens = 0
@@ -271,6 +273,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step_loss /= world_size
         loss_value = float(step_loss)
         done = step + 1
+        reporter.after_step(done, loss_value, batches, engine)
         if hook is not None:
             hook(done, loss_value)
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
@@ -284,6 +287,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
 
     seconds = time.perf_counter() - started
+    reporter.close()
     state = final_state_dict(engine, lora=config.method == "lora")
     with tempfile.TemporaryDirectory() as directory:
         if rank == 0:

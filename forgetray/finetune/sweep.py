@@ -21,8 +21,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from forgetray import storage
-from forgetray.config import FinetuneConfig
+from forgetray import storage, tracking
+from forgetray.config import FinetuneConfig, TrackingConfig
+from forgetray.console import TaskProgress
 from forgetray.models import ModelRef
 
 DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 1024**2}
@@ -92,6 +93,7 @@ def train_task(tune_config: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
 
     from forgetray.config import config_from_dict
+    from forgetray.finetune.curves import CurveRecorder
     from forgetray.finetune.loop import MODEL_DIR, train_loop_per_worker
 
     trial = tune_config["trial"]
@@ -112,6 +114,7 @@ def train_task(tune_config: dict[str, Any]) -> None:
             storage_path=trial["storage_path"],
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[CurveRecorder(trial["curve_path"], task)] if trial.get("curve_path") else None,
         ),
     )
     result = trainer.fit()
@@ -150,6 +153,21 @@ def train_task(tune_config: dict[str, Any]) -> None:
     ray.tune.report({"loss": pointer["loss"], "steps": pointer["steps"]})
 
 
+def task_status(run_dir: str, tasks: Sequence[str]) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(tasks with a pointer file, {task: (last reported step, total steps)} of the others that have
+    reported a step): what the progress bar over tasks shows."""
+    done = 0
+    running: dict[str, tuple[int, int]] = {}
+    for task in tasks:
+        if os.path.exists(pointer_path(run_dir, task)):
+            done += 1
+            continue
+        points = tracking.read_curve(run_dir, task)
+        if points:
+            running[task] = (int(points[-1]["step"]), int(points[-1].get("total_steps", 0)))
+    return done, running
+
+
 def run_trials(trials: list[dict[str, Any]], name: str, tune_dir: str, concurrent: int, what: str) -> None:
     """One Ray Tune trial of `train_task` per item of `trials`, `concurrent` at a time; raises naming
     how many failed and the first error."""
@@ -179,8 +197,12 @@ def finetune_tasks(
     torch_extensions_dir: str | None = None,
     log: Callable[[str], None] = print,
     extra_loop_config: dict[str, Any] | None = None,
+    tracking_config: TrackingConfig | None = None,
+    progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Fine-tune every task without a pointer file; returns every task's pointer."""
+    """Fine-tune every task without a pointer file; returns every task's pointer. Each task's learning
+    curve lands in `<run_dir>/curves/<task>.json` (and in the tracking backend, if one is set);
+    `progress` shows a bar over the tasks."""
 
     todo = [t for t in tasks if not os.path.exists(pointer_path(run_dir, t))]
     for task in tasks:
@@ -191,6 +213,8 @@ def finetune_tasks(
         concurrent = concurrent_tasks(config, len(todo))
         log(f"finetune: {len(todo)} task(s), {concurrent} at a time, {config.method} fine-tuning")
         storage_path = os.path.abspath(os.path.join(run_dir, "train"))
+        spec = tracking.tracking_spec(tracking_config or TrackingConfig(), run_dir)
+        tracking.prepare_backend(spec)
         trials = [
             {
                 "loop": {
@@ -199,13 +223,16 @@ def finetune_tasks(
                     "model": dataclasses.asdict(base),
                     "finetune": dataclasses.asdict(config),
                     "torch_extensions_dir": torch_extensions_dir,
+                    "tracking": spec,
                     **(extra_loop_config or {}),
                 },
                 "storage_path": storage_path,
                 "pointer_path": os.path.abspath(pointer_path(run_dir, task)),
+                "curve_path": os.path.abspath(tracking.curve_path(run_dir, task)),
             }
             for task in todo
         ]
-        run_trials(trials, "finetune", os.path.join(run_dir, "tune"), concurrent, "task(s)")
+        with TaskProgress(len(todo), lambda: task_status(run_dir, todo), enabled=progress):
+            run_trials(trials, "finetune", os.path.join(run_dir, "tune"), concurrent, "task(s)")
     pointers = {t: storage.read_json(pointer_path(run_dir, t)) for t in tasks}
     return pointers

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetray import __version__, storage
+from forgetray import __version__, storage, tracking
 from forgetray.report import plots
 
 REPORT_FILE = "report.html"
@@ -371,7 +371,20 @@ def _finetune(run: _Run) -> str:
         train = [p.get("train_seconds") or 0.0 for p in pointers]
         total = ["total", "", None, None, float(sum(train)), float(sum(wall)), None]
     headers = ["task", "method", "steps", "final loss", "train seconds", "wall seconds", "resumed from step"]
-    return _table(headers, rows, total)
+    return _table(headers, rows, total) + _learning_curves(run, [str(p.get("task")) for p in pointers])
+
+
+def _learning_curves(run: _Run, tasks: Sequence[str]) -> str:
+    """Each task's curve from `<run>/curves/<task>.json` (kept whatever the tracking backend)."""
+    curves = {t: points for t in tasks if (points := tracking.read_curve(run.root, t))}
+    if not curves:
+        return _note("no learning curves (curves/<task>.json): this run was trained before they were kept")
+    path = plots.learning_curves(curves, run.path(FIGURES_DIR, "learning_curves.png"))
+    every = sorted(
+        {int(points[1]["step"] - points[0]["step"]) for points in curves.values() if len(points) > 1}
+    )
+    caption = f"training loss and learning rate by step, one point every {every[0] if every else '?'} step(s)"
+    return "<h3>Learning curves</h3>" + _image(path, caption)
 
 
 def _scores(run: _Run) -> str:

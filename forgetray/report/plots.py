@@ -341,3 +341,27 @@ def flatness_scatter(
         ax.grid(alpha=0.3)
     fig.suptitle("Flatness of each fine-tuned model vs its mean forgetting")
     return _save(fig, path)
+
+
+def learning_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str) -> str:
+    """Each task's training loss by optimizer step (left) and the learning rate (right); `curves` maps
+    a task to its points ({"step", "loss", "learning_rate", ...}) as `forgetray.tracking` keeps them."""
+    fig = _figure(10.0, 3.8)
+    loss_ax, lr_ax = fig.subplots(1, 2, width_ratios=(2, 1))
+    for task, points in curves.items():
+        steps = [p["step"] for p in points]
+        loss_ax.plot(steps, [p.get("loss", np.nan) for p in points], marker=".", linewidth=1.2, label=task)
+        lr_ax.plot(steps, [p.get("learning_rate", np.nan) for p in points], linewidth=1.0)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (loss_ax, lr_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss_ax.set_xlabel("optimizer step")
+    loss_ax.set_ylabel("training loss (mean over the logging window)")
+    loss_ax.set_title("learning curves")
+    if len(curves) <= 20:
+        loss_ax.legend(fontsize=7, ncols=2 if len(curves) > 8 else 1)
+    lr_ax.set_xlabel("optimizer step")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    return _save(fig, path)
