@@ -29,7 +29,8 @@ def test_summary_renders_the_committed_smollm2_results_from_a_run_layout(tmp_pat
     load("collect_results").main([str(run), str(out)])
     text = (out / "summary.md").read_text()
     assert "8 tasks x 240 examples" in text
-    assert "| SVD rank 1 | 0.895 |" in text and "| additive (mu + b_i + b_j) | 0.809 |" in text
+    assert "| SVD rank 1 | 0.895 |" in text and "| additive (mu + b_i + b_j, closed form) | 0.809 |" in text
+    assert "## Completion (`completion/results.json`): forgetray protocol, k = 30" in text
     assert "| als_mf | 13.77 ± 0.88 |" in text
     assert "| predicted | -0.0181 |" in text and "| predicted_vs_random | -0.0225 | 0.85 | 0.01 |" in text
     assert sorted(os.listdir(out)) == sorted(
