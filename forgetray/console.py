@@ -82,14 +82,21 @@ class NoiseLog:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._pending: list[str] = []
 
     def write(self, prefix: str, lines: list[str]) -> None:
+        """Append to the log, or hold the lines while the run directory does not exist yet: a run
+        refused before it starts must leave no directory behind, not even a log of noise."""
         with self._lock:
+            self._pending += [f"{prefix} {line}\n" for line in lines]
+            self.count += len(lines)
+            run_dir = os.path.dirname(os.path.dirname(self.path))
+            if not os.path.isdir(run_dir):
+                return
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
-                for line in lines:
-                    f.write(f"{prefix} {line}\n")
-            self.count += len(lines)
+                f.writelines(self._pending)
+            self._pending = []
 
 
 def _filter_handler(noise: NoiseLog, verbosity: Verbosity) -> Callable[[dict[str, Any]], None]:

@@ -148,10 +148,16 @@ def check_model_loads(ref: ModelRef, key: str) -> None:
     if os.path.isdir(ref.path):
         try:
             load_model_config(ref)
-            load_tokenizer(ref)
+            tokenizer = load_tokenizer(ref)
         except (OSError, ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"{key}: {ref.path}: cannot load this model directory ({first})") from None
+        # transformers can build an empty tokenizer from a directory without tokenizer files.
+        if not tokenizer("forgetray", add_special_tokens=False)["input_ids"]:
+            raise ConfigError(
+                f"{key}: {ref.path}: its tokenizer turns text into no tokens; "
+                "are the tokenizer files (tokenizer.json, vocab/merges) missing?"
+            )
 
 
 def context_length(config: Any) -> int | None:

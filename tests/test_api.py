@@ -74,7 +74,9 @@ def test_open_run_errors_name_the_place(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"matrix: no forgetting matrix yet; finish the run"):
         forgetray.open_run(tmp_path)
     write_matrix(str(tmp_path), [[1.0, 2.0]], ["a", "b"], ["x", "y"])
-    with pytest.raises(ValueError, match=r"forgetting\.npy: shape \(1, 2\) does not match its index \(2, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"forgetting\.npy: shape \(1, 2\) does not match its index \(2, 2\)"
+    ):
         forgetray.open_run(tmp_path)
 
 

@@ -236,7 +236,7 @@ def data_case(kind: str, tmp: Path) -> tuple[list[str], str]:
     elif kind == "upstream file missing":
         return [f"upstream.sources=[{{path: {tmp / 'none.jsonl'}}}]"], str(tmp / "none.jsonl")
     elif kind == "upstream without text field":
-        write_jsonl(upstream, [{"body": "x"}] * 4)
+        write_jsonl(upstream, [{"body": "x"}] * 8)
         return [f"upstream.sources=[{{path: {upstream}}}]"], "text"
     elif kind == "upstream parquet damaged":
         bad = tmp / "upstream.parquet"
