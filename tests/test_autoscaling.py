@@ -152,24 +152,27 @@ def test_autoscaler_adds_two_workers_and_trains_two_tasks_at_once(tmp_path):
             config_path = os.path.join(temp_dir, "autoscaling.json")
             with open(config_path, "w") as f:
                 json.dump(fake_cluster_config(gcs_address), f)
-            head = subprocess.run(
-                [
-                    os.path.join(os.path.dirname(sys.executable), "ray"),
-                    "start",
-                    "--head",
-                    f"--port={gcs}",
-                    f"--autoscaling-config={config_path}",
-                    f"--temp-dir={temp_dir}",
-                    "--num-cpus=0",
-                    "--include-dashboard=false",
-                    "--disable-usage-stats",
-                    *node_ports(ports),
-                ],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
+            try:
+                head = subprocess.run(
+                    [
+                        os.path.join(os.path.dirname(sys.executable), "ray"),
+                        "start",
+                        "--head",
+                        f"--port={gcs}",
+                        f"--autoscaling-config={config_path}",
+                        f"--temp-dir={temp_dir}",
+                        "--num-cpus=0",
+                        "--include-dashboard=false",
+                        "--disable-usage-stats",
+                        *node_ports(ports),
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=150,
+                )
+            except subprocess.TimeoutExpired as error:  # a `ray start` hung past its own timeout
+                head = subprocess.CompletedProcess(error.cmd, 1, str(error.stdout), str(error.stderr))
             if head.returncode == 0:
                 break
             stop_processes_under(temp_dir)
