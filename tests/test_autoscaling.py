@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -129,6 +130,10 @@ def test_autoscaler_adds_two_workers_and_trains_two_tasks_at_once(tmp_path):
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
         "PYTHONPATH": REPO,  # the fake nodes' workers import this checkout, as the driver does
         "RAY_FAKE_CLUSTER": "1",
+        # One token for the head, the fake nodes (the monitor starts them with this environment),
+        # the driver and the node count (a machine with ~/.ray/auth_token turns token auth on).
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
         # How long a raylet waits for its agents (their port files) before it gives up; the
@@ -152,24 +157,27 @@ def test_autoscaler_adds_two_workers_and_trains_two_tasks_at_once(tmp_path):
             config_path = os.path.join(temp_dir, "autoscaling.json")
             with open(config_path, "w") as f:
                 json.dump(fake_cluster_config(gcs_address), f)
-            head = subprocess.run(
-                [
-                    os.path.join(os.path.dirname(sys.executable), "ray"),
-                    "start",
-                    "--head",
-                    f"--port={gcs}",
-                    f"--autoscaling-config={config_path}",
-                    f"--temp-dir={temp_dir}",
-                    "--num-cpus=0",
-                    "--include-dashboard=false",
-                    "--disable-usage-stats",
-                    *node_ports(ports),
-                ],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
+            try:
+                head = subprocess.run(
+                    [
+                        os.path.join(os.path.dirname(sys.executable), "ray"),
+                        "start",
+                        "--head",
+                        f"--port={gcs}",
+                        f"--autoscaling-config={config_path}",
+                        f"--temp-dir={temp_dir}",
+                        "--num-cpus=0",
+                        "--include-dashboard=false",
+                        "--disable-usage-stats",
+                        *node_ports(ports),
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=150,
+                )
+            except subprocess.TimeoutExpired as error:  # a `ray start` hung past its own timeout
+                head = subprocess.CompletedProcess(error.cmd, 1, str(error.stdout), str(error.stderr))
             if head.returncode == 0:
                 break
             stop_processes_under(temp_dir)
