@@ -145,10 +145,17 @@ def check_model_loads(ref: ModelRef, key: str) -> None:
     if os.path.isdir(ref.path):
         try:
             load_model_config(ref)
-            load_tokenizer(ref)
+            tokenizer = load_tokenizer(ref)
         except (OSError, ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"{key}: {ref.path}: cannot load this model directory ({first})") from None
+        # transformers builds an empty tokenizer from a directory without tokenizer files; every
+        # example would then encode to nothing
+        if len(tokenizer) == 0 or not tokenizer("The quick brown fox.")["input_ids"]:
+            raise ConfigError(
+                f"{key}: {ref.path}: its tokenizer is empty (no tokenizer.json, vocab or merges files?); "
+                "save the tokenizer into the model directory"
+            )
 
 
 def context_length(config: Any) -> int | None:
