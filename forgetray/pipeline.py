@@ -185,6 +185,7 @@ def prepare_data(
     (leftovers of an attempt that never got as far as saving its config)."""
     from forgetray.data import instructions
     from forgetray.data.sources import load_tasks, load_upstream
+    from forgetray.finetune.sweep import check_task_tables
     from forgetray.models import load_model, load_tokenizer
 
     def require_base() -> ModelRef:
@@ -213,6 +214,9 @@ def prepare_data(
                 if tokenizer is not None:
                     table = instructions.apply_chat_template(table, tokenizer, "tasks")
                 tables[name] = table
+    if tables and base is not None:
+        # every task example must be trainable: checked here, before anything is written
+        check_task_tables(base, tables, config.finetune)
     if upstream is not None:
         storage.write_parquet(paths.upstream, upstream)
         kinds = Counter(upstream.column("kind").to_pylist())
