@@ -143,15 +143,18 @@ def run_anywhere(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
     A URI is worked on in its staging copy (`forgetray.remote.staged`); either way a multi-node
     cluster whose nodes cannot all see the working directory is refused before anything runs.
     """
-    from forgetray.pipeline import run, setup_logging
+    from forgetray.pipeline import prepare_run, run, setup_logging
     from forgetray.remote import is_uri, staged
 
     setup_logging(None)
     if is_uri(config.run_dir):
         with staged(config.run_dir) as local:
+            local_config = dataclasses.replace(config, run_dir=local)
+            prepared = prepare_run(local_config)  # bad input is refused before Ray starts
             connect()
             check_run_dir_visible(local, f"staging directory of {config.run_dir}")
-            return run(dataclasses.replace(config, run_dir=local), progress=progress)
+            return run(local_config, progress=progress, prepared=prepared)
+    prepared = prepare_run(config)
     connect()
     check_run_dir_visible(config.run_dir)
-    return run(config, progress=progress)
+    return run(config, progress=progress, prepared=prepared)

@@ -95,7 +95,9 @@ def test_kl_ce_scores_match_the_direct_function_and_the_matrix_is_kl(
     # Scores of one metric are never silently reused under the other.
     from forgetray.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"scored with score\.metric=kl_ce, this run asks score\.metric=nll"):
+    with pytest.raises(
+        ConfigError, match=r"scored with score\.metric=kl_ce, this run asks score\.metric=nll"
+    ):
         score_models(
             {"base": base}, upstream_path, scores, ScoreConfig(shard_size=5, max_length=48), progress=False
         )
