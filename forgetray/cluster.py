@@ -147,17 +147,21 @@ def run_anywhere(
     cluster whose nodes cannot all see the working directory is refused before anything runs.
     Ray's known-harmless output goes to the run's `logs/ray-noise.log` (`forgetray.console`).
     """
-    from forgetray.pipeline import run, setup_logging
+    from forgetray.pipeline import prepare_run, run, setup_logging
     from forgetray.remote import is_uri, staged
 
     setup_logging(None)
     progress = progress and verbosity != "quiet"
     if is_uri(config.run_dir):
-        with staged(config.run_dir) as local, console(local, verbosity):
-            connect()
-            check_run_dir_visible(local, f"staging directory of {config.run_dir}")
-            return run(dataclasses.replace(config, run_dir=local), progress=progress)
+        with staged(config.run_dir) as local:
+            local_config = dataclasses.replace(config, run_dir=local)
+            prepared = prepare_run(local_config)  # bad input is refused before Ray starts
+            with console(local, verbosity):
+                connect()
+                check_run_dir_visible(local, f"staging directory of {config.run_dir}")
+                return run(local_config, progress=progress, prepared=prepared)
+    prepared = prepare_run(config)
     with console(config.run_dir, verbosity):
         connect()
         check_run_dir_visible(config.run_dir)
-        return run(config, progress=progress)
+        return run(config, progress=progress, prepared=prepared)

@@ -152,11 +152,12 @@ def check_model_loads(ref: ModelRef, key: str) -> None:
         except (OSError, ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"{key}: {ref.path}: cannot load this model directory ({first})") from None
-        # transformers can build an empty tokenizer from a directory without tokenizer files.
-        if not tokenizer("forgetray", add_special_tokens=False)["input_ids"]:
+        # transformers builds an empty tokenizer from a directory without tokenizer files; every
+        # example would then encode to nothing
+        if len(tokenizer) == 0 or not tokenizer("The quick brown fox.")["input_ids"]:
             raise ConfigError(
-                f"{key}: {ref.path}: its tokenizer turns text into no tokens; "
-                "are the tokenizer files (tokenizer.json, vocab/merges) missing?"
+                f"{key}: {ref.path}: its tokenizer is empty (no tokenizer.json, vocab or merges files?); "
+                "save the tokenizer into the model directory"
             )
 
 

@@ -194,6 +194,7 @@ def prepare_data(
         tasks_need_tokenizer,
         upstream_needs_tokenizer,
     )
+    from forgetray.finetune.sweep import check_task_tables
     from forgetray.models import load_model, load_tokenizer
 
     def require_base() -> ModelRef:
@@ -220,6 +221,9 @@ def prepare_data(
         for name, table in load_tasks(config.tasks, tokenizer).items():
             if not present(paths.task(name)):
                 tables[name] = table
+    if tables and base is not None:
+        # every task example must be trainable: checked here, before anything is written
+        check_task_tables(base, tables, config.finetune)
     if upstream is not None:
         storage.write_parquet(paths.upstream, upstream)
         kinds = Counter(upstream.column("kind").to_pylist())
@@ -354,16 +358,24 @@ class StageTimer:
         storage.write_json(self.path, history)
 
 
-def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
-    """Every stage of a run, each skipped when its outputs are already there."""
-    from forgetray.data.sources import task_families
-    from forgetray.finetune.sweep import finetune_tasks, finetuned_model
-    from forgetray.score.driver import check_finished_scores, score_models
-    from forgetray.study import analyse_run, complete_run
+@dataclasses.dataclass(frozen=True)
+class PreparedRun:
+    """A run whose config, base model and data are checked and written: what `run` goes on from."""
+
+    paths: RunPaths
+    base: ModelRef
+    timer: StageTimer
+    log: Callable[[str], None]
+
+
+def prepare_run(config: SweepConfig) -> PreparedRun:
+    """The checks and writes of a run that need no Ray: the config against the run directory, finished
+    scores against the score settings, the base model, the data. Everything checkable is checked
+    before the first write, so a refused run leaves the directory as it was (logs go to stderr until
+    then) and no Ray cluster is started for it."""
+    from forgetray.score.driver import check_finished_scores
 
     paths = RunPaths(config.run_dir)
-    # Everything checkable is checked before the first write: a refused run leaves the directory as
-    # it was (logs go to stderr until then).
     log = setup_logging(None)
     reuse = check_run_config(paths, config)
     check_finished_scores(paths.scores, config.score)
@@ -374,9 +386,23 @@ def run(config: SweepConfig, progress: bool = True) -> dict[str, Any]:
     with timer.stage("data"):
         prepare_data(paths, config, log, base, reuse=reuse)
     log = setup_logging(paths)
+    timer.log = log
     log(f"run directory {os.path.abspath(paths.root)}")
     storage.write_text(paths.config, config.to_yaml())
     save_base_model(paths, config, base, log)
+    return PreparedRun(paths, base, timer, log)
+
+
+def run(config: SweepConfig, progress: bool = True, prepared: PreparedRun | None = None) -> dict[str, Any]:
+    """Every stage of a run, each skipped when its outputs are already there (`prepared`: the result
+    of `prepare_run(config)` when the caller ran it before joining Ray)."""
+    from forgetray.data.sources import task_families
+    from forgetray.finetune.sweep import finetune_tasks, finetuned_model
+    from forgetray.score.driver import score_models
+    from forgetray.study import analyse_run, complete_run
+
+    prepared = prepared or prepare_run(config)
+    paths, base, timer, log = prepared.paths, prepared.base, prepared.timer, prepared.log
     with timer.stage("ray_init"):
         ensure_ray()
     tasks = _task_names(config)

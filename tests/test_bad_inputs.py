@@ -233,6 +233,9 @@ def data_case(kind: str, tmp: Path) -> tuple[list[str], str]:
     elif kind == "task null response":
         write_jsonl(task, [*good, {"prompt": "a", "response": None}])
         return [f"tasks.sources=[{{name: t, path: {task}}}]"], "response"
+    elif kind == "task response cut off":
+        write_jsonl(task, [*good, {"prompt": "word " * 400, "response": "x"}])
+        return [f"tasks.sources=[{{name: t, path: {task}}}]", "finetune.max_length=32"], "example 't/4'"
     elif kind == "upstream file missing":
         return [f"upstream.sources=[{{path: {tmp / 'none.jsonl'}}}]"], str(tmp / "none.jsonl")
     elif kind == "upstream without text field":
@@ -255,6 +258,7 @@ DATA_CASES = [
     "task not utf-8",
     "task file empty",
     "task null response",
+    "task response cut off",
     "upstream file missing",
     "upstream without text field",
     "upstream parquet damaged",

@@ -93,7 +93,11 @@ def test_kl_ce_scores_match_the_direct_function_and_the_matrix_is_kl(
     assert (z >= -1e-6).all() and z.mean() > 0
 
     # Scores of one metric are never silently reused under the other.
-    with pytest.raises(ScoreError, match="scored with metric kl_ce"):
+    from forgetray.config import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"scored with score\.metric=kl_ce, this run asks score\.metric=nll"
+    ):
         score_models(
             {"base": base}, upstream_path, scores, ScoreConfig(shard_size=5, max_length=48), progress=False
         )

@@ -61,13 +61,18 @@ def check_task_encodings(base: ModelRef, task_paths: dict[str, str], config: Fin
     instead of failing (and being retried) inside every worker."""
     import pyarrow.parquet as pq
 
+    check_task_tables(base, {task: pq.read_table(path) for task, path in task_paths.items()}, config)
+
+
+def check_task_tables(base: ModelRef, tables: dict[str, Any], config: FinetuneConfig) -> None:
+    """`check_task_encodings` on tables in memory: the data stage runs it before writing any."""
     from forgetray.finetune.batches import encode_task
     from forgetray.models import context_length, load_model_config, load_tokenizer
 
     tokenizer = load_tokenizer(base)
     max_length = min(config.max_length, context_length(load_model_config(base)) or config.max_length)
-    for task, path in task_paths.items():
-        encode_task(tokenizer, task, pq.read_table(path), max_length)
+    for task, table in tables.items():
+        encode_task(tokenizer, task, table, max_length)
 
 
 def unregistered_checkpoints(train_dir: str, kept: Sequence[str]) -> list[str]:
