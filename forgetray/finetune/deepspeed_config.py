@@ -52,7 +52,8 @@ def _auto_values(
         "optimizer.params.betas": ADAM_BETAS,
         "optimizer.params.eps": ADAM_EPS,
         "optimizer.params.weight_decay": config.weight_decay,
-        "scheduler.params.warmup_min_lr": 0.0,
+        # HF fills 0; with no warm-up forgetray's own config starts at the full rate, and so does this.
+        "scheduler.params.warmup_min_lr": config.learning_rate if config.warmup_steps == 0 else 0.0,
         "scheduler.params.warmup_max_lr": config.learning_rate,
         "scheduler.params.warmup_num_steps": warmup,
         "scheduler.params.total_num_steps": max(total_steps, warmup + 1),
