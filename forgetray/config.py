@@ -15,6 +15,7 @@ import os
 import re
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -1108,9 +1109,23 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config field type {tp!r} at {key}")
 
 
+RETIRED_KEYS: dict[str, dict[str, str]] = {
+    "exact_match": {
+        "answer_margin": "instruction answers are now generated up to exact_match.max_new_tokens (512), "
+        "stopped at EOS or the first blank line (the authors' rule)",
+    },
+}
+"""{section: {key: why}}: keys earlier versions wrote into a run's config.yaml that no longer mean
+anything; ignored with a warning, so that those run directories still load."""
+
+
 def _build(cls: type[T], raw: Any, prefix: str) -> T:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{prefix or '<top level>'}: expected {_type_name(cls)}, got {raw!r}")
+    retired = {k: why for k, why in RETIRED_KEYS.get(prefix, {}).items() if k in raw}
+    for key, why in retired.items():
+        warnings.warn(f"{prefix}.{key}: no longer used, ignored ({why})", stacklevel=2)
+    raw = {k: v for k, v in raw.items() if k not in retired}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     where = f"{prefix}." if prefix else ""

@@ -375,3 +375,15 @@ def test_config_errors_name_the_key():
         load_config(None, ["exact_match.reference_tokens=0"])
     with pytest.raises(ConfigError, match=r"exact_match\.max_batch_tokens"):
         load_config(None, ["exact_match.max_batch_tokens=10", "exact_match.max_length=20"])
+
+
+def test_a_run_config_with_the_retired_answer_margin_still_loads(tmp_path):
+    from forgetray.config import ConfigError, load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("exact_match:\n  answer_margin: 8\n  reference_tokens: 2\n")
+    with pytest.warns(UserWarning, match=r"exact_match\.answer_margin: no longer used"):
+        config = load_config(str(path))
+    assert config.exact_match.reference_tokens == 2 and config.exact_match.max_new_tokens == 512
+    with pytest.raises(ConfigError, match=r"exact_match\.answer_marg: unknown key"):
+        load_config(None, ["exact_match.answer_marg=3"])
