@@ -215,3 +215,51 @@ def test_distributed_alsmf_equals_in_memory_alsmf(ray_module: Any, tmp_path: Any
     assert np.std(in_memory) > 0.01  # a real prediction, not a constant
     with pytest.raises(ValueError, match="z_train has shape"):
         DistributedALSMF(path, train, **kwargs).fit_predict(target[:5], revealed, target[new, revealed])
+
+
+def test_warm_start_after_growth_matches_a_fit_from_scratch_in_fewer_iterations(masked_problem) -> None:
+    """A run grown from 50 x 300 to 60 x 400 (80% observed): restarting from the old factors ends at
+    the same predictions as a random start, and gets there in fewer iterations."""
+    truth, z, mask = masked_problem
+    settings = dict(rank=3, reg=0.001, iterations=300, tol=1e-6)
+    before = fit_als(z[:50, :300], mask[:50, :300], **settings)
+    counts: dict[str, int] = {}
+
+    def counter(name: str):
+        return lambda i, _: counts.__setitem__(name, i + 1)
+
+    scratch = fit_als(z, mask, on_iteration=counter("scratch"), **settings)
+    warm = fit_als(z, mask, init=before, on_iteration=counter("warm"), **settings)
+    # Both stop on a relative step below 1e-6, short of the exact optimum: agree to 1% of the noise.
+    assert np.sqrt(np.mean((warm.predict() - scratch.predict()) ** 2)) < 1e-3
+    assert np.sqrt(np.mean((warm.predict() - truth) ** 2)) < 0.1  # sigma 0.1 noise, mostly removed
+    assert counts["warm"] < counts["scratch"] / 2, counts
+
+
+def test_warm_start_rows_solve_new_rows_against_the_old_example_factors() -> None:
+    """A new row's start is the exact ridge solution of its old-column entries on the old [Q, 1]."""
+    from forgetray.stats.als import warm_start_rows
+
+    _, z = planted(12, 80, rank=2, sigma=0.05, seed=3)
+    before = fit_als(z[:10, :60], rank=2, reg=0.01, iterations=20)
+    P, row_bias = warm_start_rows(z, None, before, mu=before.mu, reg=0.01)
+    np.testing.assert_array_equal(P[:10], before.P)
+    np.testing.assert_array_equal(row_bias[:10], before.row_bias)
+    features = np.hstack([before.Q, np.ones((60, 1))])  # (old examples, rank + 1)
+    for row in (10, 11):
+        target = z[row, :60] - before.mu - before.col_bias
+        expected = np.linalg.solve(features.T @ features + 0.01 * 60 * np.eye(3), features.T @ target)
+        np.testing.assert_allclose(P[row], expected[:2], rtol=1e-10)
+        np.testing.assert_allclose(row_bias[row], expected[2], rtol=1e-10)
+    with pytest.raises(ValueError, match="old rows and columns first"):
+        warm_start_rows(z[:8], None, before, mu=before.mu, reg=0.01)
+
+
+def test_tol_stops_once_predictions_settle() -> None:
+    _, z = planted(20, 200, rank=2, sigma=0.05, seed=4)
+    seen: list[int] = []
+    fit_als(z, rank=2, reg=0.01, iterations=500, tol=1e-4, on_iteration=lambda i, _: seen.append(i))
+    assert 2 <= len(seen) < 500
+    exact = fit_als(z, rank=2, reg=0.01, iterations=len(seen))
+    again = fit_als(z, rank=2, reg=0.01, iterations=500, tol=1e-4)
+    np.testing.assert_array_equal(again.P, exact.P)

@@ -48,6 +48,8 @@ import numpy as np
 
 # Column blocks of 4096 keep one float64 block of a 1,000-task matrix at 33 MB.
 DEFAULT_BLOCK_SIZE = 4096
+# Entries whose predictions the `tol` stop rule watches: enough for a stable RMS, cheap per iteration.
+STOP_SAMPLE = 100_000
 
 
 @dataclass(frozen=True)
@@ -222,18 +224,36 @@ def column_block_step(
         solution[touched] = _solve_many(grams, rhs[touched])
     Q, col_bias = solution[:, :rank], solution[:, rank]
 
-    # This block's share of the task half-step: features [Q[j], 1], target Z - mu - col_bias.
+    share = row_solve_share(zb, observed, Q, col_bias, mu, partial_observed)
+    return ColumnBlockResult(Q=Q, col_bias=col_bias, share=share)
+
+
+def row_solve_share(
+    z_block: np.ndarray,
+    observed: np.ndarray | None,
+    Q: np.ndarray,
+    col_bias: np.ndarray,
+    mu: float,
+    partial_observed: np.ndarray,
+) -> RowSolveShare:
+    """One column block's share of the task half-step, given that block's example factors.
+
+    z_block (tasks, block); observed (tasks, block) bool or None; Q (block, rank); col_bias (block,);
+    partial_observed (partial rows, block). Features [Q[j], 1], target Z - mu - col_bias.
+    """
+    zb = np.asarray(z_block, dtype=np.float64)  # (tasks, block)
+    m, nb = zb.shape
+    d = Q.shape[1] + 1
     example_features = np.hstack([Q, np.ones((nb, 1))])  # (block, d)
     target = zb - (mu + col_bias)[None, :]  # (tasks, block)
     if observed is not None:
         np.copyto(target, 0.0, where=~observed)
-    share = RowSolveShare(
+    return RowSolveShare(
         gram=example_features.T @ example_features,
         rhs=target @ example_features,
         partial_gram=(partial_observed.astype(np.float64) @ outer_rows(example_features)).reshape(-1, d, d),
         count=np.full(m, float(nb)) if observed is None else observed.sum(axis=1).astype(np.float64),
     )
-    return ColumnBlockResult(Q=Q, col_bias=col_bias, share=share)
 
 
 def solve_rows(share: RowSolveShare, reg: float, partial_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -264,6 +284,71 @@ def check_inputs(shape: tuple[int, ...], mask_shape: tuple[int, ...] | None, ran
         raise ValueError(f"reg must be >= 0, got {reg}")
 
 
+def warm_start_rows(
+    z: np.ndarray,
+    mask: np.ndarray | None,
+    previous: AlsFactors,
+    mu: float,
+    reg: float,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Task factors (P (tasks, rank), row_bias (tasks,)) to restart ALS from after Z grew.
+
+    Z (tasks, examples) holds `previous`'s rows and columns first, then the new ones. Old rows keep
+    their factors; each new row is one ridge solve against the previous example factors on the old
+    columns (the least-squares fit a finished ALS would give it). New columns need no start: the
+    first half-step solves every example from these task factors. Biases shift by the change of the
+    observed mean, so old entries are predicted as before.
+    """
+    m, n = z.shape
+    m0, rank = previous.P.shape
+    n0 = previous.Q.shape[0]
+    if m < m0 or n < n0:
+        raise ValueError(
+            f"Z has shape {(m, n)} but the previous factors are for {(m0, n0)}: a warm start needs the "
+            "old rows and columns first, then the new ones"
+        )
+    P = np.empty((m, rank))
+    row_bias = np.empty(m)
+    P[:m0], row_bias[:m0] = previous.P, previous.row_bias
+    if m > m0:
+        new_mask = None if mask is None else np.asarray(mask[m0:, :n0], dtype=bool)  # (new tasks, old)
+        counts = np.full(m - m0, n0) if new_mask is None else new_mask.sum(axis=1)
+        partial = np.flatnonzero(counts < n0)
+        share = RowSolveShare.zeros(m - m0, len(partial), rank)
+        for start, stop in column_blocks(n0, block_size):
+            observed = None if new_mask is None else new_mask[:, start:stop]
+            share = share + row_solve_share(
+                z[m0:, start:stop],
+                observed,
+                previous.Q[start:stop],
+                previous.col_bias[start:stop],
+                previous.mu,
+                np.zeros((0, stop - start), dtype=bool) if observed is None else observed[partial],
+            )
+        P[m0:], row_bias[m0:] = solve_rows(share, reg, partial)
+    return P, row_bias + (previous.mu - mu)
+
+
+def sample_entries(shape: tuple[int, int], count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of a seeded sample of `count` entries (all of them when Z is that small)."""
+    m, n = shape
+    if m * n <= count:
+        rows, cols = np.divmod(np.arange(m * n), n)
+        return rows, cols
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, m, count), rng.integers(0, n, count)
+
+
+def prediction_change(before: np.ndarray, after: np.ndarray) -> float:
+    """Relative RMS change of the predictions at the sampled entries (the stop rule).
+
+    Predictions, not factors: the factors of a penalised factorisation keep drifting along
+    directions (scale between P and Q) that change no prediction long after the fit has converged.
+    """
+    return float(np.linalg.norm(after - before) / max(np.linalg.norm(before), 1e-12))
+
+
 def fit_als(
     z: np.ndarray,
     mask: np.ndarray | None = None,
@@ -273,6 +358,8 @@ def fit_als(
     seed: int = 0,
     block_size: int = DEFAULT_BLOCK_SIZE,
     on_iteration: Callable[[int, AlsFactors], None] | None = None,
+    init: AlsFactors | None = None,
+    tol: float | None = None,
 ) -> AlsFactors:
     """Fit the biased factorisation of Z (tasks, examples) by ALS, one column block at a time.
 
@@ -280,8 +367,16 @@ def fit_als(
     unobserved entries of Z are never read, so they may hold NaN. Z may be a memory map. Each
     iteration solves the example factors from the task factors, then the task factors from them;
     `on_iteration(i, factors)` sees the factors after iteration i (tests check the objective).
+
+    `init`: the factors of an earlier fit of Z's leading rows and columns; the fit restarts from them
+    (`warm_start_rows`) instead of a random start, which is what makes growing a run cheap.
+    `tol`: stop once an iteration changes the predictions by less than this, relatively, on a seeded
+    sample of 100,000 entries (`prediction_change`); `iterations` is then the most it runs. None runs
+    exactly `iterations`.
     """
     check_inputs(z.shape, None if mask is None else mask.shape, rank, reg)
+    if init is not None and init.rank != rank:
+        raise ValueError(f"init has rank {init.rank} but rank={rank}: they must match")
     m, n = z.shape
     blocks = column_blocks(n, block_size)
     mu, partial_rows = reduce_moments(
@@ -291,8 +386,13 @@ def fit_als(
         ),
         n,
     )
-    P, row_bias = init_row_factors(m, rank, seed)
+    if init is None:
+        P, row_bias = init_row_factors(m, rank, seed)
+    else:
+        P, row_bias = warm_start_rows(z, mask, init, mu, reg, block_size)
     Q, col_bias = np.empty((n, rank)), np.empty(n)
+    rows, cols = sample_entries((m, n), STOP_SAMPLE, seed)
+    sampled: np.ndarray | None = None  # predictions at (rows, cols) after the last iteration
     for iteration in range(iterations):
         share = RowSolveShare.zeros(m, len(partial_rows), rank)
         for start, stop in blocks:
@@ -310,6 +410,11 @@ def fit_als(
         P, row_bias = solve_rows(share, reg, partial_rows)
         if on_iteration is not None:
             on_iteration(iteration, AlsFactors(mu, row_bias, col_bias.copy(), P, Q.copy()))
+        if tol is not None:
+            now = mu + row_bias[rows] + col_bias[cols] + np.einsum("kr,kr->k", P[rows], Q[cols])
+            if sampled is not None and prediction_change(sampled, now) < tol:
+                break
+            sampled = now
     return AlsFactors(mu=mu, row_bias=row_bias, col_bias=col_bias, P=P, Q=Q)
 
 
