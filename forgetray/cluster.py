@@ -69,6 +69,15 @@ def use_loopback_node_ip() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+_OWN_LOCAL_CLUSTER = False
+"""Whether `connect` started this process's own local Ray cluster (fixed size: no autoscaler)."""
+
+
+def own_local_cluster() -> bool:
+    """True when this process started its own local cluster, whose resources never grow."""
+    return _OWN_LOCAL_CLUSTER
+
+
 def connect() -> None:
     """Join the cluster RAY_ADDRESS names (a submitted job's) or start a local one; torch first."""
     # torch is loaded before Ray connects: in a job driver that connected first (Ray 2.60, CPU torch
@@ -85,6 +94,8 @@ def connect() -> None:
         if kwargs.get("address") == "local":
             # a cluster of this process's own: nothing of it may outlive a killed driver
             ray_reaper.start_watchdog()
+            global _OWN_LOCAL_CLUSTER
+            _OWN_LOCAL_CLUSTER = True
 
 
 def alive_nodes() -> list[dict]:

@@ -259,3 +259,16 @@ def test_fixed_two_cpu_cluster_runs_four_tasks_two_at_a_time(ray_session, tmp_pa
         log = f.read()
     assert "finetune: 4 task(s), 4 at a time" in log
     assert "on 1-10 actor(s)" in log  # 5 models x 2 shards, one actor per item at most
+
+
+def test_a_cluster_that_cannot_grow_gets_no_more_tasks_than_fit():
+    from forgetray.config import FinetuneConfig
+    from forgetray.finetune.sweep import concurrent_tasks
+
+    two_cpu_tasks = FinetuneConfig(num_workers=2, cpus_per_worker=1.0)
+    assert concurrent_tasks(two_cpu_tasks, 12) == 12  # may grow: every task in flight
+    assert concurrent_tasks(two_cpu_tasks, 12, fixed_cpus=2.0) == 1
+    assert concurrent_tasks(FinetuneConfig(num_workers=1, cpus_per_worker=1.0), 12, fixed_cpus=2.0) == 2
+    assert concurrent_tasks(two_cpu_tasks, 12, fixed_cpus=1.0) == 1  # never 0
+    capped = FinetuneConfig(num_workers=1, cpus_per_worker=1.0, max_concurrent_tasks=1)
+    assert concurrent_tasks(capped, 12, fixed_cpus=8.0) == 1

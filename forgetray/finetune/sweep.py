@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from forgetray import storage, tracking
+from forgetray import cluster, storage, tracking
 from forgetray.config import FinetuneConfig, TrackingConfig
 from forgetray.console import TaskProgress
 from forgetray.models import ModelRef
@@ -43,17 +43,30 @@ def finetuned_model(base: ModelRef, pointer: dict[str, Any]) -> ModelRef:
     return dataclasses.replace(base, path=pointer["model_path"], revision=None, adapter_path=None)
 
 
-def concurrent_tasks(config: FinetuneConfig, n_tasks: int) -> int:
+def concurrent_tasks(config: FinetuneConfig, n_tasks: int, fixed_cpus: float | None = None) -> int:
     """Tasks in flight at once: all of them, or `finetune.max_concurrent_tasks`.
 
     Not sized from the cluster's resources: on an autoscaling cluster whose GPU workers start at
     zero that would be 1 for ever. Every task in flight is a trial whose TorchTrainer asks for its
     workers' placement group; the groups the cluster cannot place yet wait (the demand an autoscaler
-    adds nodes for) and, on a fixed cluster, start as earlier tasks release their workers.
+    adds nodes for). `fixed_cpus`: the CPUs of a cluster that cannot grow (the local one a command
+    starts for itself); there waiting trials would only retry their worker groups every minute, so
+    no more are in flight than fit.
     """
-    if config.max_concurrent_tasks is not None:
-        return min(config.max_concurrent_tasks, n_tasks)
-    return n_tasks
+    limit = n_tasks if config.max_concurrent_tasks is None else min(config.max_concurrent_tasks, n_tasks)
+    if fixed_cpus is not None and config.cpus_per_worker > 0:
+        fit = int(fixed_cpus // (config.num_workers * config.cpus_per_worker))
+        limit = min(limit, max(1, fit))
+    return limit
+
+
+def fixed_cluster_cpus() -> float | None:
+    """The CPUs of this process's own local Ray cluster, None on any cluster that may grow."""
+    if not cluster.own_local_cluster():
+        return None
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0))
 
 
 def check_task_encodings(base: ModelRef, task_paths: dict[str, str], config: FinetuneConfig) -> None:
@@ -215,7 +228,7 @@ def finetune_tasks(
             log(f"finetune {task}: final checkpoint exists, skipped")
     if todo:
         check_task_encodings(base, {t: task_paths[t] for t in todo}, config)
-        concurrent = concurrent_tasks(config, len(todo))
+        concurrent = concurrent_tasks(config, len(todo), fixed_cluster_cpus())
         log(f"finetune: {len(todo)} task(s), {concurrent} at a time, {config.method} fine-tuning")
         storage_path = os.path.abspath(os.path.join(run_dir, "train"))
         spec = tracking.tracking_spec(tracking_config or TrackingConfig(), run_dir)

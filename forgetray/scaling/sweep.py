@@ -104,7 +104,12 @@ def train_trials(
 ) -> None:
     """One Tune trial per LoRA rank without a pointer file, through `finetune.sweep.train_task`."""
 
-    from forgetray.finetune.sweep import check_task_encodings, concurrent_tasks, run_trials
+    from forgetray.finetune.sweep import (
+        check_task_encodings,
+        concurrent_tasks,
+        fixed_cluster_cpus,
+        run_trials,
+    )
     from forgetray.models import context_length, load_model_config
 
     scaling = config.scaling
@@ -154,7 +159,7 @@ def train_trials(
 
     ensure_ray()
     check_task_encodings(base, {scaling.task: task_path}, config.finetune)
-    concurrent = concurrent_tasks(config.finetune, len(trials))
+    concurrent = concurrent_tasks(config.finetune, len(trials), fixed_cluster_cpus())
     log(f"scaling: {len(trials)} trial(s), {concurrent} at a time, {config.finetune.max_steps} steps each")
     run_trials(trials, "scaling", os.path.join(out, "tune"), concurrent, "trial(s)")
 
