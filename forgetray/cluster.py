@@ -69,13 +69,17 @@ def use_loopback_node_ip() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
-_OWN_LOCAL_CLUSTER = False
-"""Whether `connect` started this process's own local Ray cluster (fixed size: no autoscaler)."""
+_OWN_LOCAL_CLUSTER: str | None = None
+"""The GCS address of the local Ray cluster `connect` started for this process (fixed size)."""
 
 
 def own_local_cluster() -> bool:
-    """True when this process started its own local cluster, whose resources never grow."""
-    return _OWN_LOCAL_CLUSTER
+    """True while this process is connected to the local cluster it started, which never grows."""
+    import ray
+
+    if _OWN_LOCAL_CLUSTER is None or not ray.is_initialized():
+        return False
+    return bool(ray.get_runtime_context().gcs_address == _OWN_LOCAL_CLUSTER)
 
 
 def connect() -> None:
@@ -95,7 +99,7 @@ def connect() -> None:
             # a cluster of this process's own: nothing of it may outlive a killed driver
             ray_reaper.start_watchdog()
             global _OWN_LOCAL_CLUSTER
-            _OWN_LOCAL_CLUSTER = True
+            _OWN_LOCAL_CLUSTER = ray.get_runtime_context().gcs_address
 
 
 def alive_nodes() -> list[dict]:
