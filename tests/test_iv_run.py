@@ -55,7 +55,7 @@ def test_iv_extraction_and_guided_comparison(run_dir):
     assert list(summary["tasks"]) == TASKS
     for task in TASKS:
         info = read(run_dir, "iv", task, "iv.json")
-        assert len(info["heads"]) == 3 and info["layer"] == 0  # 2 layers: layer 2 // 3
+        assert len(info["heads"]) == 3 and info["layer"] == 1  # 2 layers: round(9 * 2 / 32)
         assert info["head_effects"] == sorted(info["head_effects"], reverse=True)
         vector = np.load(os.path.join(run_dir, "iv", task, "vector.npy"), allow_pickle=False)
         effects = np.load(os.path.join(run_dir, "iv", task, "effects.npy"), allow_pickle=False)

@@ -18,18 +18,20 @@ def test_distributed_predictions_give_the_same_plan(ray_session, tmp_path):
     np.save(path, z)
     index = {"tasks": [f"task{i}" for i in range(8)], "examples": [f"x/{j}" for j in range(400)]}
     config = SweepConfig(
-        replay=ReplayConfig(n_tasks=2, n_never_replayed=100, samplers=("random", "predicted"))
+        replay=ReplayConfig(
+            n_tasks=2, n_never_replayed=100, samplers=("random", "predicted"), predictors=("als_mf",)
+        )
     )
     steps = dict.fromkeys(index["tasks"], 20)
-    local = plan_replay(z.astype(np.float64), index, config, steps, path)
+    local = plan_replay(z.astype(np.float64), index, config, steps, matrix_path=path)
     distributed_config = dataclasses.replace(config, complete=CompleteConfig(distributed=True))
-    distributed = plan_replay(z.astype(np.float64), index, distributed_config, steps, path)
+    distributed = plan_replay(z.astype(np.float64), index, distributed_config, steps, matrix_path=path)
     assert local["tasks"].keys() == distributed["tasks"].keys() and len(local["tasks"]) == 2
     for name, task in local["tasks"].items():
         other = distributed["tasks"][name]
         for key in ("rmse", "pearson", "spearman"):
-            assert other["prediction_on_pool"][key] == pytest.approx(
-                task["prediction_on_pool"][key], rel=1e-8
+            assert other["prediction_on_pool"]["als_mf"][key] == pytest.approx(
+                task["prediction_on_pool"]["als_mf"][key], rel=1e-8
             )
         assert other["orders"] == task["orders"]
-        assert task["prediction_on_pool"]["pearson"] > 0.5  # a real prediction of a rank-2 matrix
+        assert task["prediction_on_pool"]["als_mf"]["pearson"] > 0.5  # a real prediction of a rank-2 matrix
