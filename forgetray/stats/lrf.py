@@ -35,6 +35,7 @@ evaluation seed, which surprise's `SVD(random_state=seed)` draws identically.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -212,7 +213,7 @@ class SVDSGD:
     seed: int = 0
 
     def for_seed(self, seed: int) -> SVDSGD:
-        return SVDSGD(self.n_factors, self.epochs, self.lr, self.reg, self.init_std, seed)
+        return dataclasses.replace(self, seed=seed)
 
     def fit_predict(
         self, z_train: np.ndarray, revealed_idx: np.ndarray, revealed_values: np.ndarray
@@ -271,9 +272,7 @@ class LogisticMFAscent:
     seed: int = 0
 
     def for_seed(self, seed: int) -> LogisticMFAscent:
-        return LogisticMFAscent(
-            self.rank, self.eta, self.nu, self.iterations, self.init_std, self.threshold, seed
-        )
+        return dataclasses.replace(self, seed=seed)
 
     def fit_predict(
         self, z_train: np.ndarray, revealed_idx: np.ndarray, revealed_values: np.ndarray
