@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 from forgetray.config import ConfigError, SweepConfig, load_config
 from forgetray.console import Verbosity, console
+from forgetray.pipeline import setup_logging
+from forgetray.rundir import RunDir
 
 EXAMPLES = {
     "run": "forgetray run --out runs/demo tracking.backend=mlflow\n"
@@ -211,8 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if verbosity == "quiet" and hasattr(args, "no_progress"):
         args.no_progress = True
     try:
-        with _console_for(args, verbosity):
-            return _dispatch(args, verbosity)
+        location = _run_location(args)
+        if location is None:
+            return _dispatch(args, verbosity, None)
+        run = RunDir(location)
+        with run.synced(), _console_for(args, verbosity, run):
+            return _dispatch(args, verbosity, run)
     except Exception as e:
         from forgetray.errors import user_message  # imports Ray: only once something failed
 
@@ -223,25 +229,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _console_for(args: argparse.Namespace, verbosity: Verbosity) -> contextlib.AbstractContextManager:
-    """The console filter for commands that work in one local run directory (`run` sets up its own,
-    in the directory it resolves)."""
-    from forgetray.pipeline import setup_logging
-    from forgetray.remote import is_uri
+SINGLE_RUN_COMMANDS = (
+    "score", "matrix", "analyse", "complete", "report", "replay", "finetune", "iv", "flatness",
+    "forecast", "exact-match",
+)  # fmt: skip
+"""Commands that work on one existing run directory (a local path or a URI, `forgetray.rundir`)."""
 
+
+def _run_location(args: argparse.Namespace) -> str | None:
+    """The run directory a single-run command works on (`finetune` names it with --protect)."""
+    if args.command not in SINGLE_RUN_COMMANDS:
+        return None
+    location: str = args.protect if args.command == "finetune" else args.run_dir
+    return location
+
+
+def _console_for(
+    args: argparse.Namespace, verbosity: Verbosity, run: RunDir
+) -> contextlib.AbstractContextManager:
+    """The console filter for commands that work in one run directory (`run` sets up its own, in
+    the directory it resolves)."""
     setup_logging(None)
-    run_dir = getattr(args, "run_dir", None) or getattr(args, "protect", None)
-    if (
-        args.command in ("report", "matrix", "compare")
-        or run_dir is None
-        or is_uri(run_dir)
-        or not os.path.isdir(run_dir)
-    ):
+    if args.command in ("report", "matrix", "compare") or not os.path.isdir(run.root):
         return contextlib.nullcontext()
-    return console(run_dir, verbosity)
+    return console(run.root, verbosity)
 
 
-def _dispatch(args: argparse.Namespace, verbosity: Verbosity) -> int:
+def _dispatch(args: argparse.Namespace, verbosity: Verbosity, run: RunDir | None) -> int:
     if args.command == "run":
         config = resolve_config(args.args, args.out)
         if args.dry_run:
@@ -254,67 +268,56 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity) -> int:
         from forgetray.models import ModelRef
         from forgetray.pipeline import load_run_config, score_checkpoint
 
-        base = load_run_config(args.run_dir).model
+        base = load_run_config(run).model
         ref = ModelRef(args.model, base.dtype, base.trust_remote_code, None, args.adapter)
-        score_checkpoint(args.run_dir, args.name, ref, progress=not args.no_progress)
+        score_checkpoint(run, args.name, ref, progress=not args.no_progress)
     elif args.command == "matrix":
-        from forgetray.pipeline import RunPaths, assemble_matrix, load_run_config, setup_logging
+        from forgetray.pipeline import assemble_matrix, load_run_config
 
-        paths = RunPaths(args.run_dir)
-        config = load_run_config(args.run_dir)
-        if not assemble_matrix(paths, config, setup_logging(paths)):
+        config = load_run_config(run)
+        if not assemble_matrix(run, config, setup_logging(run)):
             print(f"{args.run_dir}: no scored fine-tuned model yet; nothing to assemble", file=sys.stderr)
             return 1
     elif args.command in ("analyse", "complete"):
         from forgetray.data.sources import task_families
-        from forgetray.pipeline import RunPaths, setup_logging
         from forgetray.study import analyse_run, complete_run
 
-        paths = RunPaths(args.run_dir)
-        config = load_config(paths.config, args.overrides)
-        log = setup_logging(paths)
+        config = load_config(run.config, args.overrides)
+        log = setup_logging(run)
         if args.command == "analyse":
-            analyse_run(args.run_dir, config.analyse, log)
+            analyse_run(run, config.analyse, log)
         else:
-            complete_run(args.run_dir, config.complete, log, task_families(config.tasks))
+            complete_run(run, config.complete, log, task_families(config.tasks))
     elif args.command in ("replay", "finetune"):
-        from forgetray.pipeline import RunPaths, setup_logging
-
-        run_dir = args.run_dir if args.command == "replay" else args.protect
-        paths = RunPaths(run_dir)
-        config = load_config(paths.config, args.overrides)
-        log = setup_logging(paths)
+        config = load_config(run.config, args.overrides)
+        log = setup_logging(run)
         if args.command == "replay":
             from forgetray.replay.experiment import probes_run, replay_run
 
-            probes_run(run_dir, config, log)
-            replay_run(run_dir, config, log, progress=not args.no_progress)
+            probes_run(run, config, log)
+            replay_run(run, config, log, progress=not args.no_progress)
             from forgetray.report.html import build_report
 
-            log(f"report: {build_report(run_dir)}")
+            log(f"report: {build_report(run)}")
         else:
-            import os
-
             from forgetray.replay.online import protect_finetune
 
-            protect_finetune(run_dir, args.task, args.out or os.path.join(run_dir, "protect"), config, log)
+            protect_finetune(run, args.task, args.out or run.study("protect"), config, log)
     elif args.command == "iv":
         from forgetray.iv.experiment import compare_run, extract_run
-        from forgetray.pipeline import RunPaths, setup_logging
         from forgetray.report.html import build_report
 
-        paths = RunPaths(args.run_dir)
-        config = load_config(paths.config, args.overrides)
-        log = setup_logging(paths)
+        config = load_config(run.config, args.overrides)
+        log = setup_logging(run)
         if args.train:
-            compare_run(args.run_dir, config, log, progress=not args.no_progress)
+            compare_run(run, config, log, progress=not args.no_progress)
         else:
-            extract_run(args.run_dir, config, log)
-        log(f"report: {build_report(args.run_dir)}")
+            extract_run(run, config, log)
+        log(f"report: {build_report(run)}")
     elif args.command == "report":
         from forgetray.report.html import build_report
 
-        print(build_report(args.run_dir))
+        print(build_report(run))
     elif args.command == "scaling":
         config = resolve_config(args.args, args.out)
         if args.dry_run:
@@ -327,21 +330,17 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity) -> int:
         print(build_report(config.run_dir))
     elif args.command == "flatness":
         from forgetray.flatness_study import flatness_run
-        from forgetray.pipeline import RunPaths, setup_logging
 
-        paths = RunPaths(args.run_dir)
-        config = load_config(paths.config, args.overrides)
-        flatness_run(args.run_dir, config.flatness, setup_logging(paths))
+        config = load_config(run.config, args.overrides)
+        flatness_run(run, config.flatness, setup_logging(run))
     elif args.command == "forecast":
         from forgetray.forecast_study import forecast_run
-        from forgetray.pipeline import RunPaths, setup_logging
         from forgetray.report.html import build_report
 
-        paths = RunPaths(args.run_dir)
-        config = load_config(paths.config, args.overrides)
-        log = setup_logging(paths)
-        forecast_run(args.run_dir, config, log)
-        log(f"report: {build_report(args.run_dir)}")
+        config = load_config(run.config, args.overrides)
+        log = setup_logging(run)
+        forecast_run(run, config, log)
+        log(f"report: {build_report(run)}")
     elif args.command == "compare":
         from forgetray import storage
         from forgetray.flatness_study import compare_runs, comparison_markdown
@@ -365,14 +364,12 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity) -> int:
         run_size_sweep(size_sweep, progress=not args.no_progress)
     elif args.command == "exact-match":
         from forgetray.exact_match_study import exact_match_run
-        from forgetray.pipeline import RunPaths, setup_logging
         from forgetray.report.html import build_report
 
-        paths = RunPaths(args.run_dir)
-        config = load_config(paths.config, args.overrides)
-        log = setup_logging(paths)
-        exact_match_run(args.run_dir, config, log, progress=not args.no_progress)
-        log(f"report: {build_report(args.run_dir)}")
+        config = load_config(run.config, args.overrides)
+        log = setup_logging(run)
+        exact_match_run(run, config, log, progress=not args.no_progress)
+        log(f"report: {build_report(run)}")
     return 0
 
 

@@ -15,7 +15,6 @@ otherwise, naming the nodes that cannot.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import os
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from forgetray import ray_reaper
 from forgetray.config import ConfigError
 from forgetray.console import Verbosity, console
+from forgetray.rundir import RunDir
 
 if TYPE_CHECKING:
     from forgetray.config import SweepConfig
@@ -146,7 +146,7 @@ def check_run_dir_visible(run_dir: str, what: str = "run directory") -> None:
             f"{os.path.abspath(run_dir)}: this {what} is a local path that {len(missing)} of the "
             f"{len(nodes)} nodes of the Ray cluster cannot see ({', '.join(missing)}); a multi-node run "
             "needs a shared mount every node sees (NFS, EFS, ...) or a URI run directory "
-            "(s3://, gs://) with FORGETRAY_STAGING on a shared mount"
+            "(s3://, gs://, ...), which is all the nodes then share"
         )
     logging.getLogger("forgetray").info(
         f"cluster: all {len(nodes)} alive nodes see {what} {os.path.abspath(run_dir)}"
@@ -158,25 +158,19 @@ def run_anywhere(
 ) -> dict[str, Any]:
     """`forgetray.pipeline.run` on the cluster `ray.init()` finds, for a local or URI run directory.
 
-    A URI is worked on in its staging copy (`forgetray.remote.staged`); either way a multi-node
-    cluster whose nodes cannot all see the working directory is refused before anything runs.
-    Ray's known-harmless output goes to the run's `logs/ray-noise.log` (`forgetray.console`).
+    A URI run directory is the only thing the nodes share (`forgetray.rundir`); a local one, on a
+    multi-node cluster whose nodes cannot all see it, is refused before anything runs. Ray's
+    known-harmless output goes to the run's `logs/ray-noise.log` (`forgetray.console`).
     """
     from forgetray.pipeline import prepare_run, run, setup_logging
-    from forgetray.remote import is_uri, staged
 
     setup_logging(None)
     progress = progress and verbosity != "quiet"
-    if is_uri(config.run_dir):
-        with staged(config.run_dir) as local:
-            local_config = dataclasses.replace(config, run_dir=local)
-            prepared = prepare_run(local_config)  # bad input is refused before Ray starts
-            with console(local, verbosity):
-                connect()
-                check_run_dir_visible(local, f"staging directory of {config.run_dir}")
-                return run(local_config, progress=progress, prepared=prepared)
-    prepared = prepare_run(config)
-    with console(config.run_dir, verbosity):
-        connect()
-        check_run_dir_visible(config.run_dir)
-        return run(config, progress=progress, prepared=prepared)
+    run_dir = RunDir(config.run_dir)
+    with run_dir.synced():
+        prepared = prepare_run(config)  # bad input is refused before Ray starts
+        with console(run_dir.root, verbosity):
+            connect()
+            if not run_dir.is_remote:
+                check_run_dir_visible(run_dir.root)
+            return run(config, progress=progress, prepared=prepared)

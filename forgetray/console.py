@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from forgetray.rundir import RunDir
+
 Verbosity = Literal["quiet", "normal", "verbose"]
 
 KNOWN_NOISE: tuple[tuple[str, str], ...] = (
@@ -159,7 +161,7 @@ class _DriverNoise(logging.Filter):
 def console(run_dir: str, verbosity: Verbosity = "normal") -> Iterator[NoiseLog]:
     """Filter Ray's forwarded output for the duration of a command (see the module docstring);
     `--quiet` also raises forgetray's console handlers (set up before) to warnings."""
-    noise = NoiseLog(os.path.join(run_dir, "logs", "ray-noise.log"))
+    noise = NoiseLog(RunDir(run_dir).noise_log)
     forgetray_logger = logging.getLogger("forgetray")
     stream_handlers = [
         h

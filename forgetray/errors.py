@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from forgetray.config import ConfigError
 from forgetray.matrix import MatrixError
+from forgetray.rundir import NoMatrixError, RunDirError
 from forgetray.score.driver import ScoreError
 from forgetray.storage import DamagedFileError
 
@@ -18,6 +19,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
     ScoreError,
     MatrixError,
+    NoMatrixError,
+    RunDirError,
     DamagedFileError,
     FileNotFoundError,
     NotADirectoryError,

@@ -7,12 +7,16 @@ live model object.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
+from forgetray import rundir
 from forgetray.config import ConfigError, ModelConfig
+from forgetray.rundir import RunDir
 
 BUILTIN_EVAL_EXAMPLES = 256
 """Upstream examples on which the built-in model's pretraining loss is reported."""
@@ -28,6 +32,43 @@ class ModelRef:
     revision: str | None = None
     adapter_path: str | None = None
     attn_implementation: str | None = None
+
+
+def localized(ref: ModelRef) -> ModelRef:
+    """`ref` with every URI (a checkpoint at a URI run directory) replaced by a copy in this node's
+    cache, fetched once (`forgetray.rundir.local_copy`): what a worker loads."""
+    path = rundir.local_copy(ref.path) if rundir.is_uri(ref.path) else ref.path
+    adapter = ref.adapter_path
+    if adapter is not None and rundir.is_uri(adapter):
+        adapter = rundir.local_copy(adapter)
+    return dataclasses.replace(ref, path=path, adapter_path=adapter)
+
+
+def worker_model(ref: ModelRef, run: RunDir | None) -> ModelRef:
+    """`ref` as a worker on any node finds it. On a URI run directory a local model directory (the
+    built-in model's cache, a converted GGUF file, a checkpoint in the driver's cache) is uploaded
+    once to `<run>/models/<key>/` and handed over as its URI; hub ids and URIs pass unchanged."""
+    if run is None or not run.is_remote:
+        return ref
+
+    def place(where: str | None) -> str | None:
+        if where is None or rundir.is_uri(where) or not os.path.isdir(where):
+            return where
+        if rundir.is_inside(run.root, where):
+            return run.locate_path(where)
+        key = hashlib.sha256(os.path.realpath(where).encode()).hexdigest()[:12]
+        location = run.locate("models", key)
+        marker = rundir.join(location, UPLOADED_MARKER)
+        if not rundir.exists(marker):
+            rundir.upload(where, location)
+            rundir.write_bytes(marker, os.path.realpath(where).encode() + b"\n")
+        return location
+
+    return dataclasses.replace(ref, path=place(ref.path) or ref.path, adapter_path=place(ref.adapter_path))
+
+
+UPLOADED_MARKER = "_UPLOADED"
+"""Written last in `<run>/models/<key>/`: the model's files are all at the URI."""
 
 
 def _builtin_texts() -> tuple[list[str], list[str]]:

@@ -1,19 +1,6 @@
 """The stages of a forgetray run over one run directory; each skips when its outputs exist.
 
-<run>/config.yaml                 the resolved config (a re-run must match it)
-<run>/logs/forgetray.log          everything the run logged
-<run>/logs/ray-noise.log          known-harmless Ray/DeepSpeed output kept off the console
-<run>/data/upstream.parquet       example_id, kind, prompt, response   (matrix columns)
-<run>/data/tasks/<task>.parquet   prompt, response                     (matrix rows)
-<run>/models/base.json            the base model reference (+ built-in pretraining report)
-<run>/checkpoints/<task>.json     where each task's fine-tuned model is (see forgetray.finetune.sweep)
-<run>/curves/<task>.json          each task's learning curve (see forgetray.tracking)
-<run>/train/<task>/, <run>/tune/  Ray Train and Ray Tune storage (checkpoints, run state)
-<run>/scores/<model>/...          per-example NLL parts (see forgetray.score.driver)
-<run>/matrix/...                  the forgetting matrix (see forgetray.matrix)
-<run>/analysis/, <run>/completion/ fits, heatmaps, completion results (see forgetray.study)
-<run>/report.html                 every table and plot of the run, one self-contained file
-<run>/timings.json                wall time per stage, one entry per `run` call
+The run directory's layout, and the filesystem behind it, are `forgetray.rundir.RunDir`'s.
 """
 
 from __future__ import annotations
@@ -40,45 +27,12 @@ from forgetray.config import (
     default_cache_dir,
 )
 from forgetray.models import ModelRef, builtin_pretrain_report, check_model_loads, resolve_base_model
+from forgetray.rundir import BASE, RunDir, open_run
 
-BASE = "base"
-"""Name of the base model's scores directory."""
 logger = logging.getLogger("forgetray")
 
 
-@dataclasses.dataclass(frozen=True)
-class RunPaths:
-    root: str
-
-    @property
-    def config(self) -> str:
-        return os.path.join(self.root, "config.yaml")
-
-    @property
-    def upstream(self) -> str:
-        return os.path.join(self.root, "data", "upstream.parquet")
-
-    def task(self, name: str) -> str:
-        return os.path.join(self.root, "data", "tasks", f"{name}.parquet")
-
-    @property
-    def base_model(self) -> str:
-        return os.path.join(self.root, "models", "base.json")
-
-    @property
-    def scores(self) -> str:
-        return os.path.join(self.root, "scores")
-
-    @property
-    def matrix(self) -> str:
-        return os.path.join(self.root, "matrix")
-
-    @property
-    def log(self) -> str:
-        return os.path.join(self.root, "logs", "forgetray.log")
-
-
-def setup_logging(paths: RunPaths | None) -> Callable[[str], None]:
+def setup_logging(paths: RunDir | None) -> Callable[[str], None]:
     """Log to stderr and, with a run directory, to its log file; returns the `log(str)` stages use."""
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -130,9 +84,9 @@ RESULT_DIRS = ("checkpoints", "train", "scores", "matrix")
 """Sub-directories that hold a run's results; a run directory without any holds none."""
 
 
-def run_results(paths: RunPaths) -> list[str]:
+def run_results(paths: RunDir) -> list[str]:
     """The result sub-directories of a run that are not empty (what a config change would orphan)."""
-    return [d for d in RESULT_DIRS if os.path.isdir(p := os.path.join(paths.root, d)) and os.listdir(p)]
+    return [d for d in RESULT_DIRS if os.path.isdir(p := paths.path(d)) and os.listdir(p)]
 
 
 def read_run_config(path: str) -> SweepConfig:
@@ -149,7 +103,7 @@ def read_run_config(path: str) -> SweepConfig:
     return config_from_dict(raw, path)
 
 
-def check_run_config(paths: RunPaths, config: SweepConfig) -> bool:
+def check_run_config(paths: RunDir, config: SweepConfig) -> bool:
     """Whether the run directory's data and config can be reused as they are (True) or are to be
     written fresh (False: no config yet, or one that may be replaced because the run holds no
     results). Raises when the config changes settings that decide results the directory holds."""
@@ -168,14 +122,14 @@ def check_run_config(paths: RunPaths, config: SweepConfig) -> bool:
     )
 
 
-def write_run_config(paths: RunPaths, config: SweepConfig) -> None:
+def write_run_config(paths: RunDir, config: SweepConfig) -> None:
     """Save the resolved config, after checking it against the one already there."""
     check_run_config(paths, config)
     storage.write_text(paths.config, config.to_yaml())
 
 
 def prepare_data(
-    paths: RunPaths,
+    paths: RunDir,
     config: SweepConfig,
     log: Callable[[str], None],
     base: ModelRef | None = None,
@@ -216,7 +170,7 @@ def prepare_data(
                 upstream, model, tokenizer, config.upstream.answer_max_new_tokens, log
             )
     tables = {}
-    if any(not present(paths.task(name)) for name in _task_names(config)):
+    if any(not present(paths.task(name)) for name in task_names(config)):
         tokenizer = load_tokenizer(require_base()) if tasks_need_tokenizer(config.tasks) else None
         for name, table in load_tasks(config.tasks, tokenizer).items():
             if not present(paths.task(name)):
@@ -234,15 +188,16 @@ def prepare_data(
     for name, table in tables.items():
         storage.write_parquet(paths.task(name), table)
     if tables:
-        log(f"data: {len(_task_names(config))} tasks in {os.path.dirname(paths.task('x'))}")
+        log(f"data: {len(task_names(config))} tasks in {os.path.dirname(paths.task('x'))}")
 
 
-def _task_names(config: SweepConfig) -> list[str]:
+def task_names(config: SweepConfig) -> list[str]:
+    """The run's tasks, in config order (the matrix's row order)."""
     return list(config.tasks.names)
 
 
 def prepare_base_model(
-    paths: RunPaths, config: SweepConfig, log: Callable[[str], None], write: bool = True
+    paths: RunDir, config: SweepConfig, log: Callable[[str], None], write: bool = True
 ) -> ModelRef:
     """The base model, checked to load (config, tokenizer, weight files) here in the driver, so a
     broken model directory fails once, named, before any worker tries it."""
@@ -253,7 +208,7 @@ def prepare_base_model(
     return ref
 
 
-def save_base_model(paths: RunPaths, config: SweepConfig, ref: ModelRef, log: Callable[[str], None]) -> None:
+def save_base_model(paths: RunDir, config: SweepConfig, ref: ModelRef, log: Callable[[str], None]) -> None:
     report = builtin_pretrain_report(ref) if config.model.is_builtin else None
     if report is not None:
         log(
@@ -264,7 +219,7 @@ def save_base_model(paths: RunPaths, config: SweepConfig, ref: ModelRef, log: Ca
     storage.write_json(paths.base_model, {"model": dataclasses.asdict(ref), "pretrain_report": report})
 
 
-def matrix_inputs(paths: RunPaths, config: SweepConfig, models: Sequence[str]) -> dict[str, Any]:
+def matrix_inputs(paths: RunDir, config: SweepConfig, models: Sequence[str]) -> dict[str, Any]:
     """The digests of everything the matrix is assembled from (the `inputs` of matrix/index.json):
     the upstream table, the score settings, and per model (base and every row) its `_SUCCESS.json`
     digest with the inputs it records. Every model must have been scored under the run's score
@@ -273,7 +228,7 @@ def matrix_inputs(paths: RunPaths, config: SweepConfig, models: Sequence[str]) -
 
     records = {}
     for name in models:
-        out_dir = os.path.join(paths.scores, name)
+        out_dir = paths.model_scores(name)
         success = os.path.join(out_dir, SUCCESS_FILE)
         if not os.path.exists(success):
             raise ConfigError(
@@ -290,7 +245,7 @@ def matrix_inputs(paths: RunPaths, config: SweepConfig, models: Sequence[str]) -
     }
 
 
-def assemble_matrix(paths: RunPaths, config: SweepConfig, log: Callable[[str], None]) -> bool:
+def assemble_matrix(paths: RunDir, config: SweepConfig, log: Callable[[str], None]) -> bool:
     """Assemble the matrix from every model scored besides the base, configured tasks first, then any
     checkpoint scored by hand (`forgetray score`) in name order; False when there is none yet.
     The matrix is assembled again whenever any input changed (`matrix_inputs`)."""
@@ -300,9 +255,9 @@ def assemble_matrix(paths: RunPaths, config: SweepConfig, log: Callable[[str], N
     complete = {
         name
         for name in (os.listdir(paths.scores) if os.path.isdir(paths.scores) else [])
-        if name != BASE and os.path.exists(os.path.join(paths.scores, name, SUCCESS_FILE))
+        if name != BASE and os.path.exists(os.path.join(paths.model_scores(name), SUCCESS_FILE))
     }
-    configured = [t for t in _task_names(config) if t in complete]
+    configured = [t for t in task_names(config) if t in complete]
     scored = configured + sorted(complete - set(configured))
     if not scored:
         return False
@@ -316,8 +271,8 @@ def assemble_matrix(paths: RunPaths, config: SweepConfig, log: Callable[[str], N
     assemble_forgetting_matrix(
         paths.matrix,
         upstream_ids,
-        read_scores(os.path.join(paths.scores, BASE)),
-        [(t, lambda t=t: read_scores(os.path.join(paths.scores, t))) for t in scored],
+        read_scores(paths.model_scores(BASE)),
+        [(t, lambda t=t: read_scores(paths.model_scores(t))) for t in scored],
         log=log,
         inputs=inputs,
     )
@@ -332,8 +287,8 @@ def torch_extensions_dir() -> str:
 class StageTimer:
     """Wall time per stage, logged as each ends and kept in `<run>/timings.json` (appended per call)."""
 
-    def __init__(self, paths: RunPaths, log: Callable[[str], None]) -> None:
-        self.path = os.path.join(paths.root, "timings.json")
+    def __init__(self, paths: RunDir, log: Callable[[str], None]) -> None:
+        self.path = paths.timings
         self.log = log
         self.stages: dict[str, float] = {}
         self._entry: int | None = None
@@ -362,7 +317,7 @@ class StageTimer:
 class PreparedRun:
     """A run whose config, base model and data are checked and written: what `run` goes on from."""
 
-    paths: RunPaths
+    paths: RunDir
     base: ModelRef
     timer: StageTimer
     log: Callable[[str], None]
@@ -375,7 +330,7 @@ def prepare_run(config: SweepConfig) -> PreparedRun:
     then) and no Ray cluster is started for it."""
     from forgetray.score.driver import check_finished_scores
 
-    paths = RunPaths(config.run_dir)
+    paths = RunDir(config.run_dir)
     log = setup_logging(None)
     reuse = check_run_config(paths, config)
     check_finished_scores(paths.scores, config.score)
@@ -387,7 +342,7 @@ def prepare_run(config: SweepConfig) -> PreparedRun:
         prepare_data(paths, config, log, base, reuse=reuse)
     log = setup_logging(paths)
     timer.log = log
-    log(f"run directory {os.path.abspath(paths.root)}")
+    log(f"run directory {paths.location}" + (f" (cached in {paths.root})" if paths.is_remote else ""))
     storage.write_text(paths.config, config.to_yaml())
     save_base_model(paths, config, base, log)
     return PreparedRun(paths, base, timer, log)
@@ -405,10 +360,10 @@ def run(config: SweepConfig, progress: bool = True, prepared: PreparedRun | None
     paths, base, timer, log = prepared.paths, prepared.base, prepared.timer, prepared.log
     with timer.stage("ray_init"):
         ensure_ray()
-    tasks = _task_names(config)
+    tasks = task_names(config)
     with timer.stage("finetune"):
         pointers = finetune_tasks(
-            paths.root,
+            paths,
             tasks,
             {t: paths.task(t) for t in tasks},
             base,
@@ -421,45 +376,49 @@ def run(config: SweepConfig, progress: bool = True, prepared: PreparedRun | None
     models = {BASE: base} | {t: finetuned_model(base, pointers[t]) for t in tasks}
     with timer.stage("score"):
         summaries = score_models(
-            models, paths.upstream, paths.scores, config.score, log, progress, reference=base
+            models, paths.upstream, paths.scores, config.score, log, progress, reference=base, run=paths
         )
     with timer.stage("matrix"):
         assemble_matrix(paths, config, log)
+    paths.push()
     with timer.stage("analyse"):
-        analyse_run(paths.root, config.analyse, log)
+        analyse_run(paths, config.analyse, log)
     if len(tasks) >= 3:
         with timer.stage("complete"):
-            complete_run(paths.root, config.complete, log, task_families(config.tasks))
+            complete_run(paths, config.complete, log, task_families(config.tasks))
     timer.save()
     with timer.stage("report"):
         from forgetray.report.html import build_report
 
         log(f"report: {build_report(paths.root)}")
     timer.save()
+    paths.push()
     try:
         tracking.log_run_artifacts(paths.root, config.tracking, log)
     except Exception as error:  # the run's results are all written; a tracking server may be down
         logger.warning(
             f"tracking: the run summary was not logged to {config.tracking.backend} "
-            f"({type(error).__name__}: {error}); the results are complete in {paths.root}"
+            f"({type(error).__name__}: {error}); the results are complete in {paths.location}"
         )
-    return {"run_dir": paths.root, "scores": summaries, "finetune": pointers, "seconds": timer.stages}
+    return {"run_dir": paths.location, "scores": summaries, "finetune": pointers, "seconds": timer.stages}
 
 
-def load_run_config(run_dir: str) -> SweepConfig:
-    path = RunPaths(run_dir).config
+def load_run_config(run_dir: str | RunDir) -> SweepConfig:
+    path = open_run(run_dir).config
     if not os.path.exists(path):
         raise ConfigError(f"{path}: not a forgetray run directory (no config.yaml)")
     return read_run_config(path)
 
 
-def score_checkpoint(run_dir: str, name: str, ref: ModelRef, progress: bool = True) -> dict[str, Any]:
+def score_checkpoint(
+    run_dir: str | RunDir, name: str, ref: ModelRef, progress: bool = True
+) -> dict[str, Any]:
     """Score an extra model (a fine-tuned checkpoint) on the run's upstream examples."""
     from forgetray.score.driver import score_model
 
     check_name(name, "score --name")
     config = load_run_config(run_dir)
-    paths = RunPaths(run_dir)
+    paths = open_run(run_dir)
     if not os.path.exists(paths.upstream):
         raise ConfigError(f"{paths.upstream}: missing; run `forgetray run` for this directory first")
     from forgetray.score.driver import check_finished_scores
@@ -470,5 +429,5 @@ def score_checkpoint(run_dir: str, name: str, ref: ModelRef, progress: bool = Tr
     ensure_ray()
     reference = None
     if config.score.metric != "nll":  # kl_ce scores against the run's base model
-        reference = ModelRef(**storage.read_json(paths.base_model)["model"])
-    return score_model(name, ref, paths.upstream, paths.scores, config.score, log, progress, reference)
+        reference = ModelRef(**paths.base_model_record()["model"])
+    return score_model(name, ref, paths.upstream, paths.scores, config.score, log, progress, reference, paths)

@@ -86,9 +86,11 @@ def filesystem(uri: str) -> tuple[Any, str]:
 
 
 def join(location: str, *parts: str) -> str:
-    """`location` (a URI or a local path) with `parts` appended, in its own separator."""
+    """`location` (a URI or a local path) with `parts` appended, in its own separator (a URI's
+    query, such as `?endpoint_override=...`, stays at the end)."""
     if is_uri(location):
-        return "/".join([location.rstrip("/"), *parts])
+        base, sep, query = location.partition("?")
+        return "/".join([base.rstrip("/"), *parts]) + sep + query
     return os.path.join(location, *parts)
 
 
@@ -214,12 +216,12 @@ def list_files(location: str) -> dict[str, int]:
         return found
 
 
-def download(location: str, target: str) -> int:
+def download(location: str, target: str) -> list[str]:
     """Copy every file under URI `location` that `target` lacks (or holds at another size) into
-    `target`; returns how many were copied."""
+    `target`; returns the relative paths copied."""
     fs, root = filesystem(location)
     have = list_files(target) if os.path.isdir(target) else {}
-    copied = 0
+    copied = []
     for relative, size in sorted(list_files(location).items()):
         if have.get(relative) == size:
             continue
@@ -234,7 +236,7 @@ def download(location: str, target: str) -> int:
         ):
             while chunk := src.read(CHUNK):
                 dst.write(chunk)
-        copied += 1
+        copied.append(relative)
     return copied
 
 
@@ -283,7 +285,7 @@ class RunDir:
         if not location:
             raise ValueError("run_dir: empty; give a directory or a URI (s3://bucket/run)")
         self.is_remote = is_uri(location)
-        self.location = location.rstrip("/") if self.is_remote else os.path.abspath(location)
+        self.location = join(location) if self.is_remote else os.path.abspath(location)
         if self.is_remote:
             key = hashlib.sha256(self.location.encode()).hexdigest()[:16]
             self.root = os.path.join(cache_dir or default_cache_dir(), "rundirs", key)
@@ -306,6 +308,15 @@ class RunDir:
     def locate(self, *parts: str) -> str:
         """Where a worker on any node finds `parts`: a URI, or the absolute local path."""
         return join(self.location, *parts)
+
+    def locate_path(self, local: str) -> str:
+        """`locate` for a local path under `root` (what a worker is handed for it)."""
+        relative = os.path.relpath(os.path.abspath(local), self.root)
+        if relative == "." or not self.is_remote:
+            return self.location if relative == "." else os.path.abspath(local)
+        if relative.startswith(".."):
+            raise ValueError(f"{local}: not inside the run directory {self.root}")
+        return self.locate(*relative.split(os.sep))
 
     @property
     def config(self) -> str:
@@ -447,8 +458,20 @@ class RunDir:
             where = self.path(*parts)
             os.makedirs(where, exist_ok=True)
             pulled = download(self.locate(*parts), where)
-            self._save_state({r: self._stamp(p) for r, p in self._local_files().items()})
-            return pulled
+            if pulled:  # what came from the URI is not pushed back to it
+                state = self._state()
+                for relative in pulled:
+                    full = "/".join([*parts, relative])
+                    state[full] = self._stamp(self.path(*full.split("/")))
+                self._save_state(state)
+            return len(pulled)
+
+    def pull_path(self, local: str) -> int:
+        """`pull` of the subtree at the local path `local` (what workers wrote there at the URI)."""
+        if not self.is_remote:
+            return 0
+        relative = os.path.relpath(os.path.abspath(local), self.root)
+        return self.pull(*relative.split(os.sep))
 
     def push(self) -> int:
         """Upload every cached file that is new or changed since the last pull or push."""
@@ -522,6 +545,11 @@ class RunDir:
                 continue
             found[relative] = path
         return found
+
+
+def worker_location(local: str, run: RunDir | None) -> str:
+    """Where a worker finds the local path `local` of `run` (its absolute path without a run)."""
+    return os.path.abspath(local) if run is None else run.locate_path(local)
 
 
 def open_run(run_dir: str | RunDir) -> RunDir:

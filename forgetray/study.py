@@ -19,22 +19,21 @@ import numpy as np
 from forgetray import storage
 from forgetray.config import AnalyseConfig, CompleteConfig
 from forgetray.matrix import load_forgetting_matrix
+from forgetray.rundir import RunDir, open_run
 
 
-def _matrix(run_dir: str) -> tuple[np.ndarray, dict[str, Any]]:
-    matrix_dir = os.path.join(run_dir, "matrix")
-    if not os.path.exists(os.path.join(matrix_dir, "forgetting.npy")):
-        raise FileNotFoundError(
-            f"{matrix_dir}/forgetting.npy: no forgetting matrix yet; run `forgetray run` first"
-        )
-    return load_forgetting_matrix(matrix_dir, mmap=True)
+def _matrix(run: RunDir) -> tuple[np.ndarray, dict[str, Any]]:
+    return load_forgetting_matrix(run.require_matrix(), mmap=True)
 
 
-def analyse_run(run_dir: str, config: AnalyseConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def analyse_run(
+    run_dir: str | RunDir, config: AnalyseConfig, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     from forgetray.report.plots import PAPER_R2_OLMO7B, analysis_figures, paper_reference_label, r2_curve
     from forgetray.stats.fits import analyse
 
-    z, index = _matrix(run_dir)
+    run = open_run(run_dir)
+    z, index = _matrix(run)
     tasks = list(index["tasks"])
     if config.last_tasks is not None:
         if config.last_tasks > z.shape[0]:
@@ -42,7 +41,7 @@ def analyse_run(run_dir: str, config: AnalyseConfig, log: Callable[[str], None] 
                 f"analyse.last_tasks: {config.last_tasks} exceeds the matrix's {z.shape[0]} tasks"
             )
         z, tasks = z[-config.last_tasks :], tasks[-config.last_tasks :]
-    out = os.path.join(run_dir, "analysis")
+    out = run.analysis
     fits = analyse(
         z, config.max_rank, config.max_columns, config.seed, tasks=tasks, examples=index["examples"]
     )
@@ -165,7 +164,7 @@ def completion_split(
 
 
 def complete_run(
-    run_dir: str,
+    run_dir: str | RunDir,
     config: CompleteConfig,
     log: Callable[[str], None] = print,
     families: Mapping[str, str] | None = None,
@@ -174,7 +173,8 @@ def complete_run(
     from forgetray.stats.completion import evaluate_completion
     from forgetray.stats.lrf import reveal_columns_lrf
 
-    z, index = _matrix(run_dir)
+    run = open_run(run_dir)
+    z, index = _matrix(run)
     z = np.asarray(z, dtype=np.float64)  # (tasks, examples)
     n_examples = z.shape[1]
     if config.revealed_k >= n_examples:
@@ -182,9 +182,9 @@ def complete_run(
     train_rows, test_rows = completion_split(list(index["tasks"]), config, families)
     seeds = range(config.n_seeds)
     reveal = reveal_columns_lrf if config.protocol == "lrf" else None
-    out = os.path.join(run_dir, "completion")
+    out = run.completion
     distributed = distributed_als(config, z.shape)
-    matrix_path = os.path.join(run_dir, "matrix", "forgetting.npy")
+    matrix_path = run.locate_path(run.matrix_file)  # read by the Ray tasks, from any node
     methods = completion_methods(config, binary=False)
     if distributed:
         log(f"complete: ALS MF fits as Ray tasks over column blocks of {matrix_path}")

@@ -35,6 +35,17 @@ def upstream_path(tmp_path_factory):
     return path
 
 
+def shard_folder(upstream_path, config):
+    """The shard tables the driver writes for `config`'s plan: (folder, number of shards)."""
+    from forgetray.score.driver import shard_plan, shards_folder, write_shards
+
+    upstream = pq.read_table(upstream_path)
+    shards = shard_plan(upstream, config.shard_size, interleave=config.packing)
+    folder = shards_folder(upstream_path, upstream, config)
+    write_shards(upstream, shards, folder)
+    return folder, len(shards)
+
+
 def score_all(scorer, name, n_shards):
     from forgetray.score.driver import part_path
 
@@ -55,8 +66,9 @@ def test_packed_shards_equal_padded_shards_and_interleave(tmp_path, tiny_model_d
     results = {}
     for packing in (True, False):
         config = ScoreConfig(shard_size=6, max_length=64, packing=packing)
-        scorer = ShardScorer(models, upstream_path, str(tmp_path / str(packing)), dataclasses.asdict(config))
-        results[packing] = score_all(scorer, "base", len(scorer.shards))
+        folder, n_shards = shard_folder(upstream_path, config)
+        scorer = ShardScorer(models, folder, str(tmp_path / str(packing)), dataclasses.asdict(config))
+        results[packing] = score_all(scorer, "base", n_shards)
         assert scorer.packing_checked == ({ModelRef(tiny_model_dir): True} if packing else {})
     assert results[True][0] == results[False][0] and len(results[True][0]) == 20
     np.testing.assert_allclose(results[True][1], results[False][1], rtol=0, atol=1e-5)
@@ -89,13 +101,15 @@ def test_lora_checkpoints_swap_on_one_base(tmp_path, tiny_model_dir, upstream_pa
     refs = {"base": base} | {
         f"t{k}": dataclasses.replace(base, adapter_path=a) for k, a in enumerate(adapters)
     }
-    config = dataclasses.asdict(ScoreConfig(shard_size=10, max_length=64))
+    score_config = ScoreConfig(shard_size=10, max_length=64)
+    folder, _ = shard_folder(upstream_path, score_config)
+    config = dataclasses.asdict(score_config)
     together = ShardScorer(
-        {n: dataclasses.asdict(r) for n, r in refs.items()}, upstream_path, str(tmp_path / "all"), config
+        {n: dataclasses.asdict(r) for n, r in refs.items()}, folder, str(tmp_path / "all"), config
     )
     scores = {name: score_all(together, name, 2)[1] for name in ["base", "t0", "t1", "base"]}
     assert together.cache.loads == 1 and together.cache.adapter_loads == 2
     for name, ref in refs.items():
-        alone = ShardScorer({name: dataclasses.asdict(ref)}, upstream_path, str(tmp_path / name), config)
+        alone = ShardScorer({name: dataclasses.asdict(ref)}, folder, str(tmp_path / name), config)
         np.testing.assert_allclose(score_all(alone, name, 2)[1], scores[name], rtol=0, atol=1e-6)
     assert not np.allclose(scores["base"], scores["t0"])

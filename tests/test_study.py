@@ -8,6 +8,7 @@ import pytest
 
 from forgetray import storage
 from forgetray.config import AnalyseConfig, CompleteConfig
+from forgetray.rundir import NoMatrixError
 from forgetray.study import analyse_run, complete_run
 
 
@@ -59,7 +60,7 @@ def test_complete_refuses_matrices_it_cannot_split(tmp_path):
     run_dir, _ = planted_run(tmp_path, n_tasks=2)
     with pytest.raises(ValueError, match="needs at least 3 tasks"):
         complete_run(run_dir, CompleteConfig(), lambda m: None)
-    with pytest.raises(FileNotFoundError, match="no forgetting matrix yet"):
+    with pytest.raises(NoMatrixError, match="no forgetting matrix yet"):
         complete_run(str(tmp_path / "empty"), CompleteConfig(), lambda m: None)
 
 

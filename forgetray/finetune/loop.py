@@ -29,10 +29,18 @@ import tempfile
 import time
 from typing import Any
 
+from forgetray import rundir
 from forgetray.config import FinetuneConfig, LoraConfig, config_from_dict
 from forgetray.finetune.reporting import StepReporter
 from forgetray.finetune.safe_load import load_deepspeed_checkpoint
-from forgetray.models import ModelRef, context_length, load_model, load_model_config, load_tokenizer
+from forgetray.models import (
+    ModelRef,
+    context_length,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    localized,
+)
 
 PROGRESS_FILE = "progress.json"
 STATE_DIR = "state"
@@ -173,11 +181,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)
-    ref = ModelRef(**loop_config["model"])
+    ref = localized(ModelRef(**loop_config["model"]))
     # The step count (hence the DeepSpeed config) comes from the data, before the model exists.
     tokenizer, model_config = load_tokenizer(ref), load_model_config(ref)
 
-    task = pq.read_table(loop_config["task_path"])
+    task = pq.read_table(rundir.local_copy(loop_config["task_path"]))
     max_length = min(config.max_length, context_length(model_config) or config.max_length)
     examples = encode_task(tokenizer, loop_config["task"], task, max_length)
     steps = total_steps(config, len(examples), world_size)

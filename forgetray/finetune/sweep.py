@@ -21,10 +21,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from forgetray import cluster, storage, tracking
+from forgetray import cluster, rundir, storage, tracking
 from forgetray.config import FinetuneConfig, TrackingConfig
 from forgetray.console import TaskProgress
-from forgetray.models import ModelRef
+from forgetray.models import ModelRef, worker_model
+from forgetray.rundir import RunDir, open_run
 
 DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 1024**2}
 """A Tune trial here only waits on its TorchTrainer, which places its own workers: the trial must not
@@ -32,8 +33,8 @@ hold a CPU a worker could use (even 0.01 CPU leaves a 2-CPU machine unable to st
 Tune refuses an empty request, so it asks for memory only."""
 
 
-def pointer_path(run_dir: str, task: str) -> str:
-    return os.path.join(run_dir, "checkpoints", f"{task}.json")
+def pointer_path(run_dir: str | RunDir, task: str) -> str:
+    return open_run(run_dir).pointer(task)
 
 
 def finetuned_model(base: ModelRef, pointer: dict[str, Any]) -> ModelRef:
@@ -138,11 +139,17 @@ def train_task(tune_config: dict[str, Any]) -> None:
     result = trainer.fit()
     if result.checkpoint is None or not (result.metrics or {}).get("final"):
         raise RuntimeError(f"task {task!r}: training ended without a final checkpoint ({result.error})")
-    kept = [result.checkpoint.path, *(c.path for c, _ in result.best_checkpoints or [])]
-    for stray in unregistered_checkpoints(os.path.join(trial["storage_path"], task), kept):
-        print(f"finetune {task}: removing {stray}, a checkpoint no report registered", flush=True)
-        shutil.rmtree(stray, ignore_errors=True)
-    model_dir = os.path.join(result.checkpoint.path, MODEL_DIR)
+    if rundir.is_uri(trial["storage_path"]):
+        # The checkpoint lies in the store: its path is the store's, the URI adds the scheme back.
+        scheme = trial["storage_path"].split("://", 1)[0]
+        _, sep, query = trial["storage_path"].partition("?")
+        model_dir = f"{scheme}://{result.checkpoint.path.strip('/')}/{MODEL_DIR}{sep}{query}"
+    else:
+        kept = [result.checkpoint.path, *(c.path for c, _ in result.best_checkpoints or [])]
+        for stray in unregistered_checkpoints(os.path.join(trial["storage_path"], task), kept):
+            print(f"finetune {task}: removing {stray}, a checkpoint no report registered", flush=True)
+            shutil.rmtree(stray, ignore_errors=True)
+        model_dir = os.path.join(result.checkpoint.path, MODEL_DIR)
     metrics = result.metrics
     pointer = {
         "task": task,
@@ -162,7 +169,7 @@ def train_task(tune_config: dict[str, Any]) -> None:
         pointer["replay"] = metrics["replay"]  # steps and examples replayed (forgetray.replay.mixing)
     if metrics.get("iv_guided") is not None:
         pointer["iv_guided"] = metrics["iv_guided"]  # mean loss parts (forgetray.iv.training)
-    storage.write_json(trial["pointer_path"], pointer)
+    rundir.write_json(trial["pointer_path"], pointer)
     print(
         f"finetune {task}: {pointer['steps']} steps, final loss {pointer['loss']:.4f}, "
         f"{pointer['wall_seconds']:.1f} s",
@@ -171,16 +178,17 @@ def train_task(tune_config: dict[str, Any]) -> None:
     ray.tune.report({"loss": pointer["loss"], "steps": pointer["steps"]})
 
 
-def task_status(run_dir: str, tasks: Sequence[str]) -> tuple[int, dict[str, tuple[int, int]]]:
+def task_status(run_dir: str | RunDir, tasks: Sequence[str]) -> tuple[int, dict[str, tuple[int, int]]]:
     """(tasks with a pointer file, {task: (last reported step, total steps)} of the others that have
     reported a step): what the progress bar over tasks shows."""
+    run = open_run(run_dir)
     done = 0
     running: dict[str, tuple[int, int]] = {}
     for task in tasks:
-        if os.path.exists(pointer_path(run_dir, task)):
+        if rundir.exists(run.locate_path(run.pointer(task))):
             done += 1
             continue
-        points = tracking.read_curve(run_dir, task)
+        points = tracking.read_curve(run.root, task)
         if points:
             running[task] = (int(points[-1]["step"]), int(points[-1].get("total_steps", 0)))
     return done, running
@@ -188,7 +196,7 @@ def task_status(run_dir: str, tasks: Sequence[str]) -> tuple[int, dict[str, tupl
 
 def run_trials(trials: list[dict[str, Any]], name: str, tune_dir: str, concurrent: int, what: str) -> None:
     """One Ray Tune trial of `train_task` per item of `trials`, `concurrent` at a time; raises naming
-    how many failed and the first error."""
+    how many failed and the first error. `tune_dir`: a local path or a URI (Tune's storage)."""
     import ray.tune
 
     tuner = ray.tune.Tuner(
@@ -197,7 +205,7 @@ def run_trials(trials: list[dict[str, Any]], name: str, tune_dir: str, concurren
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent),
         run_config=ray.tune.RunConfig(
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=os.path.abspath(tune_dir),
+            storage_path=tune_dir if rundir.is_uri(tune_dir) else os.path.abspath(tune_dir),
             verbose=0,
         ),
     )
@@ -207,7 +215,7 @@ def run_trials(trials: list[dict[str, Any]], name: str, tune_dir: str, concurren
 
 
 def finetune_tasks(
-    run_dir: str,
+    run_dir: str | RunDir,
     tasks: Sequence[str],
     task_paths: dict[str, str],
     base: ModelRef,
@@ -220,9 +228,13 @@ def finetune_tasks(
 ) -> dict[str, dict[str, Any]]:
     """Fine-tune every task without a pointer file; returns every task's pointer. Each task's learning
     curve lands in `<run_dir>/curves/<task>.json` (and in the tracking backend, if one is set);
-    `progress` shows a bar over the tasks."""
+    `progress` shows a bar over the tasks.
 
-    todo = [t for t in tasks if not os.path.exists(pointer_path(run_dir, t))]
+    On a URI run directory (`forgetray.rundir`) the trials are handed locations: Ray Train stores
+    the checkpoints at the URI, the workers read the task tables and the base model from it, and
+    the pointers and curves are written there; the driver fetches them when the trials end."""
+    run = open_run(run_dir)
+    todo = [t for t in tasks if not os.path.exists(run.pointer(t))]
     for task in tasks:
         if task not in todo:
             log(f"finetune {task}: final checkpoint exists, skipped")
@@ -230,27 +242,32 @@ def finetune_tasks(
         check_task_encodings(base, {t: task_paths[t] for t in todo}, config)
         concurrent = concurrent_tasks(config, len(todo), fixed_cluster_cpus())
         log(f"finetune: {len(todo)} task(s), {concurrent} at a time, {config.method} fine-tuning")
-        storage_path = os.path.abspath(os.path.join(run_dir, "train"))
-        spec = tracking.tracking_spec(tracking_config or TrackingConfig(), run_dir)
+        spec = tracking.tracking_spec(tracking_config or TrackingConfig(), run.root)
         tracking.prepare_backend(spec)
+        model = dataclasses.asdict(worker_model(base, run))
         trials = [
             {
                 "loop": {
                     "task": task,
-                    "task_path": os.path.abspath(task_paths[task]),
-                    "model": dataclasses.asdict(base),
+                    "task_path": run.locate_path(task_paths[task]),
+                    "model": model,
                     "finetune": dataclasses.asdict(config),
                     "torch_extensions_dir": torch_extensions_dir,
                     "tracking": spec,
                     **(extra_loop_config or {}),
                 },
-                "storage_path": storage_path,
-                "pointer_path": os.path.abspath(pointer_path(run_dir, task)),
-                "curve_path": os.path.abspath(tracking.curve_path(run_dir, task)),
+                "storage_path": run.locate_path(run.train),
+                "pointer_path": run.locate_path(run.pointer(task)),
+                "curve_path": run.locate_path(run.curve(task)),
             }
             for task in todo
         ]
-        with TaskProgress(len(todo), lambda: task_status(run_dir, todo), enabled=progress):
-            run_trials(trials, "finetune", os.path.join(run_dir, "tune"), concurrent, "task(s)")
-    pointers = {t: storage.read_json(pointer_path(run_dir, t)) for t in tasks}
+        run.push()  # the task tables at the URI before any worker reads them
+        try:
+            with TaskProgress(len(todo), lambda: task_status(run, todo), enabled=progress):
+                run_trials(trials, "finetune", run.locate_path(run.tune), concurrent, "task(s)")
+        finally:
+            run.pull_path(run.path("checkpoints"))
+            run.pull_path(run.path("curves"))
+    pointers = {t: storage.read_json(run.pointer(t)) for t in tasks}
     return pointers

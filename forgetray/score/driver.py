@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from forgetray import digests, storage
+from forgetray import digests, rundir, storage
 from forgetray.config import ConfigError, ScoreConfig
-from forgetray.models import ModelRef
+from forgetray.models import ModelRef, localized, worker_model
+from forgetray.rundir import RunDir, worker_location
 from forgetray.score.loaded import ModelCache
 
 SCORES_SCHEMA = pa.schema([("example_id", pa.string()), ("nll", pa.float64()), ("n_tokens", pa.int64())])
@@ -173,14 +174,44 @@ def score_shard(
     return pa.table({"example_id": ids, "nll": nll, "n_tokens": n_tokens}, schema=SCORES_SCHEMA)
 
 
+SHARDS_FILE = "shards.json"
+"""Written last in a shard folder: how many shard tables it holds, and what they were cut from."""
+
+
+def shards_folder(upstream_path: str, upstream: pa.Table, config: ScoreConfig) -> str:
+    """`<dir of the upstream table>/shards/<key>/`: the shard tables of one plan (example set,
+    shard size, order), shared by every model scored on it."""
+    order = "interleaved" if config.packing else "sorted"
+    key = f"{examples_digest(upstream)[:12]}-{config.shard_size}-{order}"
+    return os.path.join(os.path.dirname(os.path.abspath(upstream_path)), "shards", key)
+
+
+def write_shards(upstream: pa.Table, shards: list[np.ndarray], folder: str) -> None:
+    """One Parquet table per shard (its examples, in shard order), so a scoring actor reads only the
+    examples of the shards it scores: its memory does not grow with the number of examples."""
+    marker = os.path.join(folder, SHARDS_FILE)
+    if os.path.exists(marker) and storage.read_json(marker).get("n_shards") == len(shards):
+        return
+    for k, rows in enumerate(shards):
+        storage.write_parquet(shard_table_path(folder, k), upstream.take(pa.array(rows)))
+    storage.write_json(marker, {"n_shards": len(shards), "n_examples": upstream.num_rows})
+
+
+def shard_table_path(folder: str, shard: int) -> str:
+    return os.path.join(folder, f"shard-{shard:05d}.parquet")
+
+
 class ShardActor:
-    """Ray Data actor base: the settings, upstream table and shard plan every scorer needs, and the
-    loop that writes each (model, shard) item's part; a subclass says how one shard is scored."""
+    """Ray Data actor base: the settings every scorer needs, each shard's examples read from the
+    shard folder's location (only the shards this actor scores), and the loop that writes each
+    (model, shard) item's part to the scores location; a subclass says how one shard is scored.
+
+    Locations are URIs on a URI run directory (`forgetray.rundir`): an actor on a node that shares
+    nothing with the driver reads its shards and writes its parts through the store."""
 
     def __init__(
-        self, models: dict[str, dict[str, Any]], upstream_path: str, scores_root: str, score: dict[str, Any]
+        self, models: dict[str, dict[str, Any]], shards_location: str, scores_root: str, score: dict[str, Any]
     ) -> None:
-        import pyarrow.parquet as pq
         import torch
         from transformers.utils import logging as transformers_logging
 
@@ -188,10 +219,19 @@ class ShardActor:
         self.config = ScoreConfig(**score)
         torch.set_num_threads(max(1, int(self.config.cpus_per_actor)))
         self.device = "cuda" if self.config.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.models = {name: ModelRef(**ref) for name, ref in models.items()}
-        self.upstream = pq.read_table(upstream_path)
-        self.shards = shard_plan(self.upstream, self.config.shard_size, interleave=self.config.packing)
+        self.models = {name: localized(ModelRef(**ref)) for name, ref in models.items()}
+        self.shards_location = shards_location
         self.scores_root = scores_root
+        self._shard: tuple[int, pa.Table] | None = None
+
+    def shard_table(self, shard: int) -> pa.Table:
+        """Shard `shard`'s examples (the last one read is kept: items arrive model by model)."""
+        import pyarrow.parquet as pq
+
+        if self._shard is None or self._shard[0] != shard:
+            data = rundir.read_bytes(rundir.join(self.shards_location, f"shard-{shard:05d}.parquet"))
+            self._shard = (shard, pq.read_table(pa.BufferReader(data)))
+        return self._shard[1]
 
     def score_item(self, name: str, shard: int) -> pa.Table:
         raise NotImplementedError
@@ -200,7 +240,7 @@ class ShardActor:
         done: dict[str, list[Any]] = {"model": [], "shard": [], "n_examples": [], "n_tokens": []}
         for name, shard in zip(batch["model"].tolist(), batch["shard"].tolist(), strict=True):
             table = self.score_item(name, shard)
-            storage.write_parquet(part_path(os.path.join(self.scores_root, name), shard), table)
+            rundir.write_parquet(rundir.join(self.scores_root, name, f"part-{shard:05d}.parquet"), table)
             done["model"].append(name)
             done["shard"].append(shard)
             done["n_examples"].append(table.num_rows)
@@ -223,6 +263,7 @@ class ShardScorer(ShardActor):
         super().__init__(models, upstream_path, scores_root, score)
         self.cache = ModelCache(self.device)
         self.packing_checked: dict[ModelRef, bool] = {}
+        self._shard_in_use: pa.Table | None = None
 
     def _packing(self, ref: ModelRef, model: Any, tokenizer: Any, max_length: int) -> bool:
         """Whether to score `ref`'s base packed: once per base, packed vs padded on a few examples."""
@@ -230,7 +271,7 @@ class ShardScorer(ShardActor):
 
         base = dataclasses.replace(ref, adapter_path=None)
         if self.config.packing and base not in self.packing_checked:
-            error = packing_error(model, probe_examples(tokenizer, self.upstream, max_length))
+            error = packing_error(model, probe_examples(tokenizer, self._shard_in_use, max_length))
             self.packing_checked[base] = error <= packing_tolerance(ref.dtype)
             if not self.packing_checked[base]:
                 logging.getLogger(__name__).warning(
@@ -245,13 +286,15 @@ class ShardScorer(ShardActor):
         ref = self.models[name]
         context = self.cache.context(ref)
         max_length = min(self.config.max_length, context or self.config.max_length)
+        examples = self.shard_table(shard)
+        self._shard_in_use = examples
         with self.cache.use(ref) as (model, tokenizer):
             packing = self._packing(ref, model, tokenizer, max_length)
             return score_shard(
                 model,
                 tokenizer,
-                self.upstream,
-                self.shards[shard],
+                examples,
+                np.arange(examples.num_rows),
                 max_length,
                 self.config.max_batch_tokens,
                 packing=packing,
@@ -369,8 +412,12 @@ def score_models(
     log: Callable[[str], None] = print,
     progress: bool = True,
     reference: ModelRef | None = None,
+    run: RunDir | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score every upstream example under each named model into `<scores_root>/<name>/`.
+
+    `run`: the run directory `upstream_path` and `scores_root` lie in; on a URI run the actors read
+    the shards and write the parts at the URI, and the driver fetches the parts when they are done.
 
     `reference` is the base model, needed by `score.metric: kl_ce` (cross-entropy against its
     distribution, `forgetray.score.soft_ce_scorer`).
@@ -426,16 +473,24 @@ def score_models(
             f"on {pool_size_text(pool)} actor(s)"
         )
         scorer, scorer_kwargs = _scorer(config, reference)
+        folder = shards_folder(upstream_path, upstream, config)
+        write_shards(upstream, shards, folder)
         constructor = {
-            "models": {name: dataclasses.asdict(models[name]) for name in pending},
-            "upstream_path": os.path.abspath(upstream_path),
-            "scores_root": os.path.abspath(scores_root),
+            "models": {name: dataclasses.asdict(worker_model(models[name], run)) for name in pending},
+            "shards_location": worker_location(folder, run),
+            "scores_root": worker_location(scores_root, run),
             "score": dataclasses.asdict(config),
             **scorer_kwargs,
         }
+        if "reference" in constructor:
+            constructor["reference"] = dataclasses.asdict(worker_model(reference, run))
         examples = sum(len(shards[item["shard"]]) for item in todo)
+        if run is not None:
+            run.push()  # the shard tables (and the model files) at the URI before any actor starts
         for row in run_shard_actors(scorer, constructor, todo, examples, pool, config, "score", progress):
             tokens[str(row["model"])] += int(row["n_tokens"])
+        if run is not None:
+            run.pull_path(scores_root)
     seconds = time.perf_counter() - start
     rate = sum(tokens.values()) / seconds if seconds > 0 and todo else None
     for name in pending:
@@ -477,9 +532,10 @@ def score_model(
     log: Callable[[str], None] = print,
     progress: bool = True,
     reference: ModelRef | None = None,
+    run: RunDir | None = None,
 ) -> dict[str, Any]:
     """`score_models` for one model."""
-    return score_models({name: ref}, upstream_path, scores_root, config, log, progress, reference)[name]
+    return score_models({name: ref}, upstream_path, scores_root, config, log, progress, reference, run)[name]
 
 
 def clear_scores(out_dir: str) -> None:

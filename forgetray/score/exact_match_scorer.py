@@ -25,7 +25,8 @@ import pyarrow as pa
 
 from forgetray import storage
 from forgetray.config import ExactMatchConfig, ScoreConfig
-from forgetray.models import ModelRef
+from forgetray.models import ModelRef, worker_model
+from forgetray.rundir import RunDir, worker_location
 from forgetray.score.driver import (
     ScoreError,
     ShardActor,
@@ -36,6 +37,8 @@ from forgetray.score.driver import (
     require_parts,
     run_shard_actors,
     shard_plan,
+    shards_folder,
+    write_shards,
 )
 from forgetray.score.loaded import ModelCache
 
@@ -95,12 +98,12 @@ class ExactMatchScorer(ShardActor):
     def __init__(
         self,
         models: dict[str, dict[str, Any]],
-        upstream_path: str,
+        shards_location: str,
         scores_root: str,
         score: dict[str, Any],
         exact_match: dict[str, Any],
     ) -> None:
-        super().__init__(models, upstream_path, scores_root, score)
+        super().__init__(models, shards_location, scores_root, score)
         self.exact_match = ExactMatchConfig(**exact_match)
         self.cache = ModelCache(self.device)
 
@@ -108,9 +111,10 @@ class ExactMatchScorer(ShardActor):
         ref = self.models[name]
         context = self.cache.context(ref)
         max_length = min(self.exact_match.max_length, context or self.exact_match.max_length)
+        examples = self.shard_table(shard)
         with self.cache.use(ref) as (model, tokenizer):
             return score_shard_exact_match(
-                model, tokenizer, self.upstream, self.shards[shard], self.exact_match, max_length
+                model, tokenizer, examples, np.arange(examples.num_rows), self.exact_match, max_length
             )
 
 
@@ -142,8 +146,10 @@ def score_exact_match(
     config: ExactMatchConfig,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    run: RunDir | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Greedy exact match of every upstream example under each named model into `<root>/<name>/`.
+    """Greedy exact match of every upstream example under each named model into `<root>/<name>/`
+    (`run`: the run directory both lie in, as for `forgetray.score.driver.score_models`).
 
     A model whose `_SUCCESS.json` exists is skipped; a partial one generates only its missing
     shards (a partial one cut under other settings is refused, naming them). One actor pool serves
@@ -187,19 +193,25 @@ def score_exact_match(
             f"({sum(len(shards[item['shard']]) for item in todo)} model-examples) "
             f"on {pool_size_text(pool)} actor(s)"
         )
+        folder = shards_folder(upstream_path, upstream, score)
+        write_shards(upstream, shards, folder)
         constructor = {
-            "models": {name: dataclasses.asdict(models[name]) for name in pending},
-            "upstream_path": os.path.abspath(upstream_path),
-            "scores_root": os.path.abspath(root),
+            "models": {name: dataclasses.asdict(worker_model(models[name], run)) for name in pending},
+            "shards_location": worker_location(folder, run),
+            "scores_root": worker_location(root, run),
             "score": dataclasses.asdict(score),
             "exact_match": dataclasses.asdict(config),
         }
         total = sum(len(shards[item["shard"]]) for item in todo)
+        if run is not None:
+            run.push()
         rows = run_shard_actors(
             ExactMatchScorer, constructor, todo, total, pool, config, "exact match", progress
         )
         for _ in rows:
             pass
+        if run is not None:
+            run.pull_path(root)
     seconds = time.perf_counter() - start
     for name in pending:
         out_dir = os.path.join(root, name)

@@ -64,15 +64,15 @@ class SoftCEShardScorer(ShardActor):
     def __init__(
         self,
         models: dict[str, dict[str, Any]],
-        upstream_path: str,
+        shards_location: str,
         scores_root: str,
         score: dict[str, Any],
         reference: dict[str, Any],
     ) -> None:
-        from forgetray.models import context_length, load_model
+        from forgetray.models import context_length, load_model, localized
 
-        super().__init__(models, upstream_path, scores_root, score)
-        self.reference = ModelRef(**reference)
+        super().__init__(models, shards_location, scores_root, score)
+        self.reference = localized(ModelRef(**reference))
         self.base_model, _ = load_model(self.reference, self.device)
         self.context = context_length(self.base_model.config)
         self.loaded: tuple[str, Any, Any] | None = None
@@ -91,12 +91,13 @@ class SoftCEShardScorer(ShardActor):
 
     def score_item(self, name: str, shard: int) -> pa.Table:
         model, tokenizer = self._model(name)
+        examples = self.shard_table(shard)
         return score_shard_soft_ce(
             model,
             self.base_model,
             tokenizer,
-            self.upstream,
-            self.shards[shard],
+            examples,
+            np.arange(examples.num_rows),
             min(self.config.max_length, self.context or self.config.max_length),
             self.config.max_batch_tokens,
         )

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from forgetray import rundir
 from forgetray.stats.als import (
     DEFAULT_BLOCK_SIZE,
     AlsFactors,
@@ -50,9 +51,27 @@ from forgetray.stats.als import (
 MatrixSource = str | np.ndarray | ray.ObjectRef
 
 
+def open_npy(path: str) -> Any:
+    """A binary file of the .npy at `path`, a local path or a URI (a column block is read from the
+    store in ranges, never the whole file)."""
+    if not rundir.is_uri(path):
+        return open(path, "rb")
+    fs, inner = rundir.filesystem(path)
+    return fs.open_input_file(inner)
+
+
+def read_at(f: Any, out: np.ndarray, offset: int) -> int:
+    """Fill `out` from byte `offset` of `f` (pread locally, a range request at a URI); bytes read."""
+    if hasattr(f, "fileno") and not hasattr(f, "read_at"):
+        return os.preadv(f.fileno(), [out], offset)
+    data = f.read_at(out.nbytes, offset)
+    out.reshape(-1).view(np.uint8)[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return len(data)
+
+
 def npy_header(path: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     """(shape, fortran_order, dtype, data offset) of a .npy file, reading only its header."""
-    with open(path, "rb") as f:
+    with open_npy(path) as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
@@ -75,11 +94,10 @@ def read_npy_columns(path: str, start: int, stop: int, rows: Sequence[int] | Non
     shape, fortran_order, dtype, offset = npy_header(path)
     n_rows, cols = shape
     stop = min(stop, cols)
-    with open(path, "rb") as f:
+    with open_npy(path) as f:
         if fortran_order:  # columns are contiguous: one read
             out = np.empty((stop - start, n_rows), dtype=dtype)  # (block, tasks)
-            f.seek(offset + start * n_rows * dtype.itemsize)
-            f.readinto(memoryview(out).cast("B"))
+            read_at(f, out, offset + start * n_rows * dtype.itemsize)
             return out.T if rows is None else out.T[np.asarray(rows, dtype=np.int64)]
         wanted = range(n_rows) if rows is None else [int(r) for r in rows]
         out = np.empty((len(wanted), stop - start), dtype=dtype)  # (tasks, block)
@@ -87,7 +105,7 @@ def read_npy_columns(path: str, start: int, stop: int, rows: Sequence[int] | Non
         for i, row in enumerate(wanted):
             if not 0 <= row < n_rows:
                 raise IndexError(f"{path}: row {row} out of range for {n_rows} rows")
-            read = os.preadv(f.fileno(), [out[i]], offset + (row * cols + start) * dtype.itemsize)
+            read = read_at(f, out[i], offset + (row * cols + start) * dtype.itemsize)
             if read != width:
                 raise OSError(f"{path}: short read of row {row} (file truncated?)")
         return out
