@@ -466,6 +466,22 @@ class RunDir:
                 self._save_state(state)
             return len(pulled)
 
+    def drop_stale(self) -> int:
+        """Remove every cached file the URI does not hold: the URI is the run directory, and a file
+        deleted there (or never pushed by a command that was killed) must not come back from a
+        cache. Returns how many were removed."""
+        if not self.is_remote or not os.path.isdir(self.root):
+            return 0
+        with self._lock:
+            remote = list_files(self.location)
+            stale = [r for r in list_files(self.root) if r not in remote]
+            for relative in stale:
+                os.unlink(self.path(*relative.split("/")))
+            if stale:
+                state = self._state()
+                self._save_state({r: v for r, v in state.items() if r not in set(stale)})
+            return len(stale)
+
     def pull_path(self, local: str) -> int:
         """`pull` of the subtree at the local path `local` (what workers wrote there at the URI)."""
         if not self.is_remote:
@@ -499,6 +515,7 @@ class RunDir:
             yield self
             return
         self.check_writable()
+        self.drop_stale()
         pulled = self.pull()
         logger.info(f"storage: {self.location} cached in {self.root} ({pulled} file(s) fetched)")
         if sync_seconds is None:

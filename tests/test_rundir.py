@@ -60,6 +60,13 @@ def roundtrip(uri, tmp_path):
     assert not os.path.exists(os.path.join(other.model_scores("base"), ".part-00001.parquet.tmp.parquet"))
     assert other.push() == 0 and other.pull() == 0
 
+    # A file deleted at the URI does not come back from a cache that still holds it.
+    fs, inner = filesystem(run.locate("checkpoints", "addition.json"))
+    fs.delete_file(inner)
+    with other.synced(sync_seconds=3600):
+        assert not os.path.exists(other.pointer("addition"))
+    assert not rundir.exists(run.locate("checkpoints", "addition.json"))
+
     # A worker on a node that shares nothing gets a copy of a location in its own cache.
     copy = rundir.local_copy(run.locate("scores", "base"), cache_dir=str(tmp_path / "node-cache"))
     assert open(os.path.join(copy, "part-00000.parquet")).read() == "x" * 1000
@@ -70,7 +77,7 @@ def test_file_uri_roundtrip(tmp_path):
     roundtrip(uri, tmp_path)
     # No temporary upload names are left at the destination.
     names = [n for _, _, files in os.walk(tmp_path / "bucket") for n in files]
-    assert sorted(names) == ["addition.json", "config.yaml", "part-00000.parquet"]
+    assert sorted(names) == ["config.yaml", "part-00000.parquet"]
 
 
 def test_synced_pushes_on_exit_even_after_an_error(tmp_path):

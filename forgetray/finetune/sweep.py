@@ -143,7 +143,7 @@ def train_task(tune_config: dict[str, Any]) -> None:
         # The checkpoint lies in the store: its path is the store's, the URI adds the scheme back.
         scheme = trial["storage_path"].split("://", 1)[0]
         _, sep, query = trial["storage_path"].partition("?")
-        model_dir = f"{scheme}://{result.checkpoint.path.strip('/')}/{MODEL_DIR}{sep}{query}"
+        model_dir = f"{scheme}://{result.checkpoint.path.rstrip('/')}/{MODEL_DIR}{sep}{query}"
     else:
         kept = [result.checkpoint.path, *(c.path for c, _ in result.best_checkpoints or [])]
         for stray in unregistered_checkpoints(os.path.join(trial["storage_path"], task), kept):

@@ -258,9 +258,9 @@ class ShardScorer(ShardActor):
     """
 
     def __init__(
-        self, models: dict[str, dict[str, Any]], upstream_path: str, scores_root: str, score: dict[str, Any]
+        self, models: dict[str, dict[str, Any]], shards_location: str, scores_root: str, score: dict[str, Any]
     ) -> None:
-        super().__init__(models, upstream_path, scores_root, score)
+        super().__init__(models, shards_location, scores_root, score)
         self.cache = ModelCache(self.device)
         self.packing_checked: dict[ModelRef, bool] = {}
         self._shard_in_use: pa.Table | None = None
