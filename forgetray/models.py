@@ -116,6 +116,7 @@ def builtin_pretrain_report(ref: ModelRef) -> dict[str, Any] | None:
 def load_tokenizer(ref: ModelRef) -> Any:
     from transformers import AutoTokenizer
 
+    ref = localized(ref)
     tokenizer = AutoTokenizer.from_pretrained(
         ref.path, revision=ref.revision, trust_remote_code=ref.trust_remote_code
     )
@@ -127,16 +128,18 @@ def load_tokenizer(ref: ModelRef) -> Any:
 def load_model_config(ref: ModelRef) -> Any:
     from transformers import AutoConfig
 
+    ref = localized(ref)
     return AutoConfig.from_pretrained(
         ref.path, revision=ref.revision, trust_remote_code=ref.trust_remote_code
     )
 
 
 def load_model(ref: ModelRef, device: Any = "cpu") -> tuple[Any, Any]:
-    """(model in eval mode on `device`, tokenizer)."""
+    """(model in eval mode on `device`, tokenizer); a model at a URI is fetched into the node's cache."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    ref = localized(ref)
     model = AutoModelForCausalLM.from_pretrained(
         ref.path,
         revision=ref.revision,
@@ -173,6 +176,7 @@ def check_model_loads(ref: ModelRef, key: str) -> None:
     """Check, cheaply and in the calling process, that `ref` can load: its config, tokenizer and weight
     file headers (and the adapter's), so that a broken model directory is one named error before any
     Ray worker starts (and is retried). A hub id that is not a local directory is left to the hub."""
+    ref = localized(ref)
     for where, what in ((ref.path, "model"), (ref.adapter_path, "adapter")):
         if where is None or not os.path.isdir(where):
             continue
