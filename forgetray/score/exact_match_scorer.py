@@ -110,7 +110,7 @@ class ExactMatchScorer(ShardActor):
         max_length = min(self.exact_match.max_length, context or self.exact_match.max_length)
         with self.cache.use(ref) as (model, tokenizer):
             return score_shard_exact_match(
-                model, tokenizer, self.upstream, self.shards[shard], self.exact_match, max_length
+                model, tokenizer, self.upstream, self.shard_rows(shard), self.exact_match, max_length
             )
 
 

@@ -96,7 +96,7 @@ class SoftCEShardScorer(ShardActor):
             self.base_model,
             tokenizer,
             self.upstream,
-            self.shards[shard],
+            self.shard_rows(shard),
             min(self.config.max_length, self.context or self.config.max_length),
             self.config.max_batch_tokens,
         )
