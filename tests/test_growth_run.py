@@ -34,7 +34,7 @@ def overrides(root, tasks, n_examples):
         "finetune.learning_rate=0.01",
         f"score.shard_size={SHARD}",
         "score.max_length=64",
-        "complete.n_test_tasks=1",
+        "complete.test_tasks=[addition]",  # named, so the split keeps as tasks are added
         "complete.revealed_k=10",
         "complete.n_seeds=2",
     ]
@@ -96,8 +96,9 @@ def test_grown_run_equals_a_run_from_scratch(ray_session, tmp_path):
 
     # Completion was redone on the whole, restarting ALS from the factors of the 4 x 200 matrix.
     factors = read(grown, "completion/als/index.json")
-    assert factors["tasks"] and len(factors["examples"]) == 300
-    assert factors["warm_start"] == {"rows_kept": factors["warm_start"]["rows_kept"], "columns_kept": 200}
+    assert factors["tasks"] == [t for t in TASKS + NEW_TASKS if t != "addition"]
+    assert len(factors["examples"]) == 300
+    assert factors["warm_start"] == {"rows_kept": 3, "columns_kept": 200}
     assert read(grown, "completion/results.json")["als_mf"]["rmse_mean"] > 0
 
     # A changed scoring setting is refused, naming the key, and leaves the run as it was.
