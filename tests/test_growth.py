@@ -14,7 +14,7 @@ from forgetray.data.sources import load_upstream, sample_order
 from forgetray.growth import Growth, check_growth, check_upstream_extends
 from forgetray.models import ModelRef
 from forgetray.pipeline import RunPaths, run_growth
-from forgetray.score.driver import SCORES_SCHEMA, _plan_record, model_shards, part_path, shard_plan
+from forgetray.score.driver import SCORES_SCHEMA, model_shards, part_path, plan_record, shard_plan
 
 TASKS4 = "tasks.builtin=[addition, uppercase, rot13, snake_case]"
 TASKS6 = "tasks.builtin=[addition, uppercase, rot13, snake_case, count_words, sort_numbers]"
@@ -132,8 +132,8 @@ def test_a_grown_model_keeps_its_parts_and_cuts_only_new_examples_into_new_shard
     big = upstream_table(30)
     # the run of 20 examples before it grew: the 10 new ones fall among them, as in a grown sample
     small = big.filter(pa.array([i % 3 != 1 for i in range(30)]))
-    plan, shards = model_shards(small, str(tmp_path), _plan_record(small, ref, config), config)
-    assert len(shards) == 3 and plan == _plan_record(small, ref, config)
+    plan, shards = model_shards(small, str(tmp_path), plan_record(small, ref, config), config)
+    assert len(shards) == 3 and plan == plan_record(small, ref, config)
     storage.write_json(str(tmp_path / "plan.json"), plan)
     write_parts(tmp_path, small, shards)
 
@@ -143,7 +143,7 @@ def test_a_grown_model_keeps_its_parts_and_cuts_only_new_examples_into_new_shard
         r.tolist() for r in shard_plan(small, 8, packing)
     ]
 
-    plan_big, shards_big = model_shards(big, str(tmp_path), _plan_record(big, ref, config), config)
+    plan_big, shards_big = model_shards(big, str(tmp_path), plan_record(big, ref, config), config)
     assert len(shards_big) == 3 + 2  # 10 new examples in shards of 8
     old_ids = set(small.column("example_id").to_pylist())
     ids = big.column("example_id").to_pylist()
@@ -158,7 +158,7 @@ def test_a_grown_model_keeps_its_parts_and_cuts_only_new_examples_into_new_shard
     # resumed after the new plan was saved and one new shard was scored: the same shards
     storage.write_json(str(tmp_path / "plan.json"), plan_big)
     write_parts(tmp_path, big, shards_big[3:4], first=3)
-    resumed = model_shards(big, str(tmp_path), _plan_record(big, ref, config), config)
+    resumed = model_shards(big, str(tmp_path), plan_record(big, ref, config), config)
     assert resumed[0] == plan_big
     assert [r.tolist() for r in resumed[1]] == [r.tolist() for r in shards_big]
 
@@ -167,7 +167,7 @@ def test_a_grown_model_keeps_its_parts_and_cuts_only_new_examples_into_new_shard
 
     other = ScoreConfig(shard_size=5, packing=packing)
     with pytest.raises(ScoreError, match=r"different plan \(changed: shard_size\)"):
-        model_shards(big, str(tmp_path), _plan_record(big, ref, other), other)
+        model_shards(big, str(tmp_path), plan_record(big, ref, other), other)
 
 
 def test_a_matrix_view_selects_rows_and_columns_and_names_unknown_labels(tmp_path):

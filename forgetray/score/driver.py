@@ -357,7 +357,8 @@ def _part_ids(path: str) -> list[str]:
     return pq.read_table(path, columns=["example_id"]).column("example_id").to_pylist()  # type: ignore[no-any-return]
 
 
-def _plan_record(upstream: pa.Table, ref: ModelRef, config: ScoreConfig) -> dict[str, Any]:
+def plan_record(upstream: pa.Table, ref: ModelRef, config: ScoreConfig) -> dict[str, Any]:
+    """What `plan.json` records of a model scored on the whole of `upstream` (`model_shards`)."""
     digest = ids_digest(upstream.column("example_id").to_pylist())
     plan = {
         "model": dataclasses.asdict(ref),
@@ -489,7 +490,7 @@ def score_models(
     for name, ref in models.items():
         out_dir = os.path.join(scores_root, name)
         success = os.path.join(out_dir, SUCCESS_FILE)
-        plan = _plan_record(upstream, ref, config)
+        plan = plan_record(upstream, ref, config)
         inputs[name] = scores_inputs(examples_sha256, plan, ref, config, reference)
         if os.path.exists(success):
             check_score_settings(out_dir, config)
