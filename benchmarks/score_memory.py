@@ -42,8 +42,8 @@ spec = json.loads(sys.argv[1])
 if spec["whole_table"]:
     table = pq.read_table(spec["upstream"])  # what an actor that loads every example holds
 scorer = ShardScorer(spec["models"], spec["folder"], spec["scores"], spec["score"])
-n = spec["shards"]
-scorer({"model": np.array(["base"] * n), "shard": np.arange(n)})
+n = len(spec["examples"])
+scorer({"model": np.array(["base"] * n), "shard": np.arange(n), "examples": np.array(spec["examples"])})
 # VmHWM: this process image's peak RSS (ru_maxrss would carry the parent's over fork and exec)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
@@ -90,15 +90,16 @@ def measure(n: int, work: str, model: str, args: argparse.Namespace, whole_table
         table = upstream_table(n)
         pq.write_table(table, upstream_path)
     table = pq.read_table(upstream_path)
-    folder = shards_folder(upstream_path, table, config)
-    write_shards(table, shard_plan(table, config.shard_size), folder)
+    folder = shards_folder(upstream_path)
+    shards = shard_plan(table, config.shard_size)[: args.shards]
+    items = write_shards(table, [{"shard": k, "rows": rows} for k, rows in enumerate(shards)], folder)
     del table
     spec = {
         "models": {"base": dataclasses.asdict(ModelRef(model))},
         "folder": folder,
         "scores": os.path.join(folder_root, "scores"),
         "score": dataclasses.asdict(config),
-        "shards": args.shards,
+        "examples": [item["examples"] for item in items],
         "upstream": upstream_path,
         "whole_table": whole_table,
     }

@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-progress", action="store_true")
     matrix = sub.add_parser("matrix", help="assemble the forgetting matrix from a run's scores")
     matrix.add_argument("run_dir")
+    for key in ("tasks", "examples"):
+        matrix.add_argument(
+            f"--{key}",
+            help=f"a view of only these {key}: comma-separated, or @FILE with one per line "
+            "(the run's measurements stay; the view goes to --view-out)",
+        )
+    matrix.add_argument("--view-out", help="directory of the view (default <RUN>/matrix_view)")
     for name, text in (
         ("analyse", "additive, multiplicative and SVD fits of the matrix; heatmaps"),
         ("complete", "predict held-out tasks' forgetting from revealed_k entries (forgetray | lrf)"),
@@ -255,6 +262,16 @@ def _console_for(
     return console(run.root, verbosity)
 
 
+def _labels(value: str | None) -> list[str] | None:
+    """`a,b,c` or `@FILE` (one label per line) as a list; None when not given."""
+    if value is None:
+        return None
+    if value.startswith("@"):
+        with open(value[1:], encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    return [label.strip() for label in value.split(",") if label.strip()]
+
+
 def _dispatch(args: argparse.Namespace, verbosity: Verbosity, run: RunDir | None) -> int:
     if args.command == "run":
         config = resolve_config(args.args, args.out)
@@ -275,9 +292,15 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity, run: RunDir | None
         from forgetray.pipeline import assemble_matrix, load_run_config
 
         config = load_run_config(run)
-        if not assemble_matrix(run, config, setup_logging(run)):
+        log = setup_logging(run)
+        if not assemble_matrix(run, config, log):
             print(f"{args.run_dir}: no scored fine-tuned model yet; nothing to assemble", file=sys.stderr)
             return 1
+        if args.tasks or args.examples:
+            from forgetray.matrix import write_matrix_view
+
+            out = args.view_out or run.matrix_view
+            write_matrix_view(run.matrix, out, _labels(args.tasks), _labels(args.examples), log)
     elif args.command in ("analyse", "complete"):
         from forgetray.data.sources import task_families
         from forgetray.study import analyse_run, complete_run

@@ -194,6 +194,10 @@ class SourceConfig:
     """`stream_sample: reservoir`: examples read from the stream; null reads the whole stream."""
     seed: int = 0
     """Seeds the reservoir sample."""
+    sample: bool = True
+    """Whether `upstream.n_examples` is drawn from this source. `false`: every row (up to `limit`)
+    joins the examples besides the draw, which leaves the draw over the other sources as it was:
+    how an evaluation set is added to a grown run (docs/growing.md)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "path", "must not be empty")
@@ -235,7 +239,9 @@ class UpstreamConfig:
 
     sources: tuple[SourceConfig, ...] = (SourceConfig(),)
     n_examples: int | None = 2000
-    """Deterministic sample of this many examples from all sources together; null keeps all."""
+    """Deterministic sample of this many examples from all sources together (but those with
+    `sample: false`, which are kept whole); null keeps all. A larger `n_examples` extends the sample
+    (the first n of one seeded order of the examples), never reshuffles it."""
     seed: int = 0
     chat_template: bool = False
     """Render `format: instruction` prompts with the base model's chat template (instruct models).

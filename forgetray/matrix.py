@@ -9,6 +9,10 @@ A matrix is reused only while its index, labels and inputs included, equals the 
 both .npy files are whole (header parses, size as the header promises); otherwise it is assembled
 again, so a re-scored task, changed score settings or a truncated file never leave a stale matrix.
 
+A view (`forgetray matrix RUN --tasks ... --examples ...`, `matrix_view`) is a matrix directory of
+chosen rows and columns, written elsewhere: a run keeps every entry it measured, and removing a
+task or an example from the analysis is a view of the matrix, never a deletion.
+
 Rows are written one at a time into a memory-mapped temporary .npy, so 1,000 tasks x 1,000,000
 examples (4 GB) never has to sit in memory, and the file appears under its name only when whole.
 """
@@ -128,3 +132,55 @@ def load_forgetting_matrix(run_matrix_dir: str, mmap: bool = False) -> tuple[np.
             f"{path}: shape {matrix.shape} does not match its index {shape}; run `forgetray matrix` again"
         )
     return matrix, index
+
+
+def matrix_view(
+    z: np.ndarray,
+    index: Mapping[str, Any],
+    tasks: Sequence[str] | None = None,
+    examples: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Z[rows][:, cols], rows, cols) for the named tasks and examples in the order named (None:
+    all); a label the matrix has not is a MatrixError naming it."""
+    selected = []
+    for key, labels, wanted in (("tasks", index["tasks"], tasks), ("examples", index["examples"], examples)):
+        position = {label: i for i, label in enumerate(labels)}
+        if wanted is None:
+            selected.append(np.arange(len(labels)))
+            continue
+        unknown = [label for label in wanted if label not in position]
+        if unknown:
+            raise MatrixError(f"--{key}: {unknown[0]!r} is not one of the matrix's {len(labels)} {key}")
+        if len(set(wanted)) != len(wanted):
+            raise MatrixError(f"--{key}: names a label twice")
+        selected.append(np.array([position[label] for label in wanted], dtype=int))
+    rows, cols = selected
+    return np.asarray(z)[np.ix_(rows, cols)], rows, cols
+
+
+def write_matrix_view(
+    run_matrix_dir: str,
+    out_dir: str,
+    tasks: Sequence[str] | None,
+    examples: Sequence[str] | None,
+    log: Callable[[str], None] = print,
+) -> tuple[int, int]:
+    """Write the view of the matrix in `run_matrix_dir` (`matrix_view`) as a matrix directory in
+    `out_dir`: forgetting.npy, nll_before.npy and index.json with `view_of` (the run matrix's shape
+    and the inputs it was assembled from). Returns the view's shape."""
+    z, index = load_forgetting_matrix(run_matrix_dir, mmap=True)
+    view, rows, cols = matrix_view(z, index, tasks, examples)
+    before = storage.load_npy(os.path.join(run_matrix_dir, BEFORE_FILE))
+    view_index = {
+        "tasks": [index["tasks"][i] for i in rows],
+        "examples": [index["examples"][j] for j in cols],
+        "view_of": {"matrix": os.path.abspath(run_matrix_dir), "shape": list(z.shape)},
+    }
+    if "inputs" in index:
+        view_index["inputs"] = index["inputs"]
+    storage.save_npy(os.path.join(out_dir, BEFORE_FILE), np.asarray(before)[cols])
+    storage.write_json(os.path.join(out_dir, INDEX_FILE), view_index)
+    storage.save_npy(os.path.join(out_dir, MATRIX_FILE), np.ascontiguousarray(view, dtype=np.float32))
+    shape = f"{view.shape[0]} of {z.shape[0]} tasks x {view.shape[1]} of {z.shape[1]} examples"
+    log(f"matrix view: {shape} -> {out_dir}")
+    return view.shape[0], view.shape[1]

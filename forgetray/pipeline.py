@@ -20,11 +20,18 @@ import pyarrow.parquet as pq
 from forgetray import cluster, digests, storage, tracking
 from forgetray.config import (
     ConfigError,
-    FinetuneConfig,
     SweepConfig,
     check_name,
     config_from_dict,
     default_cache_dir,
+)
+from forgetray.growth import (
+    Growth,
+    added,
+    changed_keys,
+    check_growth,
+    check_upstream_extends,
+    result_settings,
 )
 from forgetray.models import ModelRef, builtin_pretrain_report, check_model_loads, resolve_base_model
 from forgetray.rundir import BASE, RunDir, open_run
@@ -59,27 +66,6 @@ def ensure_ray() -> None:
     cluster.connect()
 
 
-_RESUME_SECTIONS = ("seed", "model", "upstream", "tasks", "finetune")
-"""Config sections that decide a run's results; a re-run in the same directory must not change them."""
-_PLACEMENT_FIELDS = (
-    "cpus_per_worker",
-    "gpus_per_worker",
-    "max_concurrent_tasks",
-    "max_failures",
-    "checkpoint_every",
-    "gradient_checkpointing",
-)
-"""Finetune fields that only decide where, how robustly and in how much memory training runs, not
-its results."""
-
-
-def _result_settings(config: SweepConfig, section: str) -> Any:
-    value = getattr(config, section)
-    if section == "finetune":
-        value = dataclasses.replace(value, **{f: getattr(FinetuneConfig(), f) for f in _PLACEMENT_FIELDS})
-    return value
-
-
 RESULT_DIRS = ("checkpoints", "train", "scores", "matrix")
 """Sub-directories that hold a run's results; a run directory without any holds none."""
 
@@ -104,22 +90,29 @@ def read_run_config(path: str) -> SweepConfig:
 
 
 def check_run_config(paths: RunDir, config: SweepConfig) -> bool:
-    """Whether the run directory's data and config can be reused as they are (True) or are to be
-    written fresh (False: no config yet, or one that may be replaced because the run holds no
-    results). Raises when the config changes settings that decide results the directory holds."""
+    """Whether the run directory's data and config can be reused (True) or are to be written fresh
+    (False: no config yet, or one that may be replaced because the run holds no results). Raises
+    when the config changes settings that decide entries the directory holds (`run_growth`)."""
+    return run_growth(paths, config)[0]
+
+
+def run_growth(paths: RunDir, config: SweepConfig) -> tuple[bool, Growth]:
+    """`check_run_config`'s answer and what `config` adds to the run there (`growth.check_growth`):
+    new tasks, a grown upstream sample. A change that would alter measured entries is refused with
+    a ConfigError naming the key."""
     if not os.path.exists(paths.config):
-        return False
+        return False, Growth()
     previous = read_run_config(paths.config)
-    changed = [k for k in _RESUME_SECTIONS if _result_settings(previous, k) != _result_settings(config, k)]
-    if not changed:
-        return True
+    if not changed_keys(result_settings(previous), result_settings(config)):
+        return True, Growth()
     results = run_results(paths)
     if not results:
-        return False
-    raise ConfigError(
-        f"{paths.config}: this run directory holds results ({', '.join(results)}) of a run with "
-        f"different {', '.join(changed)} settings; use another --out, or delete the directory to start over"
-    )
+        return False, Growth()
+    try:
+        return True, check_growth(previous, config)
+    except ConfigError as e:
+        held = ", ".join(results)
+        raise ConfigError(f"{paths.config}: this run directory holds results ({held}); {e}") from None
 
 
 def write_run_config(paths: RunDir, config: SweepConfig) -> None:
@@ -134,13 +127,16 @@ def prepare_data(
     log: Callable[[str], None],
     base: ModelRef | None = None,
     reuse: bool = True,
+    upstream_grows: bool = False,
 ) -> None:
     """Write the run's upstream and task tables. `base` is needed only for chat templates (its
     tokenizer) and for the `builtin_instructions` source (the model answers those questions).
 
     Every table is loaded (and so validated) before the first is written, so bad data leaves the run
     directory as it was. With `reuse`, tables already there are kept; without, they are rewritten
-    (leftovers of an attempt that never got as far as saving its config)."""
+    (leftovers of an attempt that never got as far as saving its config). With `upstream_grows`
+    the upstream sample is drawn again and must hold every example of the table there, unchanged
+    (`growth.check_upstream_extends`): a run grown by examples keeps the entries it measured."""
     from forgetray.data import instructions
     from forgetray.data.sources import (
         load_tasks,
@@ -160,7 +156,7 @@ def prepare_data(
         return reuse and os.path.exists(path)
 
     upstream = None
-    if not present(paths.upstream):
+    if not present(paths.upstream) or upstream_grows:
         # Chat templates (and conversations) are rendered while loading, once.
         tokenizer = load_tokenizer(require_base()) if upstream_needs_tokenizer(config.upstream) else None
         upstream = load_upstream(config.upstream, tokenizer)
@@ -178,6 +174,12 @@ def prepare_data(
     if tables and base is not None:
         # every task example must be trainable: checked here, before anything is written
         check_task_tables(base, tables, config.finetune)
+    if upstream is not None and present(paths.upstream):
+        previous = pq.read_table(paths.upstream)
+        new_examples = check_upstream_extends(previous, upstream, paths.upstream)
+        log(f"data: {len(new_examples)} upstream examples added to the {previous.num_rows} measured")
+        if not new_examples:
+            upstream = None
     if upstream is not None:
         storage.write_parquet(paths.upstream, upstream)
         kinds = Counter(upstream.column("kind").to_pylist())
@@ -279,6 +281,46 @@ def assemble_matrix(paths: RunDir, config: SweepConfig, log: Callable[[str], Non
     return True
 
 
+def matrix_labels(paths: RunDir) -> tuple[list[str], list[str]]:
+    """(tasks, examples) of the matrix in the run directory; empty lists before the first."""
+    from forgetray.matrix import INDEX_FILE
+
+    index_path = os.path.join(paths.matrix, INDEX_FILE)
+    if not os.path.exists(index_path):
+        return [], []
+    index = storage.read_json(index_path)
+    return list(index["tasks"]), list(index["examples"])
+
+
+def record_history(
+    paths: RunDir,
+    before: tuple[list[str], list[str]],
+    finetuned: Sequence[str],
+    summaries: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Append this call's entry to `<run>/history.json`: the matrix rows and columns it added (labels,
+    against the matrix `before` it), the tasks it fine-tuned, and per model the scoring shards and
+    examples it scored (models it skipped are left out)."""
+    tasks, examples = matrix_labels(paths)
+    history = storage.read_json(paths.history) if os.path.exists(paths.history) else []
+    entry = {
+        "invocation": len(history) + 1,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "matrix_shape": [len(tasks), len(examples)],
+        "rows_added": added(before[0], tasks),
+        "columns_added": added(before[1], examples),
+        "finetuned": list(finetuned),
+        "scored": {
+            name: {"shards": s["shards_scored_this_call"], "examples": s["examples_scored_this_call"]}
+            for name, s in summaries.items()
+            if s.get("shards_scored_this_call")
+        },
+    }
+    history.append(entry)
+    storage.write_json(paths.history, history)
+    return entry
+
+
 def torch_extensions_dir() -> str:
     """Where DeepSpeed keeps the ops it compiles on first use (30 s once, then reused)."""
     return os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(default_cache_dir(), "torch_extensions"))
@@ -332,17 +374,22 @@ def prepare_run(config: SweepConfig) -> PreparedRun:
 
     paths = RunDir(config.run_dir)
     log = setup_logging(None)
-    reuse = check_run_config(paths, config)
+    reuse, growth = run_growth(paths, config)
     check_finished_scores(paths.scores, config.score)
     tracking.check_backend(config.tracking)
     timer = StageTimer(paths, log)
     with timer.stage("base_model"):
         base = prepare_base_model(paths, config, log, write=False)
     with timer.stage("data"):
-        prepare_data(paths, config, log, base, reuse=reuse)
+        prepare_data(paths, config, log, base, reuse=reuse, upstream_grows=growth.upstream_changed)
     log = setup_logging(paths)
     timer.log = log
     log(f"run directory {paths.location}" + (f" (cached in {paths.root})" if paths.is_remote else ""))
+    if growth.grows:
+        log(
+            f"run grows: {len(growth.new_tasks)} new task(s) {list(growth.new_tasks)}"
+            + (", upstream examples drawn again (the measured ones kept)" if growth.upstream_changed else "")
+        )
     storage.write_text(paths.config, config.to_yaml())
     save_base_model(paths, config, base, log)
     return PreparedRun(paths, base, timer, log)
@@ -361,6 +408,8 @@ def run(config: SweepConfig, progress: bool = True, prepared: PreparedRun | None
     with timer.stage("ray_init"):
         ensure_ray()
     tasks = task_names(config)
+    before = matrix_labels(paths)
+    finetuned = [t for t in tasks if not os.path.exists(paths.pointer(t))]
     with timer.stage("finetune"):
         pointers = finetune_tasks(
             paths,
@@ -380,6 +429,7 @@ def run(config: SweepConfig, progress: bool = True, prepared: PreparedRun | None
         )
     with timer.stage("matrix"):
         assemble_matrix(paths, config, log)
+    record_history(paths, before, finetuned, summaries)
     paths.push()
     with timer.stage("analyse"):
         analyse_run(paths, config.analyse, log)

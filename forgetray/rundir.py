@@ -380,6 +380,16 @@ class RunDir:
         return self.path("matrix", "index.json")
 
     @property
+    def matrix_view(self) -> str:
+        """`forgetray matrix RUN --tasks/--examples`: a sub-matrix; the run's own keeps every entry."""
+        return self.path("matrix_view")
+
+    @property
+    def history(self) -> str:
+        """`history.json`: per `forgetray run`, the rows and columns it added and the work it did."""
+        return self.path("history.json")
+
+    @property
     def analysis(self) -> str:
         return self.path("analysis")
 

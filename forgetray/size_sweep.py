@@ -17,7 +17,9 @@ Sizes run one after another and each uses the whole cluster: inside a size, task
 concurrently as Ray Tune trials and scoring shards spread over every node, so running sizes side by
 side would only split the same resources (and nest Tune inside Tune). A size whose run is complete
 is skipped by the pipeline's own per-stage resumption, so a re-run resumes at the first unfinished
-size.
+size. A size whose run finished under the config it would get now is not run again at all
+(`size_is_done`), so sizes added to `sizes` later are measured without touching the ones done;
+a size whose config grew (more tasks or examples in `run`) grows in place (docs/growing.md).
 """
 
 from __future__ import annotations
@@ -205,11 +207,15 @@ def _run_sizes(sweep: SizeSweepConfig, progress: bool, log: Callable[[str], None
     rows = []
     for i, size in enumerate(sweep.sizes):
         run_dir = os.path.join(sweep.out, size.name)
-        log(f"sweep: size {i + 1}/{len(sweep.sizes)} {size.name!r} in {run_dir}")
-        try:
-            run_anywhere(size_run_config(sweep, size, run_dir), progress=progress)
-        finally:
-            _close_run_log(run_dir)
+        config = size_run_config(sweep, size, run_dir)
+        if size_is_done(run_dir, config):
+            log(f"sweep: size {i + 1}/{len(sweep.sizes)} {size.name!r} done with this config, skipped")
+        else:
+            log(f"sweep: size {i + 1}/{len(sweep.sizes)} {size.name!r} in {run_dir}")
+            try:
+                run_anywhere(config, progress=progress)
+            finally:
+                _close_run_log(run_dir)
         rows.append(size_summary(size.name, run_dir))
     storage.write_json(os.path.join(sweep.out, "summary.json"), rows)
     storage.write_text(os.path.join(sweep.out, "summary.csv"), summary_csv(rows))
@@ -222,6 +228,20 @@ def _run_sizes(sweep: SizeSweepConfig, progress: bool, log: Callable[[str], None
         )
     log(f"sweep: summary in {os.path.join(sweep.out, 'summary.csv')} and summary.png")
     return rows
+
+
+def size_is_done(run_dir: str, config: SweepConfig) -> bool:
+    """Whether `run_dir` holds a finished run (analysis and report written) of exactly `config`."""
+    from forgetray.pipeline import read_run_config
+
+    finished = ("config.yaml", "analysis/fits.json", "report.html")
+    if not all(os.path.exists(os.path.join(run_dir, path)) for path in finished):
+        return False
+    try:
+        previous = read_run_config(os.path.join(run_dir, "config.yaml"))
+    except ConfigError:
+        return False
+    return dataclasses.replace(previous, run_dir=config.run_dir) == config
 
 
 def _close_run_log(run_dir: str) -> None:

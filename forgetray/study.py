@@ -4,12 +4,16 @@
     <run>/analysis/*.png            sorted heatmaps of Z, its rank-k reconstruction and residual; R^2 curve
     <run>/completion/results.json   {method: {rmse_mean, rmse_std, ...}, split, revealed_k, seeds}
     <run>/completion/binary.json    the same for binary forgetting (Z > threshold), with logistic MF
+    <run>/completion/als/           ALS MF factors of the train rows (P.npy, Q.npy, row_bias.npy,
+                                    col_bias.npy, index.json: mu, labels, warm start): after the run
+                                    grows, the next fit restarts from them (`train_factors`)
 
 The maths is in `forgetray.stats`; this module only reads, calls and writes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,6 +24,7 @@ from forgetray import storage
 from forgetray.config import AnalyseConfig, CompleteConfig
 from forgetray.matrix import load_forgetting_matrix
 from forgetray.rundir import RunDir, open_run
+from forgetray.stats.als import AlsFactors
 
 
 def _matrix(run: RunDir) -> tuple[np.ndarray, dict[str, Any]]:
@@ -116,6 +121,99 @@ def with_distributed_als(
     return methods | {"als_mf": als}
 
 
+ALS_DIR = "als"
+ALS_ARRAYS = ("row_bias", "col_bias", "P", "Q")
+TRAIN_FIT_ITERATIONS = 200
+"""At most this many ALS iterations for the train rows' fit; it stops at `ALSMF.tol` before."""
+
+
+def save_als_factors(
+    out_dir: str, factors: AlsFactors, tasks: Sequence[str], examples: Sequence[str], record: dict[str, Any]
+) -> None:
+    """Factors as .npy files and their labels in index.json, written last (what `load` trusts)."""
+    index_path = os.path.join(out_dir, "index.json")
+    if os.path.exists(index_path):
+        os.unlink(index_path)
+    for name in ALS_ARRAYS:
+        storage.save_npy(os.path.join(out_dir, f"{name}.npy"), getattr(factors, name))
+    storage.write_json(
+        index_path,
+        {"mu": factors.mu, "rank": factors.rank, "tasks": list(tasks), "examples": list(examples), **record},
+    )
+
+
+def load_als_factors(out_dir: str) -> tuple[AlsFactors, list[str], list[str]] | None:
+    """(factors, tasks, examples) saved by `save_als_factors`; None when absent or not whole."""
+    index_path = os.path.join(out_dir, "index.json")
+    if not os.path.exists(index_path):
+        return None
+    try:
+        index = storage.read_json(index_path)
+        arrays = {name: storage.load_npy(os.path.join(out_dir, f"{name}.npy")) for name in ALS_ARRAYS}
+    except (storage.DamagedFileError, FileNotFoundError):
+        return None
+    m, n = len(index["tasks"]), len(index["examples"])
+    shapes = {"row_bias": (m,), "col_bias": (n,), "P": (m, index["rank"]), "Q": (n, index["rank"])}
+    if any(arrays[name].shape != shape for name, shape in shapes.items()):
+        return None
+    return AlsFactors(float(index["mu"]), **arrays), list(index["tasks"]), list(index["examples"])
+
+
+def train_factors(
+    z_train: np.ndarray,
+    tasks: Sequence[str],
+    examples: Sequence[str],
+    config: CompleteConfig,
+    previous: tuple[AlsFactors, list[str], list[str]] | None,
+    log: Callable[[str], None] = print,
+) -> tuple[AlsFactors, dict[str, Any]]:
+    """ALS factors (in units of Z) of the train rows z_train (tasks, examples), fitted on z / std(z)
+    as `completion.ALSMF` does, and what the fit restarted from.
+
+    With `previous` factors (of the run before it grew) the fit restarts from them: rows and columns
+    they know keep their factors, new rows get a least-squares solve against their example factors
+    (`stats.als.relabelled_init`, `fit_als(init=...)`). Only when every task `previous` was fitted on
+    is still a train task: factors fitted on a task now held out would carry its entries into the
+    evaluation of that task."""
+    from forgetray.stats.als import fit_als, relabelled_init, scaled, unpermuted
+    from forgetray.stats.completion import ALSMF
+
+    scale = float(np.std(z_train)) or 1.0
+    iterations: list[int] = []
+    fit = {
+        "rank": config.rank,
+        "reg": config.reg,
+        "iterations": TRAIN_FIT_ITERATIONS,
+        "tol": ALSMF.tol,
+        "on_iteration": lambda i, _: iterations.append(i),
+    }
+    warm: dict[str, Any] | None = None
+    if previous is not None:
+        factors, previous_tasks, previous_examples = previous
+        held_out = sorted(set(previous_tasks) - set(tasks))
+        if factors.rank != config.rank:
+            log(f"complete: saved ALS factors have rank {factors.rank}, not {config.rank}; fitting afresh")
+        elif held_out:
+            log(f"complete: saved ALS factors were fitted on {held_out[0]!r}, now held out; fitting afresh")
+        else:
+            init, rows, cols = relabelled_init(factors, previous_tasks, previous_examples, tasks, examples)
+            if len(init.Q):
+                warm = {"rows_kept": len(init.P), "columns_kept": len(init.Q)}
+                grown = np.asarray(z_train, dtype=np.float64)[np.ix_(rows, cols)] / scale
+                result = unpermuted(fit_als(grown, init=scaled(init, 1.0 / scale), **fit), rows, cols)
+    if warm is None:
+        result = fit_als(np.asarray(z_train, dtype=np.float64) / scale, **fit)
+    log(
+        f"complete: ALS MF of {len(tasks)} train tasks x {len(examples)} examples in {len(iterations)} "
+        + (
+            f"iterations, restarted from the factors of {warm['rows_kept']} x {warm['columns_kept']}"
+            if warm
+            else "iterations from a random start"
+        )
+    )
+    return scaled(result, scale), {"warm_start": warm, "iterations": len(iterations), "scale": scale}
+
+
 def completion_split(
     tasks: Sequence[str], config: CompleteConfig, families: Mapping[str, str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -189,6 +287,15 @@ def complete_run(
     if distributed:
         log(f"complete: ALS MF fits as Ray tasks over column blocks of {matrix_path}")
         methods = with_distributed_als(methods, matrix_path, train_rows, config.rank, config.reg)
+    elif "als_mf" in methods:
+        als_dir = os.path.join(out, ALS_DIR)
+        train_tasks = [index["tasks"][i] for i in train_rows]
+        examples = list(index["examples"])
+        fit, record = train_factors(
+            z[train_rows], train_tasks, examples, config, load_als_factors(als_dir), log
+        )
+        save_als_factors(als_dir, fit, train_tasks, examples, record)
+        methods["als_mf"] = dataclasses.replace(methods["als_mf"], train_fit=fit)
     results = evaluate_completion(
         z,
         test_rows,

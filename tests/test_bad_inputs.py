@@ -602,6 +602,10 @@ def test_a_run_directory_without_results_may_take_a_corrected_config(tmp_path):
     assert check_run_config(paths, corrected) is False  # no results: replace config and data
     (tmp_path / "scores" / "base").mkdir(parents=True)
     (tmp_path / "scores" / "base" / "part-00000.parquet").write_bytes(b"x")
-    with pytest.raises(Exception, match=r"holds results \(scores\) of a run with different finetune"):
+    with pytest.raises(
+        Exception,
+        match=r"holds results \(scores\); finetune.learning_rate: this run measured its entries with "
+        r"finetune.learning_rate=5.0, this config asks finetune.learning_rate=0.001; start a new run",
+    ):
         check_run_config(paths, corrected)
     assert check_run_config(paths, load_config(None, ["finetune.learning_rate=5"])) is True

@@ -104,7 +104,9 @@ def test_rerun_skips_every_stage(ray_session, run_args):
 def test_changed_config_in_same_run_dir_is_refused(run_args, capsys):
     run_dir, overrides = run_args
     assert main(["run", "--out", run_dir, *overrides, "upstream.n_examples=30", "finetune.max_steps=5"]) == 2
-    assert "of a run with different upstream, finetune settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "finetune.max_steps: this run measured its entries with finetune.max_steps=4" in err
+    assert "start a new run directory for this" in err
 
 
 def test_hand_scored_checkpoint_becomes_a_matrix_row(ray_session, run_args, tmp_path):

@@ -36,20 +36,23 @@ def upstream_path(tmp_path_factory):
 
 
 def shard_folder(upstream_path, config):
-    """The shard tables the driver writes for `config`'s plan: (folder, number of shards)."""
+    """The shard tables the driver writes for `config`'s plan: (folder, each shard's table name)."""
     from forgetray.score.driver import shard_plan, shards_folder, write_shards
 
     upstream = pq.read_table(upstream_path)
     shards = shard_plan(upstream, config.shard_size, interleave=config.packing)
-    folder = shards_folder(upstream_path, upstream, config)
-    write_shards(upstream, shards, folder)
-    return folder, len(shards)
+    folder = shards_folder(upstream_path)
+    items = write_shards(upstream, [{"shard": k, "rows": rows} for k, rows in enumerate(shards)], folder)
+    return folder, [item["examples"] for item in items]
 
 
-def score_all(scorer, name, n_shards):
+def score_all(scorer, name, examples):
     from forgetray.score.driver import part_path
 
-    scorer({"model": np.array([name] * n_shards), "shard": np.arange(n_shards)})
+    n_shards = len(examples)
+    scorer(
+        {"model": np.array([name] * n_shards), "shard": np.arange(n_shards), "examples": np.array(examples)}
+    )
     parts = [pq.read_table(part_path(f"{scorer.scores_root}/{name}", k)) for k in range(n_shards)]
     table = pa.concat_tables(parts).sort_by("example_id")
     return (
@@ -66,9 +69,9 @@ def test_packed_shards_equal_padded_shards_and_interleave(tmp_path, tiny_model_d
     results = {}
     for packing in (True, False):
         config = ScoreConfig(shard_size=6, max_length=64, packing=packing)
-        folder, n_shards = shard_folder(upstream_path, config)
+        folder, examples = shard_folder(upstream_path, config)
         scorer = ShardScorer(models, folder, str(tmp_path / str(packing)), dataclasses.asdict(config))
-        results[packing] = score_all(scorer, "base", n_shards)
+        results[packing] = score_all(scorer, "base", examples)
         assert scorer.packing_checked == ({ModelRef(tiny_model_dir): True} if packing else {})
     assert results[True][0] == results[False][0] and len(results[True][0]) == 20
     np.testing.assert_allclose(results[True][1], results[False][1], rtol=0, atol=1e-5)
@@ -102,14 +105,14 @@ def test_lora_checkpoints_swap_on_one_base(tmp_path, tiny_model_dir, upstream_pa
         f"t{k}": dataclasses.replace(base, adapter_path=a) for k, a in enumerate(adapters)
     }
     score_config = ScoreConfig(shard_size=10, max_length=64)
-    folder, _ = shard_folder(upstream_path, score_config)
+    folder, examples = shard_folder(upstream_path, score_config)
     config = dataclasses.asdict(score_config)
     together = ShardScorer(
         {n: dataclasses.asdict(r) for n, r in refs.items()}, folder, str(tmp_path / "all"), config
     )
-    scores = {name: score_all(together, name, 2)[1] for name in ["base", "t0", "t1", "base"]}
+    scores = {name: score_all(together, name, examples)[1] for name in ["base", "t0", "t1", "base"]}
     assert together.cache.loads == 1 and together.cache.adapter_loads == 2
     for name, ref in refs.items():
         alone = ShardScorer({name: dataclasses.asdict(ref)}, folder, str(tmp_path / name), config)
-        np.testing.assert_allclose(score_all(alone, name, 2)[1], scores[name], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(score_all(alone, name, examples)[1], scores[name], rtol=0, atol=1e-6)
     assert not np.allclose(scores["base"], scores["t0"])

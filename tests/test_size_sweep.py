@@ -95,7 +95,8 @@ def test_summary_csv_flattens_curves_and_methods():
 @pytest.mark.slow
 def test_sweep_over_two_builtin_sizes_into_a_uri(ray_session, tmp_path, monkeypatch):
     """The sweep directory is a file:// URI: every run goes through the staging copy and is uploaded;
-    a second call with the staging copy gone downloads it back and resumes without training again."""
+    a second call with a size added and the staging copy gone downloads the sweep back, leaves the
+    sizes done as they are and measures only the new one."""
     import shutil
 
     monkeypatch.setenv("FORGETRAY_CACHE", str(tmp_path / "cache"))
@@ -117,12 +118,22 @@ def test_sweep_over_two_builtin_sizes_into_a_uri(ray_session, tmp_path, monkeypa
     assert len(list(csv.DictReader((out / "summary.csv").read_text().splitlines()))) == 2
     assert not [n for _, _, names in os.walk(out) for n in names if n.endswith(".upload")]
 
-    stamp = (out / "tiny-1x16" / "matrix" / "forgetting.npy").stat().st_mtime_ns
+    # A size added later is measured; the sizes done are not touched (downloaded back, not re-run).
+    done = ["tiny-1x16", "tiny-2x32"]
+    stamps = {
+        (size, path): (out / size / path).stat().st_mtime_ns
+        for size in done
+        for path in ("matrix/forgetting.npy", "report.html", "history.json")
+    }
     shutil.rmtree(tmp_path / "staging")
-    assert main(["sweep", write_sweep(tmp_path), "--out", f"file://{out}", "--no-progress"]) == 0
-    assert (out / "tiny-1x16" / "matrix" / "forgetting.npy").stat().st_mtime_ns == stamp
-    log = (out / "tiny-2x32" / "logs" / "forgetray.log").read_text()
-    assert "finetune rot13: final checkpoint exists, skipped" in log
-    assert "scores/base: already complete, skipped" in log
+    added = {"name": "tiny-1x24", "overrides": ["model.builtin.n_layer=1", "model.builtin.n_embd=24"]}
+    grown = dict(SWEEP, sizes=[*SWEEP["sizes"], added])
+    assert main(["sweep", write_sweep(tmp_path, grown), "--out", f"file://{out}", "--no-progress"]) == 0
+    for (size, path), stamp in stamps.items():
+        assert (out / size / path).stat().st_mtime_ns == stamp, (size, path)
+    assert [r["size"] for r in json.loads((out / "summary.json").read_text())] == [*done, "tiny-1x24"]
+    assert np.load(out / "tiny-1x24" / "matrix" / "forgetting.npy", allow_pickle=False).shape == (3, 30)
+    assert json.loads((out / "tiny-1x24" / "history.json").read_text())[0]["finetuned"] == TASKS
     # Each size logs into its own run directory only.
     assert "tiny-2x32" not in (out / "tiny-1x16" / "logs" / "forgetray.log").read_text()
+    assert "tiny-1x24" not in (out / "tiny-2x32" / "logs" / "forgetray.log").read_text()

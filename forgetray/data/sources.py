@@ -294,8 +294,30 @@ def tasks_need_tokenizer(config: TasksConfig) -> bool:
     return config.chat_template or any(s.format == "messages" for s in config.sources)
 
 
+ANCHOR_SAMPLE = 2000
+"""The default `upstream.n_examples`: the first this many of `sample_order` are numpy's
+`Generator.choice(pool, 2000, replace=False)`, the sample earlier versions drew, so runs of the
+default size keep their examples."""
+
+
+def sample_order(pool: int, seed: int) -> np.ndarray:
+    """(pool,) a seeded order of the pool's rows whose first n are the sample of n: a larger sample
+    extends a smaller one, so a run's upstream examples can grow without reshuffling.
+
+    The order is uniformly random: `choice` returns a uniform subset of ANCHOR_SAMPLE rows in random
+    order, and the rest of the pool follows in a random permutation of the same generator. Samples
+    of other sizes than ANCHOR_SAMPLE differ from the `choice(pool, n)` of earlier versions, which
+    was not nested (Floyd's algorithm draws a different subset for every n).
+    """
+    rng = np.random.default_rng(seed)
+    head = rng.choice(pool, size=min(ANCHOR_SAMPLE, pool), replace=False)  # (min(2000, pool),)
+    rest = np.setdiff1d(np.arange(pool), head)  # sorted
+    return np.concatenate([head, rest[rng.permutation(len(rest))]])
+
+
 def load_upstream(config: UpstreamConfig, tokenizer: Any = None) -> pa.Table:
-    """All sources concatenated, ids checked unique, then a seeded sample of `n_examples` rows.
+    """All sources concatenated, ids checked unique, then a seeded sample of `n_examples` rows
+    (`sample_order`) from the sources with `sample: true`, and every row of the others.
 
     The sample keeps source order, so the matrix columns group by source. `tokenizer` (the base
     model's) renders conversations and, with `chat_template`, instruction prompts.
@@ -311,13 +333,21 @@ def load_upstream(config: UpstreamConfig, tokenizer: Any = None) -> pa.Table:
     total = sum(len(ids) for _, ids in sources)
     keep = np.arange(total)
     if config.n_examples is not None:
-        if config.n_examples > total:
+        starts = np.cumsum([0] + [len(ids) for _, ids in sources])  # (sources + 1,)
+        drawn = [s.sample for s in config.sources]
+        pool = np.concatenate(
+            [np.arange(starts[i], starts[i + 1]) for i, d in enumerate(drawn) if d] or [np.zeros(0, int)]
+        )
+        whole = np.concatenate(
+            [np.arange(starts[i], starts[i + 1]) for i, d in enumerate(drawn) if not d] or [np.zeros(0, int)]
+        )
+        if config.n_examples > len(pool):
             raise DataError(
                 f"upstream.n_examples: asks for {config.n_examples} examples but the sources hold "
-                f"{total}; lower it or set it to null"
+                f"{len(pool)}{' to sample from' if len(whole) else ''}; lower it or set it to null"
             )
-        rng = np.random.default_rng(config.seed)
-        keep = np.sort(rng.choice(total, size=config.n_examples, replace=False))
+        order = sample_order(len(pool), config.seed)
+        keep = np.sort(np.concatenate([pool[order[: config.n_examples]], whole]))
     # Sample first, then validate and render only the kept rows (rendering a chat template over a
     # whole hub dataset would dominate the load).
     tables = []

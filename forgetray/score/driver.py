@@ -25,7 +25,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -174,31 +174,27 @@ def score_shard(
     return pa.table({"example_id": ids, "nll": nll, "n_tokens": n_tokens}, schema=SCORES_SCHEMA)
 
 
-SHARDS_FILE = "shards.json"
-"""Written last in a shard folder: how many shard tables it holds, and what they were cut from."""
+def shards_folder(upstream_path: str) -> str:
+    """`<dir of the upstream table>/shards/`: one Parquet table per distinct shard, named by the
+    digest of its example ids, shared by every model (and every growth of the run) that scores it."""
+    return os.path.join(os.path.dirname(os.path.abspath(upstream_path)), "shards")
 
 
-def shards_folder(upstream_path: str, upstream: pa.Table, config: ScoreConfig) -> str:
-    """`<dir of the upstream table>/shards/<key>/`: the shard tables of one plan (example set,
-    shard size, order), shared by every model scored on it."""
-    order = "interleaved" if config.packing else "sorted"
-    key = f"{examples_digest(upstream)[:12]}-{config.shard_size}-{order}"
-    return os.path.join(os.path.dirname(os.path.abspath(upstream_path)), "shards", key)
-
-
-def write_shards(upstream: pa.Table, shards: list[np.ndarray], folder: str) -> None:
-    """One Parquet table per shard (its examples, in shard order), so a scoring actor reads only the
-    examples of the shards it scores: its memory does not grow with the number of examples."""
-    marker = os.path.join(folder, SHARDS_FILE)
-    if os.path.exists(marker) and storage.read_json(marker).get("n_shards") == len(shards):
-        return
-    for k, rows in enumerate(shards):
-        storage.write_parquet(shard_table_path(folder, k), upstream.take(pa.array(rows)))
-    storage.write_json(marker, {"n_shards": len(shards), "n_examples": upstream.num_rows})
-
-
-def shard_table_path(folder: str, shard: int) -> str:
-    return os.path.join(folder, f"shard-{shard:05d}.parquet")
+def write_shards(upstream: pa.Table, items: list[dict[str, Any]], folder: str) -> list[dict[str, Any]]:
+    """Each item's examples as a shard table in `folder` (written once; an existing one is kept),
+    and the items with `examples` (the table's file name) in place of their upstream `rows`: a
+    scoring actor reads only the examples of the items it scores, so its memory does not grow with
+    the number of examples."""
+    ids = upstream.column("example_id")
+    named = []
+    for item in items:
+        rows = pa.array(np.asarray(item["rows"], dtype=np.int64))
+        name = f"{ids_digest(ids.take(rows).to_pylist())[:24]}.parquet"
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            storage.write_parquet(path, upstream.take(rows))
+        named.append({k: v for k, v in item.items() if k != "rows"} | {"examples": name})
+    return named
 
 
 class ShardActor:
@@ -222,23 +218,28 @@ class ShardActor:
         self.models = {name: localized(ModelRef(**ref)) for name, ref in models.items()}
         self.shards_location = shards_location
         self.scores_root = scores_root
-        self._shard: tuple[int, pa.Table] | None = None
+        self._examples: tuple[str, pa.Table] | None = None
+        self._item_examples = ""
 
-    def shard_table(self, shard: int) -> pa.Table:
-        """Shard `shard`'s examples (the last one read is kept: items arrive model by model)."""
+    def examples(self) -> pa.Table:
+        """The examples of the item being scored, from its shard table (the last one read is kept:
+        items arrive model by model, so the next model's same shard reuses it)."""
         import pyarrow.parquet as pq
 
-        if self._shard is None or self._shard[0] != shard:
-            data = rundir.read_bytes(rundir.join(self.shards_location, f"shard-{shard:05d}.parquet"))
-            self._shard = (shard, pq.read_table(pa.BufferReader(data)))
-        return self._shard[1]
+        name = self._item_examples
+        if self._examples is None or self._examples[0] != name:
+            data = rundir.read_bytes(rundir.join(self.shards_location, name))
+            self._examples = (name, pq.read_table(pa.BufferReader(data)))
+        return self._examples[1]
 
     def score_item(self, name: str, shard: int) -> pa.Table:
         raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         done: dict[str, list[Any]] = {"model": [], "shard": [], "n_examples": [], "n_tokens": []}
-        for name, shard in zip(batch["model"].tolist(), batch["shard"].tolist(), strict=True):
+        items = zip(batch["model"].tolist(), batch["shard"].tolist(), batch["examples"].tolist(), strict=True)
+        for name, shard, examples in items:
+            self._item_examples = str(examples)
             table = self.score_item(name, shard)
             rundir.write_parquet(rundir.join(self.scores_root, name, f"part-{shard:05d}.parquet"), table)
             done["model"].append(name)
@@ -286,7 +287,7 @@ class ShardScorer(ShardActor):
         ref = self.models[name]
         context = self.cache.context(ref)
         max_length = min(self.config.max_length, context or self.config.max_length)
-        examples = self.shard_table(shard)
+        examples = self.examples()
         self._shard_in_use = examples
         with self.cache.use(ref) as (model, tokenizer):
             packing = self._packing(ref, model, tokenizer, max_length)
@@ -301,8 +302,99 @@ class ShardScorer(ShardActor):
             )
 
 
-def _plan_record(upstream: pa.Table, ref: ModelRef, config: ScoreConfig) -> dict[str, Any]:
-    digest = hashlib.sha256("\n".join(upstream.column("example_id").to_pylist()).encode()).hexdigest()
+def ids_digest(example_ids: Sequence[str]) -> str:
+    """The plan's digest of an ordered list of example ids."""
+    return hashlib.sha256("\n".join(example_ids).encode()).hexdigest()
+
+
+GENERATION_KEYS = ("n_examples", "example_ids_sha256", "grown")
+"""The plan keys that say which examples a model's parts hold (the rest say how they were cut)."""
+
+
+def model_shards(
+    upstream: pa.Table, out_dir: str, plan: dict[str, Any], config: ScoreConfig
+) -> tuple[dict[str, Any], list[np.ndarray]] | None:
+    """(plan to record, shards as upstream row indices) of one model's scores in `out_dir`.
+
+    A model scored before its run grew keeps its parts: the examples it has scored are one
+    generation per call that scored them (the first in `plan.json`'s `n_examples` /
+    `example_ids_sha256`, later ones in its `grown` list, each with its first shard), and only the
+    examples no generation holds are cut into new shards, numbered after the old ones. Each
+    generation is cut as `shard_plan` cuts a table, so a run never grown keeps today's shards and
+    plan. Returns None when a partial generation was cut from another example set (score afresh);
+    raises ScoreError when the cutting settings differ (as `check_plan`).
+    """
+    interleave = config.packing
+    plan_file = os.path.join(out_dir, "plan.json")
+    if not os.path.exists(plan_file):
+        return plan, shard_plan(upstream, config.shard_size, interleave)
+    previous = storage.read_json(plan_file)
+    cut_keys = (set(plan) | set(previous)) - set(GENERATION_KEYS)
+    changed = sorted(k for k in cut_keys if previous.get(k) != plan.get(k))
+    if changed:
+        raise ScoreError(
+            f"{out_dir}: partial scores were cut from a different plan (changed: {', '.join(changed)}); "
+            "delete that directory or restore the settings to resume"
+        )
+    if previous == plan:
+        return plan, shard_plan(upstream, config.shard_size, interleave)
+    ids = upstream.column("example_id").to_pylist()
+    row_of = {example_id: row for row, example_id in enumerate(ids)}
+    generations = [(0, previous["n_examples"], previous["example_ids_sha256"])] + [
+        (g["first_shard"], g["n_examples"], g["example_ids_sha256"]) for g in previous.get("grown", [])
+    ]
+    covered = np.zeros(len(ids), dtype=bool)
+    shards: list[np.ndarray] = []
+
+    def cut(rows: np.ndarray) -> list[np.ndarray]:
+        return [rows[s] for s in shard_plan(upstream.take(pa.array(rows)), config.shard_size, interleave)]
+
+    for g, (first, n, digest) in enumerate(generations):
+        parts = [part_path(out_dir, first + k) for k in range(-(-n // config.shard_size))]
+        if first != len(shards):
+            raise ScoreError(f"{plan_file}: generation {g} starts at shard {first}, expected {len(shards)}")
+        if all(os.path.exists(p) for p in parts):
+            scored = {e for p in parts for e in _part_ids(p)}
+            unknown = sorted(scored - set(row_of))
+            if unknown:
+                raise ScoreError(
+                    f"{out_dir}: scored example {unknown[0]!r} is not one of the upstream examples; "
+                    f"delete {out_dir} to score this model again"
+                )
+            rows = np.sort(np.fromiter((row_of[e] for e in scored), dtype=np.int64, count=len(scored)))
+        elif g == len(generations) - 1:
+            rows = np.flatnonzero(~covered)
+        else:
+            raise ScoreError(f"{out_dir}: shards of an earlier scoring are missing; delete it to re-score")
+        if len(rows) != n or ids_digest([ids[r] for r in rows]) != digest:
+            if g == len(generations) - 1 and not all(os.path.exists(p) for p in parts):
+                return None
+            raise ScoreError(
+                f"{out_dir}: its parts were scored on another upstream example set; delete {out_dir} "
+                "to score this model again"
+            )
+        shards += cut(rows)
+        covered[rows] = True
+    if covered.all():
+        return previous, shards
+    remaining = np.flatnonzero(~covered)
+    grown = {
+        "first_shard": len(shards),
+        "n_examples": len(remaining),
+        "example_ids_sha256": ids_digest([ids[r] for r in remaining]),
+    }
+    return previous | {"grown": [*previous.get("grown", []), grown]}, shards + cut(remaining)
+
+
+def _part_ids(path: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=["example_id"]).column("example_id").to_pylist()  # type: ignore[no-any-return]
+
+
+def plan_record(upstream: pa.Table, ref: ModelRef, config: ScoreConfig) -> dict[str, Any]:
+    """What `plan.json` records of a model scored on the whole of `upstream` (`model_shards`)."""
+    digest = ids_digest(upstream.column("example_id").to_pylist())
     plan = {
         "model": dataclasses.asdict(ref),
         "n_examples": upstream.num_rows,
@@ -430,33 +522,54 @@ def score_models(
 
     summaries: dict[str, dict[str, Any]] = {}
     upstream = pq.read_table(upstream_path)
-    shards = shard_plan(upstream, config.shard_size, interleave=config.packing)
     examples_sha256 = examples_digest(upstream)
     todo: list[dict[str, Any]] = []
     inputs: dict[str, dict[str, Any]] = {}
+    shards: dict[str, list[np.ndarray]] = {}
     for name, ref in models.items():
         out_dir = os.path.join(scores_root, name)
         success = os.path.join(out_dir, SUCCESS_FILE)
-        plan = _plan_record(upstream, ref, config)
+        plan = plan_record(upstream, ref, config)
         inputs[name] = scores_inputs(examples_sha256, plan, ref, config, reference)
         if os.path.exists(success):
             check_score_settings(out_dir, config)
             recorded = storage.read_json(success).get("inputs") or {}
-            if recorded.get("examples_sha256", examples_sha256) != examples_sha256:
-                raise ScoreError(
-                    f"{success}: scored on another upstream example set than {upstream_path}; "
-                    f"delete {out_dir} to score this model again"
-                )
-            if recorded.get("model_sha256", inputs[name]["model_sha256"]) == inputs[name]["model_sha256"]:
-                summaries[name] = storage.read_json(success)
+            model_sha256 = inputs[name]["model_sha256"]
+            if recorded.get("model_sha256", model_sha256) != model_sha256:
+                log(f"scores/{name}: the model changed since it was scored; scoring it again")
+                clear_scores(out_dir)
+            elif recorded.get("examples_sha256", examples_sha256) == examples_sha256:
+                summaries[name] = storage.read_json(success) | {
+                    "shards_scored_this_call": 0,
+                    "examples_scored_this_call": 0,
+                }
                 log(f"scores/{name}: already complete, skipped")
                 continue
-            log(f"scores/{name}: the model changed since it was scored; scoring it again")
+            else:
+                # The run grew: its parts stay, the new examples are scored into new shards.
+                try:
+                    grown = model_shards(upstream, out_dir, plan, config)
+                except ScoreError as e:
+                    raise ScoreError(
+                        f"{success}: scored on another upstream example set than {upstream_path} ({e})"
+                    ) from None
+                if grown is None:
+                    raise ScoreError(
+                        f"{success}: scored on another upstream example set than {upstream_path}; "
+                        f"delete {out_dir} to score this model again"
+                    )
+                os.unlink(success)
+        cut = model_shards(upstream, out_dir, plan, config)
+        if cut is None:
+            log(f"scores/{name}: partial scores of another example set; scoring it from the start")
             clear_scores(out_dir)
-        check_plan(out_dir, plan)
+            cut = plan, shard_plan(upstream, config.shard_size, interleave=config.packing)
+        recorded_plan, shards[name] = cut
+        inputs[name]["plan_sha256"] = digests.sha256_json(recorded_plan)
+        storage.write_json(os.path.join(out_dir, "plan.json"), recorded_plan)
         todo += [
-            {"model": name, "shard": k}
-            for k in range(len(shards))
+            {"model": name, "shard": k, "rows": rows.tolist()}
+            for k, rows in enumerate(shards[name])
             if not os.path.exists(part_path(out_dir, k))
         ]
     pending = [name for name in models if name not in summaries]
@@ -465,16 +578,18 @@ def score_models(
 
     start = time.perf_counter()
     tokens: dict[str, int] = dict.fromkeys(pending, 0)
+    done_shards: dict[str, int] = dict.fromkeys(pending, 0)
+    done_examples: dict[str, int] = dict.fromkeys(pending, 0)
     if todo:
         pool = actor_count(config, len(todo))
+        examples = sum(len(item["rows"]) for item in todo)
         log(
             f"scores: {len(todo)} shard(s) of {len(pending)} model(s) to score "
-            f"({sum(len(shards[item['shard']]) for item in todo)} model-examples) "
-            f"on {pool_size_text(pool)} actor(s)"
+            f"({examples} model-examples) on {pool_size_text(pool)} actor(s)"
         )
         scorer, scorer_kwargs = _scorer(config, reference)
-        folder = shards_folder(upstream_path, upstream, config)
-        write_shards(upstream, shards, folder)
+        folder = shards_folder(upstream_path)
+        todo = write_shards(upstream, todo, folder)
         constructor = {
             "models": {name: dataclasses.asdict(worker_model(models[name], run)) for name in pending},
             "shards_location": worker_location(folder, run),
@@ -484,18 +599,20 @@ def score_models(
         }
         if "reference" in constructor:
             constructor["reference"] = dataclasses.asdict(worker_model(reference, run))
-        examples = sum(len(shards[item["shard"]]) for item in todo)
         if run is not None:
             run.push()  # the shard tables (and the model files) at the URI before any actor starts
         for row in run_shard_actors(scorer, constructor, todo, examples, pool, config, "score", progress):
-            tokens[str(row["model"])] += int(row["n_tokens"])
+            name = str(row["model"])
+            tokens[name] += int(row["n_tokens"])
+            done_shards[name] += 1
+            done_examples[name] += int(row["n_examples"])
         if run is not None:
             run.pull_path(scores_root)
     seconds = time.perf_counter() - start
     rate = sum(tokens.values()) / seconds if seconds > 0 and todo else None
     for name in pending:
         out_dir = os.path.join(scores_root, name)
-        require_parts(out_dir, len(shards), "scoring")
+        require_parts(out_dir, len(shards[name]), "scoring")
         scores = read_scores(out_dir)
         summaries[name] = {
             "model": name,
@@ -505,12 +622,14 @@ def score_models(
             "n_tokens": int(np.sum(scores.column("n_tokens"))),
             "mean_nll": float(np.mean(scores.column("nll"))),
             "scored_tokens_this_call": tokens[name],
+            "shards_scored_this_call": done_shards[name],
+            "examples_scored_this_call": done_examples[name],
             "tokens_per_second_all_models": round(rate, 1) if rate else None,
             "metric": config.metric,
             "inputs": inputs[name],
             "parts": {
                 os.path.basename(part_path(out_dir, k)): digests.file_record(part_path(out_dir, k))
-                for k in range(len(shards))
+                for k in range(len(shards[name]))
             },
         }
         storage.write_json(os.path.join(out_dir, SUCCESS_FILE), summaries[name])

@@ -111,7 +111,7 @@ class ExactMatchScorer(ShardActor):
         ref = self.models[name]
         context = self.cache.context(ref)
         max_length = min(self.exact_match.max_length, context or self.exact_match.max_length)
-        examples = self.shard_table(shard)
+        examples = self.examples()
         with self.cache.use(ref) as (model, tokenizer):
             return score_shard_exact_match(
                 model, tokenizer, examples, np.arange(examples.num_rows), self.exact_match, max_length
@@ -193,8 +193,8 @@ def score_exact_match(
             f"({sum(len(shards[item['shard']]) for item in todo)} model-examples) "
             f"on {pool_size_text(pool)} actor(s)"
         )
-        folder = shards_folder(upstream_path, upstream, score)
-        write_shards(upstream, shards, folder)
+        folder = shards_folder(upstream_path)
+        todo = write_shards(upstream, [item | {"rows": shards[item["shard"]]} for item in todo], folder)
         constructor = {
             "models": {name: dataclasses.asdict(worker_model(models[name], run)) for name in pending},
             "shards_location": worker_location(folder, run),

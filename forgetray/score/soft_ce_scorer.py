@@ -91,7 +91,7 @@ class SoftCEShardScorer(ShardActor):
 
     def score_item(self, name: str, shard: int) -> pa.Table:
         model, tokenizer = self._model(name)
-        examples = self.shard_table(shard)
+        examples = self.examples()
         return score_shard_soft_ce(
             model,
             self.base_model,

@@ -41,7 +41,7 @@ is therefore a single shared solve plus 30 tiny ones.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -416,6 +416,52 @@ def fit_als(
                 break
             sampled = now
     return AlsFactors(mu=mu, row_bias=row_bias, col_bias=col_bias, P=P, Q=Q)
+
+
+def relabelled_init(
+    previous: AlsFactors,
+    previous_rows: Sequence[str],
+    previous_cols: Sequence[str],
+    rows: Sequence[str],
+    cols: Sequence[str],
+) -> tuple[AlsFactors, np.ndarray, np.ndarray]:
+    """(init, row_order, col_order) to restart ALS on a Z (len(rows), len(cols)) whose rows and
+    columns are labelled, from `previous` factors of labelled rows and columns.
+
+    `Z[row_order][:, col_order]` has the rows and columns `previous` knows first (in Z's order), then
+    the new ones, which is what `fit_als(init=...)` needs; `init` holds `previous`'s factors of those
+    kept rows and columns in that order (rows or columns `previous` had and Z has not are dropped).
+    """
+    row_at = {label: i for i, label in enumerate(previous_rows)}
+    col_at = {label: j for j, label in enumerate(previous_cols)}
+    kept_rows = [i for i, label in enumerate(rows) if label in row_at]
+    kept_cols = [j for j, label in enumerate(cols) if label in col_at]
+    old_rows = np.array([row_at[rows[i]] for i in kept_rows], dtype=int)
+    old_cols = np.array([col_at[cols[j]] for j in kept_cols], dtype=int)
+    row_order = np.concatenate([kept_rows, np.setdiff1d(np.arange(len(rows)), kept_rows)]).astype(int)
+    col_order = np.concatenate([kept_cols, np.setdiff1d(np.arange(len(cols)), kept_cols)]).astype(int)
+    init = AlsFactors(
+        previous.mu,
+        previous.row_bias[old_rows],
+        previous.col_bias[old_cols],
+        previous.P[old_rows],
+        previous.Q[old_cols],
+    )
+    return init, row_order, col_order
+
+
+def unpermuted(factors: AlsFactors, row_order: np.ndarray, col_order: np.ndarray) -> AlsFactors:
+    """The factors of Z from those of Z[row_order][:, col_order] (`relabelled_init`)."""
+    P, row_bias = np.empty_like(factors.P), np.empty_like(factors.row_bias)
+    Q, col_bias = np.empty_like(factors.Q), np.empty_like(factors.col_bias)
+    P[row_order], row_bias[row_order] = factors.P, factors.row_bias
+    Q[col_order], col_bias[col_order] = factors.Q, factors.col_bias
+    return AlsFactors(factors.mu, row_bias, col_bias, P, Q)
+
+
+def scaled(factors: AlsFactors, c: float) -> AlsFactors:
+    """Factors whose every prediction is c times `factors`'s (mu, biases and P times c)."""
+    return AlsFactors(c * factors.mu, c * factors.row_bias, c * factors.col_bias, c * factors.P, factors.Q)
 
 
 def als_objective(z: np.ndarray, mask: np.ndarray | None, factors: AlsFactors, reg: float) -> float:

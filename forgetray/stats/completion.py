@@ -38,7 +38,7 @@ import numpy as np
 import scipy.special
 import scipy.stats
 
-from forgetray.stats.als import fit_als, init_row_factors, outer_rows
+from forgetray.stats.als import AlsFactors, fit_als, init_row_factors, outer_rows, scaled
 
 
 @runtime_checkable
@@ -233,6 +233,13 @@ class ALSMF:
     reg: float = 0.03
     iterations: int = 15
     seed: int = 0
+    train_fit: AlsFactors | None = None
+    """Factors of the train rows (in units of Z, `fit_als` on z_train / std times std): each fit then
+    restarts from them, the new row initialised by a least-squares solve against their example
+    factors on its revealed entries (`fit_als(init=...)`), and stops once it changes its predictions
+    by less than `tol`. `forgetray complete` passes the train fit it restarted from the previous
+    factors of a grown run (`forgetray.study.train_factors`). None: a random start, `iterations`."""
+    tol: float = 1e-4
 
     def fit_predict(
         self, z_train: np.ndarray, revealed_idx: np.ndarray, revealed_values: np.ndarray
@@ -246,8 +253,23 @@ class ALSMF:
         mask[m] = False
         mask[m, revealed_idx] = True
         scale = float(np.std(z[mask])) or 1.0
+        init = None
+        if self.train_fit is not None:
+            if self.train_fit.P.shape[0] != m or self.train_fit.Q.shape[0] != n:
+                raise ValueError(
+                    f"ALSMF.train_fit: factors of {self.train_fit.P.shape[0]} x {self.train_fit.Q.shape[0]}, "
+                    f"but z_train is {m} x {n}"
+                )
+            init = scaled(self.train_fit, 1.0 / scale)
         factors = fit_als(
-            z / scale, mask, rank=self.rank, reg=self.reg, iterations=self.iterations, seed=self.seed
+            z / scale,
+            mask,
+            rank=self.rank,
+            reg=self.reg,
+            iterations=self.iterations,
+            seed=self.seed,
+            init=init,
+            tol=None if init is None else self.tol,
         )
         return scale * factors.predict(rows=np.array([m]))[0]
 
