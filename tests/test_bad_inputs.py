@@ -594,9 +594,10 @@ def test_matrix_index_records_each_input_per_row(synthetic_run):
 def test_a_run_directory_without_results_may_take_a_corrected_config(tmp_path):
     from forgetray import storage
     from forgetray.config import load_config
-    from forgetray.pipeline import RunPaths, check_run_config
+    from forgetray.pipeline import check_run_config
+    from forgetray.rundir import RunDir
 
-    paths = RunPaths(str(tmp_path))
+    paths = RunDir(str(tmp_path))
     storage.write_text(paths.config, load_config(None, ["finetune.learning_rate=5"]).to_yaml())
     corrected = load_config(None, ["finetune.learning_rate=0.001"])
     assert check_run_config(paths, corrected) is False  # no results: replace config and data

@@ -13,7 +13,8 @@ from forgetray.config import ConfigError, ScoreConfig, SourceConfig, UpstreamCon
 from forgetray.data.sources import load_upstream, sample_order
 from forgetray.growth import Growth, check_growth, check_upstream_extends
 from forgetray.models import ModelRef
-from forgetray.pipeline import RunPaths, run_growth
+from forgetray.pipeline import run_growth
+from forgetray.rundir import RunDir
 from forgetray.score.driver import SCORES_SCHEMA, model_shards, part_path, plan_record, shard_plan
 
 TASKS4 = "tasks.builtin=[addition, uppercase, rot13, snake_case]"
@@ -90,7 +91,7 @@ def test_tasks_and_examples_may_be_added_and_placement_changed():
 
 
 def test_a_run_directory_with_results_refuses_a_changed_score_setting(tmp_path):
-    paths = RunPaths(str(tmp_path))
+    paths = RunDir(str(tmp_path))
     storage.write_text(paths.config, load_config(None, [TASKS4]).to_yaml())
     (tmp_path / "scores" / "base").mkdir(parents=True)
     (tmp_path / "scores" / "base" / "part-00000.parquet").write_bytes(b"x")
