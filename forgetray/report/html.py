@@ -114,7 +114,7 @@ def _summary(run: RunView) -> str:
     base = run.json(run.dir.base_model)
     index = run.json(run.dir.matrix_index)
     base_scores = run.json(run.dir.model_scores(BASE), "_SUCCESS.json")
-    checkpoints = run.pointer_paths()
+    checkpoints = run.dir.finetuned_tasks()
     model_config = config.get("model") if isinstance(config.get("model"), dict) else {}
     if base is not None:
         model = base.get("model") or {}

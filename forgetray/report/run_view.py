@@ -6,7 +6,6 @@ Every path comes from the run's `RunDir`; a study's files are read from its own 
 
 from __future__ import annotations
 
-import glob
 import os
 import shlex
 from typing import Any
@@ -70,13 +69,9 @@ class RunView:
             loaded = yaml.safe_load(f)
         return loaded if isinstance(loaded, dict) else None
 
-    def pointer_paths(self) -> list[str]:
-        """The fine-tuning pointer files (`checkpoints/<task>.json`), by path."""
-        return sorted(glob.glob(self.dir.pointer("*")))
-
     def checkpoints(self) -> list[dict[str, Any]]:
         """The fine-tuning pointer files, in the matrix's task order when there is one, else by name."""
-        pointers = [storage.read_json(p) for p in self.pointer_paths()]
+        pointers = [storage.read_json(self.dir.pointer(t)) for t in self.dir.finetuned_tasks()]
         index = self.json(self.dir.matrix_index)
         if index and "tasks" in index:
             order = {str(t): i for i, t in enumerate(index["tasks"])}
