@@ -94,12 +94,11 @@ def test_summary_csv_flattens_curves_and_methods():
 
 @pytest.mark.slow
 def test_sweep_over_two_builtin_sizes_into_a_uri(ray_session, tmp_path, monkeypatch):
-    """The sweep directory is a file:// URI: every run goes through the staging copy and is uploaded;
-    a second call with the staging copy gone downloads it back and resumes without training again."""
+    """The sweep directory is a file:// URI: every run goes through the local cache and is uploaded;
+    a second call with the cache gone downloads it back and resumes without training again."""
     import shutil
 
     monkeypatch.setenv("FORGETRAY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("FORGETRAY_STAGING", str(tmp_path / "staging"))
     out = tmp_path / "bucket" / "sizes"
     assert main(["sweep", write_sweep(tmp_path), "--out", f"file://{out}", "--no-progress"]) == 0
     rows = json.loads((out / "summary.json").read_text())
@@ -118,7 +117,7 @@ def test_sweep_over_two_builtin_sizes_into_a_uri(ray_session, tmp_path, monkeypa
     assert not [n for _, _, names in os.walk(out) for n in names if n.endswith(".upload")]
 
     stamp = (out / "tiny-1x16" / "matrix" / "forgetting.npy").stat().st_mtime_ns
-    shutil.rmtree(tmp_path / "staging")
+    shutil.rmtree(tmp_path / "cache" / "rundirs")
     assert main(["sweep", write_sweep(tmp_path), "--out", f"file://{out}", "--no-progress"]) == 0
     assert (out / "tiny-1x16" / "matrix" / "forgetting.npy").stat().st_mtime_ns == stamp
     log = (out / "tiny-2x32" / "logs" / "forgetray.log").read_text()
