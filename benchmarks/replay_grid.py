@@ -18,11 +18,11 @@ import os
 import sys
 from typing import Any
 
-from forgetray import storage
+from forgetray import rundir, storage
 
 
 def cell_rows(run_dir: str) -> list[dict[str, Any]]:
-    folder = os.path.join(run_dir, "replay", "cells")
+    folder = os.path.join(rundir.RunDir(run_dir).study("replay"), "cells")
     if not os.path.isdir(folder):
         return []
     cells = [storage.read_json(os.path.join(folder, name)) for name in sorted(os.listdir(folder))]
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if not options.table_only:
         from forgetray.config import load_config
-        from forgetray.pipeline import RunPaths, setup_logging
+        from forgetray.pipeline import setup_logging
         from forgetray.replay.experiment import replay_run
 
-        paths = RunPaths(options.run_dir)
+        paths = rundir.RunDir(options.run_dir)
         log = setup_logging(paths)
         for ratio in options.ratios:
             for temperature in options.temperatures:

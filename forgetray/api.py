@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from forgetray import tracking
+from forgetray import rundir, tracking
 from forgetray.config import ConfigError, SweepConfig, config_from_dict, load_config
 from forgetray.console import Verbosity
 from forgetray.matrix import load_forgetting_matrix
-from forgetray.remote import is_uri
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -76,22 +75,18 @@ class ForgettingMatrix:
 def open_run(run_dir: str | os.PathLike[str]) -> ForgettingMatrix:
     """The forgetting matrix of a finished (or partly finished) run directory."""
     root = os.fspath(run_dir)
-    if is_uri(root):
+    if rundir.is_uri(root):
         raise ConfigError(
             f"{root}: open_run reads a local run directory; copy the run's matrix/ folder first"
         )
-    matrix_dir = os.path.join(root, "matrix")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: no such run directory")
-    if not os.path.exists(os.path.join(matrix_dir, "forgetting.npy")):
-        raise FileNotFoundError(
-            f"{matrix_dir}: no forgetting matrix yet; finish the run with `forgetray run --out {root}`"
-        )
-    values, index = load_forgetting_matrix(matrix_dir)
+    run = rundir.RunDir(root)
+    values, index = load_forgetting_matrix(run.require_matrix())
     tasks, examples = tuple(map(str, index["tasks"])), tuple(map(str, index["examples"]))
     if values.shape != (len(tasks), len(examples)):
         raise ValueError(
-            f"{matrix_dir}/index.json: {len(tasks)} tasks x {len(examples)} examples for a matrix of "
+            f"{run.matrix_index}: {len(tasks)} tasks x {len(examples)} examples for a matrix of "
             f"shape {values.shape}"
         )
     return ForgettingMatrix(values, tasks, examples, root)

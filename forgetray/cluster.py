@@ -5,10 +5,10 @@
 A job's driver calls `join_cluster()`: `ray.init()` with no address joins the cluster the job was
 submitted to (Ray sets RAY_ADDRESS for it) and starts a local one when the script runs on a laptop.
 
-Ray Train workers, Tune trials and scoring actors read and write the run's working copy by path
-(task data, checkpoints, score parts), so on more than one node that directory must be one every node
-sees: a shared mount (NFS, EFS, Lustre), or, for a URI run directory, a staging directory on one
-(`FORGETRAY_STAGING`, see `forgetray.remote`). `check_run_dir_visible` proves it by writing a marker
+On a URI run directory (`s3://`, `gs://`, ...) the store is all the nodes share: workers are handed
+locations at the URI (`forgetray.rundir`). A local run directory is read and written by path by
+Ray Train workers, Tune trials and scoring actors, so on more than one node it must be a shared
+mount every node sees (NFS, EFS, Lustre): `check_run_dir_visible` proves it by writing a marker
 file and asking one task pinned to each alive node whether it can read it; a run refuses to start
 otherwise, naming the nodes that cannot.
 """

@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from forgetray import storage
+from forgetray import rundir, storage
 from forgetray.config import ConfigError, SweepConfig
 from forgetray.matrix import INDEX_FILE, MATRIX_FILE, aligned_nll
+from forgetray.rundir import BASE
 
 EXACT_MATCH_DIR = "exact_match"
 CORRECT_FILE = "correct_after.npy"
@@ -89,9 +90,9 @@ def assemble_exact_match_matrix(
     return True
 
 
-def load_exact_match_matrix(run_dir: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def load_exact_match_matrix(run_dir: str | rundir.RunDir) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(Y (tasks, examples) uint8, base_correct (examples,) bool, index) of a run."""
-    matrix_dir = os.path.join(run_dir, EXACT_MATCH_DIR, "matrix")
+    matrix_dir = os.path.join(rundir.open_run(run_dir).study(EXACT_MATCH_DIR), "matrix")
     if not os.path.exists(os.path.join(matrix_dir, MATRIX_FILE)):
         raise FileNotFoundError(
             f"{matrix_dir}/{MATRIX_FILE}: no exact-match matrix yet; run `forgetray exact-match`"
@@ -163,42 +164,41 @@ def complete_exact_match(
     return results
 
 
-def _run_models(run_dir: str, config: SweepConfig) -> dict[str, Any]:
-    """{"base": base ref, task: fine-tuned ref} for every task of the run with a checkpoint."""
-    from forgetray.finetune.sweep import finetuned_model, pointer_path
+def _run_models(run: rundir.RunDir, config: SweepConfig) -> dict[str, Any]:
+    """{"base": base ref, task: fine-tuned ref} for every task of the run with a checkpoint, in the
+    config's task order."""
+    from forgetray.finetune.sweep import finetuned_model
     from forgetray.models import ModelRef
-    from forgetray.pipeline import BASE, RunPaths, _task_names
 
-    paths = RunPaths(run_dir)
-    for needed in (paths.base_model, paths.upstream):
-        if not os.path.exists(needed):
-            raise ConfigError(f"{needed}: missing; run `forgetray run` for this directory first")
-    base = ModelRef(**storage.read_json(paths.base_model)["model"])
-    tasks = [t for t in _task_names(config) if os.path.exists(pointer_path(run_dir, t))]
+    base = ModelRef(**run.base_model_record()["model"])
+    if not os.path.exists(run.upstream):
+        raise ConfigError(f"{run.upstream}: missing; run `forgetray run --out {run}` first")
+    tasks = [t for t in config.tasks.names if os.path.exists(run.pointer(t))]
     if not tasks:
-        raise ConfigError(f"{run_dir}: no fine-tuned model yet (no checkpoints/<task>.json)")
-    return {BASE: base} | {
-        t: finetuned_model(base, storage.read_json(pointer_path(run_dir, t))) for t in tasks
-    }
+        raise ConfigError(f"{run}: no fine-tuned model yet (no checkpoints/<task>.json)")
+    return {BASE: base} | {t: finetuned_model(base, storage.read_json(run.pointer(t))) for t in tasks}
 
 
 def exact_match_run(
-    run_dir: str, config: SweepConfig, log: Callable[[str], None] = print, progress: bool = True
+    run_dir: str | rundir.RunDir,
+    config: SweepConfig,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Generate (resumably), assemble, summarise and complete; returns what `summary.json` holds
     (with the completion results under "completion" when there are at least 3 tasks)."""
     import pyarrow.parquet as pq
 
-    from forgetray.pipeline import BASE, RunPaths, ensure_ray
+    from forgetray.pipeline import ensure_ray
     from forgetray.score.exact_match_scorer import read_exact_match, score_exact_match
 
-    paths = RunPaths(run_dir)
-    models = _run_models(run_dir, config)
-    root = os.path.join(run_dir, EXACT_MATCH_DIR)
+    run = rundir.open_run(run_dir)
+    models = _run_models(run, config)
+    root = run.study(EXACT_MATCH_DIR)
     ensure_ray()
-    score_exact_match(models, paths.upstream, os.path.join(root, "scores"), config.exact_match, log, progress)
+    score_exact_match(models, run.upstream, os.path.join(root, "scores"), config.exact_match, log, progress)
     tasks = [name for name in models if name != BASE]
-    example_ids = pq.read_table(paths.upstream, columns=["example_id"]).column("example_id").to_pylist()
+    example_ids = pq.read_table(run.upstream, columns=["example_id"]).column("example_id").to_pylist()
     matrix_dir = os.path.join(root, "matrix")
     assemble_exact_match_matrix(
         matrix_dir,
@@ -207,7 +207,7 @@ def exact_match_run(
         [(t, lambda t=t: read_exact_match(os.path.join(root, "scores", t))) for t in tasks],
         log,
     )
-    y, base_correct, _ = load_exact_match_matrix(run_dir)
+    y, base_correct, _ = load_exact_match_matrix(run)
     correct_after = storage.load_npy(os.path.join(matrix_dir, CORRECT_FILE))
     summary = {"settings": dataclasses.asdict(config.exact_match)} | summarise(
         y, correct_after, base_correct, tasks

@@ -33,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from forgetray import storage
+from forgetray import rundir, storage
 from forgetray.config import ConfigError, FlatnessConfig
 from forgetray.flatness import FIGURES, model_landscape
+from forgetray.rundir import BASE
 
-BASE = "base"
+FLATNESS_DIR = "flatness"
 
 
 def _sample_rows(path: str, n: int, seed: int) -> list[tuple[str, str, str]]:
@@ -73,13 +74,13 @@ def _load_merged(ref: Any) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def mean_forgetting_per_task(run_dir: str) -> dict[str, float]:
+def mean_forgetting_per_task(run_dir: str | rundir.RunDir) -> dict[str, float]:
     """Row means of the run's forgetting matrix, by task (empty before the matrix exists)."""
-    index_path = os.path.join(run_dir, "matrix", "index.json")
-    if not os.path.exists(index_path):
+    run = rundir.open_run(run_dir)
+    if not os.path.exists(run.matrix_index):
         return {}
-    z = storage.load_npy(os.path.join(run_dir, "matrix", "forgetting.npy"), mmap=True)  # (tasks, examples)
-    tasks = storage.read_json(index_path)["tasks"]
+    z = storage.load_npy(run.matrix_file, mmap=True)  # (tasks, examples)
+    tasks = storage.read_json(run.matrix_index)["tasks"]
     return {t: float(np.mean(z[i], dtype=np.float64)) for i, t in enumerate(tasks)}
 
 
@@ -142,29 +143,27 @@ def _landscape_of(
     }
 
 
-def flatness_run(run_dir: str, config: FlatnessConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def flatness_run(
+    run_dir: str | rundir.RunDir, config: FlatnessConfig, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """The flatness stage (module docstring); returns what `figures.json` holds."""
-    from forgetray.finetune.sweep import finetuned_model, pointer_path
+    from forgetray.finetune.sweep import finetuned_model
     from forgetray.models import ModelRef
-    from forgetray.pipeline import RunPaths, _task_names, load_run_config
+    from forgetray.pipeline import load_run_config
     from forgetray.report.plots import flatness_scatter, loss_landscape
 
-    paths = RunPaths(run_dir)
-    run_config = load_run_config(run_dir)
-    if not os.path.exists(paths.base_model):
-        raise ConfigError(f"{paths.base_model}: missing; run `forgetray run` for this directory first")
-    base = ModelRef(**storage.read_json(paths.base_model)["model"])
-    tasks = [t for t in _task_names(run_config) if os.path.exists(pointer_path(run_dir, t))]
+    run = rundir.open_run(run_dir)
+    run_config = load_run_config(run.root)
+    base = ModelRef(**run.base_model_record()["model"])
+    tasks = [t for t in run_config.tasks.names if os.path.exists(run.pointer(t))]
     if not tasks:
-        raise ConfigError(f"{run_dir}: no fine-tuned model yet (no checkpoints/<task>.json)")
-    models = {BASE: base} | {
-        t: finetuned_model(base, storage.read_json(pointer_path(run_dir, t))) for t in tasks
-    }
-    out_dir = os.path.join(run_dir, "flatness")
+        raise ConfigError(f"{run}: no fine-tuned model yet (no checkpoints/<task>.json)")
+    models = {BASE: base} | {t: finetuned_model(base, storage.read_json(run.pointer(t))) for t in tasks}
+    out_dir = run.study(FLATNESS_DIR)
     settings = dataclasses.asdict(config)
     share = max(1, math.ceil(config.n_examples / len(tasks)))
-    task_rows = {t: _sample_rows(paths.task(t), config.n_examples, config.seed) for t in tasks}
-    upstream_rows = _sample_rows(paths.upstream, config.n_examples, config.seed)
+    task_rows = {t: _sample_rows(run.task(t), config.n_examples, config.seed) for t in tasks}
+    upstream_rows = _sample_rows(run.upstream, config.n_examples, config.seed)
 
     results: dict[str, dict[str, Any]] = {}
     for name, ref in models.items():
@@ -188,7 +187,7 @@ def flatness_run(run_dir: str, config: FlatnessConfig, log: Callable[[str], None
             f"{figures['average_gradient']:.4g}, loss at centre {figures['centre_loss']:.4f}"
         )
 
-    forgetting = mean_forgetting_per_task(run_dir)
+    forgetting = mean_forgetting_per_task(run)
     figures_by_task = {t: results[t]["figures"] for t in tasks}
     summary = {
         "settings": settings,
@@ -208,22 +207,22 @@ def flatness_run(run_dir: str, config: FlatnessConfig, log: Callable[[str], None
     return summary
 
 
-def compare_runs(run_dirs: Sequence[str]) -> dict[str, Any]:
+def compare_runs(run_dirs: Sequence[str | rundir.RunDir]) -> dict[str, Any]:
     """Per task and on average, each run's mean forgetting, last training loss and (if the flatness
     stage ran) task loss at the final weights and curvature; see the module docstring."""
     from forgetray.pipeline import load_run_config
 
     runs: dict[str, Any] = {}
     for run_dir in run_dirs:
-        config = load_run_config(run_dir)
-        forgetting = mean_forgetting_per_task(run_dir)
-        if not forgetting:
-            raise ConfigError(f"{run_dir}: no forgetting matrix yet; run `forgetray run` first")
-        flatness_path = os.path.join(run_dir, "flatness", "figures.json")
+        run = rundir.open_run(run_dir)
+        config = load_run_config(run.root)
+        run.require_matrix()
+        forgetting = mean_forgetting_per_task(run)
+        flatness_path = os.path.join(run.study(FLATNESS_DIR), "figures.json")
         flatness = storage.read_json(flatness_path)["models"] if os.path.exists(flatness_path) else {}
         per_task = {}
         for task, value in forgetting.items():
-            pointer = os.path.join(run_dir, "checkpoints", f"{task}.json")
+            pointer = run.pointer(task)
             train_loss = storage.read_json(pointer)["loss"] if os.path.exists(pointer) else None
             per_task[task] = {
                 "mean_forgetting": value,
@@ -233,7 +232,7 @@ def compare_runs(run_dirs: Sequence[str]) -> dict[str, Any]:
             }
         sam, optimizer = config.finetune.sam, config.finetune.optimizer
         adaptive = ", adaptive" if sam.adaptive else ""
-        runs[run_dir] = {
+        runs[str(run_dir)] = {
             "optimizer": f"SAM(rho={sam.rho}{adaptive}) + {optimizer}" if sam.enabled else optimizer,
             "learning_rate": config.finetune.learning_rate,
             "per_task": per_task,

@@ -36,11 +36,12 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from forgetray import storage
+from forgetray import rundir, storage
 from forgetray.config import CompleteConfig, ForecastConfig, SweepConfig
 from forgetray.representations import batch_last_token_states, encode_rows, last_token_states, pad_token_id
 from forgetray.stats.forecast import FixedForecast, SharedHeadSettings, pair_logits, train_shared_head
 
+FORECAST_DIR = "forecast"
 EXAMPLES_FILE = "example_representations.npy"
 TASKS_FILE = "task_representations.npy"
 INDEX_FILE = "representations.json"
@@ -59,14 +60,11 @@ def _extraction_settings(model: dict[str, Any], config: ForecastConfig) -> dict[
     }
 
 
-def _base_model(run_dir: str) -> dict[str, Any]:
-    path = os.path.join(run_dir, "models", "base.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no base model recorded; run `forgetray run` first")
-    model = storage.read_json(path).get("model")
+def _base_model(run: rundir.RunDir) -> dict[str, Any]:
+    model = run.base_model_record().get("model")
     if not isinstance(model, dict) or "path" not in model:
-        raise ValueError(f"{path}: field 'model' must be a mapping with a 'path'")
-    return model  # type: ignore[no-any-return]
+        raise ValueError(f"{run.base_model}: field 'model' must be a mapping with a 'path'")
+    return model
 
 
 def _read_rows(path: str, columns: list[str]) -> dict[str, list[Any]]:
@@ -80,17 +78,15 @@ def _read_rows(path: str, columns: list[str]) -> dict[str, list[Any]]:
 
 
 def extract_representations(
-    run_dir: str, tasks: list[str], config: ForecastConfig, log: Callable[[str], None] = print
+    run_dir: str | rundir.RunDir, tasks: list[str], config: ForecastConfig, log: Callable[[str], None] = print
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(task states (tasks, hidden), example states (upstream examples, hidden), index) for the run,
     read from <run>/forecast/ when extracted before with the same settings, else extracted and saved.
     Example rows follow <run>/data/upstream.parquet, task rows `tasks`."""
-    from forgetray.pipeline import RunPaths
-
-    paths = RunPaths(run_dir)
-    out = os.path.join(run_dir, "forecast")
-    settings = _extraction_settings(_base_model(run_dir), config)
-    upstream = _read_rows(paths.upstream, ["example_id", "prompt", "response"])
+    run = rundir.open_run(run_dir)
+    out = run.study(FORECAST_DIR)
+    settings = _extraction_settings(_base_model(run), config)
+    upstream = _read_rows(run.upstream, ["example_id", "prompt", "response"])
     index_path = os.path.join(out, INDEX_FILE)
     if os.path.exists(index_path) and os.path.exists(os.path.join(out, TASKS_FILE)):
         index = storage.read_json(index_path)
@@ -106,10 +102,10 @@ def extract_representations(
                 index,
             )
 
-    task_tables = {task: _read_rows(paths.task(task), ["prompt", "response"]) for task in tasks}
+    task_tables = {task: _read_rows(run.task(task), ["prompt", "response"]) for task in tasks}
     empty = [task for task, table in task_tables.items() if not table["prompt"]]
     if empty:
-        raise ValueError(f"{paths.task(empty[0])}: task {empty[0]!r} has no examples")
+        raise ValueError(f"{run.task(empty[0])}: task {empty[0]!r} has no examples")
 
     import time
 
@@ -209,7 +205,7 @@ def task_sample(task: str, n: int, config: ForecastConfig) -> np.ndarray:
 
 
 def authors_forecast(
-    run_dir: str,
+    run_dir: str | rundir.RunDir,
     tasks: list[str],
     examples: list[str],
     forgotten_train: np.ndarray,
@@ -230,17 +226,16 @@ def authors_forecast(
     import torch
 
     from forgetray.models import ModelRef, load_model
-    from forgetray.pipeline import RunPaths
 
     started = time.perf_counter()
-    paths = RunPaths(run_dir)
-    upstream = _read_rows(paths.upstream, ["example_id", "prompt", "response"])
+    run = rundir.open_run(run_dir)
+    upstream = _read_rows(run.upstream, ["example_id", "prompt", "response"])
     position = {example_id: j for j, example_id in enumerate(upstream["example_id"])}
     missing = [e for e in examples if e not in position]
     if missing:
-        raise ValueError(f"{paths.upstream}: matrix example {missing[0]!r} is not an upstream example")
+        raise ValueError(f"{run.upstream}: matrix example {missing[0]!r} is not an upstream example")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(ModelRef(**_base_model(run_dir)), device)
+    model, tokenizer = load_model(ModelRef(**_base_model(run)), device)
     pad = pad_token_id(tokenizer)
     example_ids = encode_rows(
         tokenizer,
@@ -249,7 +244,7 @@ def authors_forecast(
     )  # matrix column order
     task_ids: list[list[np.ndarray]] = []
     for task in tasks:
-        table = _read_rows(paths.task(task), ["prompt", "response"])
+        table = _read_rows(run.task(task), ["prompt", "response"])
         chosen = task_sample(task, len(table["prompt"]), config)
         rows = [(f"{task}/{j}", table["prompt"][j], table["response"][j]) for j in chosen]
         task_ids.append(encode_rows(tokenizer, rows, config.max_length))
@@ -322,32 +317,30 @@ def authors_forecast(
     return 1.0 / (1.0 + np.exp(-logits)), info
 
 
-def forecast_run(run_dir: str, config: SweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def forecast_run(
+    run_dir: str | rundir.RunDir, config: SweepConfig, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Representations, then the completion protocol with the forecaster next to the completion
     methods of `config.complete` (one `evaluate_completion` call each for real and binary Z)."""
     from forgetray.matrix import load_forgetting_matrix
     from forgetray.stats.completion import evaluate_completion
     from forgetray.study import completion_methods
 
-    matrix_dir = os.path.join(run_dir, "matrix")
-    if not os.path.exists(os.path.join(matrix_dir, "forgetting.npy")):
-        raise FileNotFoundError(
-            f"{matrix_dir}/forgetting.npy: no forgetting matrix yet; run `forgetray run` first"
-        )
-    z, index = load_forgetting_matrix(matrix_dir)
+    run = rundir.open_run(run_dir)
+    z, index = load_forgetting_matrix(run.require_matrix())
     z = np.asarray(z, dtype=np.float64)  # (tasks, examples)
     tasks, examples = list(index["tasks"]), list(index["examples"])
     if z.shape != (len(tasks), len(examples)):
         raise ValueError(
-            f"{matrix_dir}/index.json: {len(tasks)} tasks and {len(examples)} examples for a matrix "
+            f"{run.matrix_index}: {len(tasks)} tasks and {len(examples)} examples for a matrix "
             f"of shape {z.shape}"
         )
     train_rows, test_rows = protocol_split(*z.shape, config.complete)
-    h_tasks, h_all, rep_index = extract_representations(run_dir, tasks, config.forecast, log)
+    out = run.study(FORECAST_DIR)
+    h_tasks, h_all, rep_index = extract_representations(run, tasks, config.forecast, log)
     h_examples = align_examples(
-        h_all, rep_index["examples"], examples, os.path.join(run_dir, "forecast", INDEX_FILE)
+        h_all, rep_index["examples"], examples, os.path.join(out, INDEX_FILE)
     )  # (examples, hidden), matrix column order
-    out = os.path.join(run_dir, "forecast")
     seeds = range(config.complete.n_seeds)
     described = {
         "settings": dataclasses.asdict(config.forecast),
@@ -385,7 +378,7 @@ def forecast_run(run_dir: str, config: SweepConfig, log: Callable[[str], None] =
     # The authors' forecaster, on its own labels (forgotten = Z > 0), beside every other method
     # binarised the same way.
     probabilities, trained = authors_forecast(
-        run_dir, tasks, examples, z[train_rows] > 0, train_rows, config.forecast, log
+        run, tasks, examples, z[train_rows] > 0, train_rows, config.forecast, log
     )
     methods = completion_methods(config.complete, binary=True)
     methods.update(forecast_methods(h_tasks, h_examples, train_rows, config.forecast))

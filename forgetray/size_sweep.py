@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from forgetray import storage
+from forgetray import rundir, storage
 from forgetray.config import (
     ConfigError,
     SweepConfig,
@@ -138,10 +138,11 @@ def count_parameters(model_path: str) -> int | None:
     return total
 
 
-def size_summary(name: str, run_dir: str) -> dict[str, Any]:
+def size_summary(name: str, run_dir: str | rundir.RunDir) -> dict[str, Any]:
     """One size's row: model size, forgetting statistics, R^2 curve and completion RMSEs."""
-    fits = storage.read_json(os.path.join(run_dir, "analysis", "fits.json"))
-    base = storage.read_json(os.path.join(run_dir, "models", "base.json"))
+    run = rundir.open_run(run_dir)
+    fits = storage.read_json(run.fits)
+    base = run.base_model_record()
     stats = fits["statistics"]
     row: dict[str, Any] = {
         "size": name,
@@ -157,9 +158,8 @@ def size_summary(name: str, run_dir: str) -> dict[str, Any]:
         "r2_svd": fits["r2_svd"],
         "completion_rmse": {},
     }
-    completion = os.path.join(run_dir, "completion", "results.json")
-    if os.path.exists(completion):
-        results = storage.read_json(completion)
+    if os.path.exists(run.completion_results):
+        results = storage.read_json(run.completion_results)
         row["completion_rmse"] = {
             method: value["rmse_mean"]
             for method, value in results.items()
@@ -189,12 +189,12 @@ def run_size_sweep(
 ) -> list[dict[str, Any]]:
     """Every size's run (each resumable), then the summary table and plot across sizes."""
     from forgetray.pipeline import setup_logging
-    from forgetray.remote import is_uri, staged
 
     log = log or setup_logging(None)
-    if is_uri(sweep.out):
-        with staged(sweep.out) as local:
-            return _run_sizes(dataclasses.replace(sweep, out=local), progress, log)
+    if rundir.is_uri(sweep.out):
+        # The sweep's folder (every size's run directory in it) worked on in a local cache, synced.
+        with rundir.RunDir(sweep.out).synced() as out:
+            return _run_sizes(dataclasses.replace(sweep, out=out.root), progress, log)
     return _run_sizes(sweep, progress, log)
 
 

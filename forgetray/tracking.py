@@ -28,11 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from forgetray import storage
+from forgetray import rundir, storage
 from forgetray.config import ConfigError, TrackingConfig
 from forgetray.matrix import load_forgetting_matrix
 
 CURVES_DIR = "curves"
+MLFLOW_DIR = "mlruns"
+"""`<run>/mlruns/`: the default MLflow file store."""
+TENSORBOARD_DIR = "tensorboard"
+"""`<run>/tensorboard/`: the default TensorBoard log folder."""
 PROGRESS_KEY = "progress"
 """Set in a step report's metrics: what a curve keeps (the final report with a checkpoint is not a point)."""
 
@@ -40,8 +44,8 @@ BACKEND_PACKAGES = {"mlflow": "mlflow", "tensorboard": "tensorboardX", "wandb": 
 """The module each backend needs; `pip install 'forgetray[<backend>]'` installs it."""
 
 
-def curve_path(run_dir: str, task: str) -> str:
-    return os.path.join(run_dir, CURVES_DIR, f"{task}.json")
+def curve_path(run_dir: str | rundir.RunDir, task: str) -> str:
+    return rundir.open_run(run_dir).curve(task)
 
 
 def curve_point(metrics: Mapping[str, Any]) -> dict[str, float] | None:
@@ -67,7 +71,7 @@ def merge_curve(
     return [by_step[s] for s in sorted(by_step)]
 
 
-def read_curve(run_dir: str, task: str) -> list[dict[str, Any]] | None:
+def read_curve(run_dir: str | rundir.RunDir, task: str) -> list[dict[str, Any]] | None:
     path = curve_path(run_dir, task)
     if not os.path.exists(path):
         return None
@@ -90,15 +94,16 @@ def check_backend(config: TrackingConfig) -> None:
         )
 
 
-def tracking_spec(config: TrackingConfig, run_dir: str) -> dict[str, Any]:
+def tracking_spec(config: TrackingConfig, run_dir: str | rundir.RunDir) -> dict[str, Any]:
     """The tracking settings with every default resolved to an absolute place: what travels to the
     workers in `train_loop_config["tracking"]`."""
-    root = os.path.abspath(run_dir)
+    run = rundir.open_run(run_dir)
     spec = dataclasses.asdict(config)
-    spec["experiment"] = config.experiment or os.path.basename(root.rstrip(os.sep)) or "forgetray"
+    name = os.path.basename(run.location.rstrip("/" + os.sep))
+    spec["experiment"] = config.experiment or name or "forgetray"
     if config.backend == "mlflow":
-        spec["tracking_uri"] = config.tracking_uri or f"file:{os.path.join(root, 'mlruns')}"
-    default_dir = os.path.join(root, "tensorboard") if config.backend == "tensorboard" else root
+        spec["tracking_uri"] = config.tracking_uri or f"file:{run.path(MLFLOW_DIR)}"
+    default_dir = run.path(TENSORBOARD_DIR) if config.backend == "tensorboard" else run.root
     spec["log_dir"] = os.path.abspath(config.log_dir) if config.log_dir else default_dir
     return spec
 
@@ -199,13 +204,13 @@ def open_tracker(spec: Mapping[str, Any] | None, task: str, params: Mapping[str,
     return Tracker(spec, task, flat_params(params))
 
 
-def matrix_summary(run_dir: str) -> dict[str, Any] | None:
+def matrix_summary(run_dir: str | rundir.RunDir) -> dict[str, Any] | None:
     """Mean forgetting per task and overall, the share of examples forgotten, and the fits' R^2:
     the numbers a tracking backend shows for a whole run."""
-    matrix_dir = os.path.join(run_dir, "matrix")
-    if not os.path.exists(os.path.join(matrix_dir, "forgetting.npy")):
+    run = rundir.open_run(run_dir)
+    if not run.has_matrix():
         return None
-    z, index = load_forgetting_matrix(matrix_dir)  # (tasks, examples)
+    z, index = load_forgetting_matrix(run.matrix)  # (tasks, examples)
     summary: dict[str, Any] = {
         "tasks": len(index["tasks"]),
         "examples": len(index["examples"]),
@@ -216,9 +221,8 @@ def matrix_summary(run_dir: str) -> dict[str, Any] | None:
             for t, m in zip(index["tasks"], np.mean(z, axis=1, dtype=np.float64), strict=True)
         },
     }
-    fits_path = os.path.join(run_dir, "analysis", "fits.json")
-    if os.path.exists(fits_path):
-        fits = storage.read_json(fits_path)
+    if os.path.exists(run.fits):
+        fits = storage.read_json(run.fits)
         summary["r2_additive"] = fits.get("r2_additive")
         summary["r2_multiplicative"] = fits.get("r2_multiplicative")
         summary["r2_svd"] = fits.get("r2_svd")
@@ -235,23 +239,22 @@ def _summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def log_run_artifacts(run_dir: str, config: TrackingConfig, log: Callable[[str], None]) -> None:
+def log_run_artifacts(
+    run_dir: str | rundir.RunDir, config: TrackingConfig, log: Callable[[str], None]
+) -> None:
     """Driver side, after the report: the matrix summary (metrics + `matrix_summary.json`), the report
     and the resolved config as one `summary` run (or TensorBoard folder) next to the tasks' runs."""
     if config.backend == "none":
         return
-    spec = tracking_spec(config, run_dir)
-    summary = matrix_summary(run_dir)
-    files = [
-        os.path.join(run_dir, name)
-        for name in ("report.html", "config.yaml", "timings.json")
-        if os.path.exists(os.path.join(run_dir, name))
-    ]
+    run = rundir.open_run(run_dir)
+    spec = tracking_spec(config, run)
+    summary = matrix_summary(run)
+    files = [path for path in (run.report, run.config, run.timings) if os.path.exists(path)]
     if spec["backend"] == "mlflow":
         mlflow = _mlflow(spec)
         mlflow.set_tracking_uri(spec["tracking_uri"])
         mlflow.set_experiment(spec["experiment"])
-        with mlflow.start_run(run_name="summary", tags={"forgetray.run_dir": os.path.abspath(run_dir)}):
+        with mlflow.start_run(run_name="summary", tags={"forgetray.run_dir": run.location}):
             if summary is not None:
                 mlflow.log_metrics(_summary_metrics(summary))
                 mlflow.log_dict(summary, "matrix_summary.json")
@@ -275,7 +278,7 @@ def log_run_artifacts(run_dir: str, config: TrackingConfig, log: Callable[[str],
     else:
         import wandb
 
-        run = wandb.init(
+        wandb_run = wandb.init(
             project=spec["experiment"],
             name="summary",
             job_type="summary",
@@ -283,7 +286,7 @@ def log_run_artifacts(run_dir: str, config: TrackingConfig, log: Callable[[str],
             dir=spec["log_dir"],
         )
         if summary is not None:
-            run.summary.update(_summary_metrics(summary))
+            wandb_run.summary.update(_summary_metrics(summary))
         artifact = wandb.Artifact("run-summary", type="forgetray-run")
         for path in files:
             artifact.add_file(path)
@@ -291,7 +294,7 @@ def log_run_artifacts(run_dir: str, config: TrackingConfig, log: Callable[[str],
             folder = os.path.join(spec["log_dir"], "wandb-summary-files")
             storage.write_json(os.path.join(folder, "matrix_summary.json"), summary)
             artifact.add_file(os.path.join(folder, "matrix_summary.json"))
-        run.log_artifact(artifact)
-        run.finish()
+        wandb_run.log_artifact(artifact)
+        wandb_run.finish()
         where = f"{spec['log_dir']}/wandb ({spec['wandb_mode']})"
     log(f"tracking: matrix summary and report logged to {spec['backend']} at {where}")

@@ -13,6 +13,7 @@ import pytest
 import forgetray
 from forgetray import storage
 from forgetray.cli import EXAMPLES, build_parser, main
+from forgetray.rundir import NoMatrixError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +72,10 @@ def test_open_run_and_long_form(tmp_path):
 def test_open_run_errors_name_the_place(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         forgetray.open_run(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match=r"matrix: no forgetting matrix yet; finish the run"):
+    no_matrix = (
+        f"{tmp_path}: no forgetting matrix yet (matrix/forgetting.npy); run `forgetray run --out {tmp_path}`"
+    )
+    with pytest.raises(NoMatrixError, match=re.escape(no_matrix)):
         forgetray.open_run(tmp_path)
     write_matrix(str(tmp_path), [[1.0, 2.0]], ["a", "b"], ["x", "y"])
     with pytest.raises(

@@ -14,6 +14,7 @@ from forgetray import storage
 from forgetray.config import CompleteConfig, ForecastConfig, SweepConfig, TasksConfig
 from forgetray.forecast_study import align_examples, forecast_run, protocol_split
 from forgetray.models import ModelRef
+from forgetray.rundir import NoMatrixError
 
 TASKS = (
     "addition",
@@ -69,7 +70,10 @@ def make_run(root: str, model_dir: str, with_matrix: bool = True) -> SweepConfig
 
 def test_missing_matrix_and_missing_task_file_are_named(tmp_path, tiny_model_dir):
     config = make_run(str(tmp_path / "nomatrix"), tiny_model_dir, with_matrix=False)
-    with pytest.raises(FileNotFoundError, match=r"matrix/forgetting\.npy: no forgetting matrix"):
+    with pytest.raises(
+        NoMatrixError,
+        match=r"nomatrix: no forgetting matrix yet \(matrix/forgetting\.npy\); run `forgetray run --out ",
+    ):
         forecast_run(config.run_dir, config, log=lambda _: None)
     config = make_run(str(tmp_path / "notask"), tiny_model_dir)
     os.unlink(os.path.join(config.run_dir, "data", "tasks", "rot13.parquet"))

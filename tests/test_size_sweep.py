@@ -94,13 +94,12 @@ def test_summary_csv_flattens_curves_and_methods():
 
 @pytest.mark.slow
 def test_sweep_over_two_builtin_sizes_into_a_uri(ray_session, tmp_path, monkeypatch):
-    """The sweep directory is a file:// URI: every run goes through the staging copy and is uploaded;
-    a second call with a size added and the staging copy gone downloads the sweep back, leaves the
-    sizes done as they are and measures only the new one."""
+    """The sweep directory is a file:// URI: every run goes through the local cache and is uploaded;
+    a second call with a size added and the cache gone downloads the sweep back, leaves the sizes
+    done as they are and measures only the new one."""
     import shutil
 
     monkeypatch.setenv("FORGETRAY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("FORGETRAY_STAGING", str(tmp_path / "staging"))
     out = tmp_path / "bucket" / "sizes"
     assert main(["sweep", write_sweep(tmp_path), "--out", f"file://{out}", "--no-progress"]) == 0
     rows = json.loads((out / "summary.json").read_text())
@@ -125,7 +124,7 @@ def test_sweep_over_two_builtin_sizes_into_a_uri(ray_session, tmp_path, monkeypa
         for size in done
         for path in ("matrix/forgetting.npy", "report.html", "history.json")
     }
-    shutil.rmtree(tmp_path / "staging")
+    shutil.rmtree(tmp_path / "cache" / "rundirs")
     added = {"name": "tiny-1x24", "overrides": ["model.builtin.n_layer=1", "model.builtin.n_embd=24"]}
     grown = dict(SWEEP, sizes=[*SWEEP["sizes"], added])
     assert main(["sweep", write_sweep(tmp_path, grown), "--out", f"file://{out}", "--no-progress"]) == 0

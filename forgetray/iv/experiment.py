@@ -23,7 +23,6 @@ over examples and tasks (forgetray/replay/compare.py); task loss = mean response
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 from collections.abc import Callable
 from typing import Any
@@ -31,23 +30,25 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from forgetray import storage
+from forgetray import rundir, storage
 from forgetray.config import SweepConfig, to_plain
 from forgetray.iv.store import is_done, load_iv, save_iv
+from forgetray.rundir import BASE
 
+IV_DIR = "iv"
 PLAIN = "plain"
 GUIDED = "iv_guided"
 
 
-def run_tasks(run_dir: str) -> list[str]:
+def run_tasks(run_dir: str | rundir.RunDir) -> list[str]:
     """The run's tasks, in the matrix's order when there is one."""
-    index_path = os.path.join(run_dir, "matrix", "index.json")
-    if os.path.exists(index_path):
-        return [str(t) for t in storage.read_json(index_path)["tasks"]]
-    paths = sorted(glob.glob(os.path.join(run_dir, "data", "tasks", "*.parquet")))
-    if not paths:
-        raise FileNotFoundError(f"{run_dir}/data/tasks: no task data; run `forgetray run` first")
-    return [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    run = rundir.open_run(run_dir)
+    if os.path.exists(run.matrix_index):
+        return [str(t) for t in storage.read_json(run.matrix_index)["tasks"]]
+    tasks = run.task_names()
+    if not tasks:
+        raise FileNotFoundError(f"{run.tasks_dir}: no task data; run `forgetray run` first")
+    return tasks
 
 
 def _extraction_settings(config: SweepConfig) -> dict[str, Any]:
@@ -59,7 +60,9 @@ def _extraction_settings(config: SweepConfig) -> dict[str, Any]:
     }
 
 
-def extract_run(run_dir: str, config: SweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def extract_run(
+    run_dir: str | rundir.RunDir, config: SweepConfig, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Every selected task's instruction vector (skipping those already saved with the same settings);
     returns and writes `<run>/iv/summary.json`."""
     import torch
@@ -69,12 +72,13 @@ def extract_run(run_dir: str, config: SweepConfig, log: Callable[[str], None] = 
     from forgetray.replay.experiment import base_model
 
     ic = config.iv
-    all_tasks = run_tasks(run_dir)
+    run = rundir.open_run(run_dir)
+    all_tasks = run_tasks(run)
     tasks = list(ic.tasks) or all_tasks
     unknown = [t for t in tasks if t not in all_tasks]
     if unknown:
         raise ValueError(f"iv.tasks: {unknown} are not tasks of {run_dir} ({', '.join(all_tasks)})")
-    out = os.path.join(run_dir, "iv")
+    out = run.study(IV_DIR)
     settings = _extraction_settings(config)
     todo = [
         t
@@ -84,16 +88,13 @@ def extract_run(run_dir: str, config: SweepConfig, log: Callable[[str], None] = 
         )
     ]
     if todo:
-        base = base_model(run_dir)
+        base = base_model(run)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer = load_model(base, device)
         max_length = min(
             config.finetune.max_length, context_length(model.config) or config.finetune.max_length
         )
-        tables = {
-            t: pq.read_table(os.path.join(run_dir, "data", "tasks", f"{t}.parquet")).to_pydict()
-            for t in all_tasks
-        }
+        tables = {t: pq.read_table(run.task(t)).to_pydict() for t in all_tasks}
         for task in todo:
             prompts, responses = tables[task]["prompt"], tables[task]["response"]
             rng = np.random.default_rng([ic.seed, all_tasks.index(task)])
@@ -186,20 +187,24 @@ def _task_losses(
 
 
 def compare_run(
-    run_dir: str, config: SweepConfig, log: Callable[[str], None] = print, progress: bool = True
+    run_dir: str | rundir.RunDir,
+    config: SweepConfig,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """IV-guided vs plain fine-tuning of `iv.n_compare_tasks` tasks; writes `<run>/iv/results.json`."""
     import torch
 
-    from forgetray.finetune.sweep import finetune_tasks, finetuned_model, pointer_path
+    from forgetray.finetune.sweep import finetune_tasks, finetuned_model
     from forgetray.matrix import aligned_nll
-    from forgetray.pipeline import BASE, ensure_ray, torch_extensions_dir
+    from forgetray.pipeline import ensure_ray, torch_extensions_dir
     from forgetray.replay.compare import compare_conditions
     from forgetray.replay.experiment import base_model, check_settings
     from forgetray.score.driver import read_scores, score_models
     from forgetray.score.loaded import ModelCache
 
-    out = os.path.join(run_dir, "iv")
+    run = rundir.open_run(run_dir)
+    out = run.study(IV_DIR)
     guided_config = dataclasses.replace(
         config.finetune, iv_guided=dataclasses.replace(config.finetune.iv_guided, enabled=True)
     )
@@ -211,14 +216,14 @@ def compare_run(
             "score": {"max_length": config.score.max_length, "metric": config.score.metric},
         },
     )
-    summary = extract_run(run_dir, config, log)
-    tasks = [t for t in summary if os.path.exists(pointer_path(run_dir, t))][: config.iv.n_compare_tasks]
+    summary = extract_run(run, config, log)
+    tasks = [t for t in summary if os.path.exists(run.pointer(t))][: config.iv.n_compare_tasks]
     if not tasks:
         raise FileNotFoundError(
-            f"{run_dir}/checkpoints: no plain fine-tune of {list(summary)} to compare with"
+            f"{run.pointer('<task>')}: no plain fine-tune of {list(summary)} to compare with"
         )
-    base = base_model(run_dir)
-    task_paths = {t: os.path.join(run_dir, "data", "tasks", f"{t}.parquet") for t in tasks}
+    base = base_model(run)
+    task_paths = {t: run.task(t) for t in tasks}
     ensure_ray()
     guided_dir = os.path.join(out, "guided")
     pointers = finetune_tasks(
@@ -231,7 +236,7 @@ def compare_run(
         log=log,
         extra_loop_config={"iv_by_task": {t: {"dir": os.path.abspath(os.path.join(out, t))} for t in tasks}},
     )
-    upstream_path = os.path.join(run_dir, "data", "upstream.parquet")
+    upstream_path = run.upstream
     scores_root = os.path.join(out, "scores")
     score_models(
         {t: finetuned_model(base, p) for t, p in pointers.items()},
@@ -243,12 +248,10 @@ def compare_run(
         reference=base,
     )
     ids = pq.read_table(upstream_path, columns=["example_id"]).column("example_id").to_pylist()
-    before = aligned_nll(read_scores(os.path.join(run_dir, "scores", BASE)), ids, BASE)
-    plain_pointers = {t: storage.read_json(pointer_path(run_dir, t)) for t in tasks}
+    before = aligned_nll(read_scores(run.model_scores(BASE)), ids, BASE)
+    plain_pointers = {t: storage.read_json(run.pointer(t)) for t in tasks}
     forgetting = {
-        PLAIN: np.stack(
-            [aligned_nll(read_scores(os.path.join(run_dir, "scores", t)), ids, t) - before for t in tasks]
-        ),
+        PLAIN: np.stack([aligned_nll(read_scores(run.model_scores(t)), ids, t) - before for t in tasks]),
         GUIDED: np.stack(
             [aligned_nll(read_scores(os.path.join(scores_root, t)), ids, t) - before for t in tasks]
         ),

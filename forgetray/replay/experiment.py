@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from forgetray import storage
+from forgetray import rundir, storage
 from forgetray.config import CompleteConfig, SweepConfig, to_plain
 from forgetray.matrix import load_forgetting_matrix
 from forgetray.models import ModelRef
@@ -60,6 +60,7 @@ from forgetray.replay.samplers import (
 )
 from forgetray.study import completion_methods, distributed_als, with_distributed_als
 
+REPLAY_DIR = "replay"
 NONE = "none"
 ONLINE = "online"
 SEP = "__"
@@ -134,11 +135,8 @@ def check_settings(out: str, settings: dict[str, Any]) -> None:
     storage.write_json(path, settings)
 
 
-def base_model(run_dir: str) -> ModelRef:
-    path = os.path.join(run_dir, "models", "base.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: missing; run `forgetray run` for this directory first")
-    return ModelRef(**storage.read_json(path)["model"])
+def base_model(run_dir: str | rundir.RunDir) -> ModelRef:
+    return ModelRef(**rundir.open_run(run_dir).base_model_record()["model"])
 
 
 def prediction_quality(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -249,24 +247,32 @@ def plan_replay(
     return {"pool_size": len(pool), "never_replayed": never.tolist(), "tasks": tasks}
 
 
-def _task_sizes(run_dir: str, config: SweepConfig, names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+def _task_sizes(
+    run: rundir.RunDir, config: SweepConfig, names: list[str]
+) -> tuple[dict[str, int], dict[str, int]]:
     """({task: plain fine-tuning steps}, {task: examples}) of the run's task files."""
     from forgetray.finetune.batches import total_steps
 
     steps, examples = {}, {}
     for name in names:
-        n = pq.read_metadata(os.path.join(run_dir, "data", "tasks", f"{name}.parquet")).num_rows
+        n = pq.read_metadata(run.task(name)).num_rows
         steps[name] = total_steps(config.finetune, n, config.finetune.num_workers)
         examples[name] = n
     return steps, examples
 
 
 def replay_spec(
-    run_dir: str, config: SweepConfig, order: list[int], task_name: str, plan: dict[str, Any], online: bool
+    run_dir: str | rundir.RunDir,
+    config: SweepConfig,
+    order: list[int],
+    task_name: str,
+    plan: dict[str, Any],
+    online: bool,
 ) -> dict[str, Any]:
     """The `replay` loop config of one fine-tune (see `forgetray.replay.mixing`)."""
+    run = rundir.open_run(run_dir)
     spec: dict[str, Any] = {
-        "upstream_path": os.path.abspath(os.path.join(run_dir, "data", "upstream.parquet")),
+        "upstream_path": os.path.abspath(run.upstream),
         "ratio": config.replay.ratio,
         "mixing": "steps" if online else config.replay.mixing,
         "order": order,
@@ -274,25 +280,30 @@ def replay_spec(
         "online": None,
     }
     if online:
-        spec["online"] = online_spec(run_dir, config, task_name, plan["tasks"][task_name]["probes"], plan)
+        spec["online"] = online_spec(run, config, task_name, plan["tasks"][task_name]["probes"], plan)
     return spec
 
 
 def online_spec(
-    run_dir: str, config: SweepConfig, task_name: str | None, probes: list[int], plan: dict[str, Any]
+    run_dir: str | rundir.RunDir,
+    config: SweepConfig,
+    task_name: str | None,
+    probes: list[int],
+    plan: dict[str, Any],
 ) -> dict[str, Any]:
     """The online variant's settings: probes with their base NLL and the matrix to complete against
     (without `task_name`'s row, if the run has one: the task is treated as new)."""
     from forgetray.matrix import aligned_nll
     from forgetray.score.driver import read_scores
 
-    z, index = load_forgetting_matrix(os.path.join(run_dir, "matrix"))
+    run = rundir.open_run(run_dir)
+    z, index = load_forgetting_matrix(run.matrix)
     keep = [i for i, t in enumerate(index["tasks"]) if t != task_name]
-    out = os.path.join(run_dir, "replay", "matrices")
+    out = os.path.join(run.study(REPLAY_DIR), "matrices")
     matrix_path = os.path.abspath(os.path.join(out, f"without_{task_name or 'none'}.npy"))
     if not os.path.exists(matrix_path):
         storage.save_npy(matrix_path, np.asarray(z, dtype=np.float32)[keep])
-    base = aligned_nll(read_scores(os.path.join(run_dir, "scores", "base")), index["examples"], "base")
+    base = aligned_nll(read_scores(run.model_scores(rundir.BASE)), index["examples"], rundir.BASE)
     rc = config.replay
     return {
         "fraction": rc.online_fraction,
@@ -344,32 +355,29 @@ def verdict(effect: dict[str, Any]) -> str:
 
 
 def replay_run(
-    run_dir: str, config: SweepConfig, log: Callable[[str], None] = print, progress: bool = True
+    run_dir: str | rundir.RunDir,
+    config: SweepConfig,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """The offline experiment over a finished run; writes `<run>/replay/results.json`."""
-    from forgetray.finetune.sweep import finetune_tasks, finetuned_model, pointer_path
-    from forgetray.pipeline import BASE, ensure_ray, load_run_config, torch_extensions_dir
+    from forgetray.finetune.sweep import finetune_tasks, finetuned_model
+    from forgetray.pipeline import ensure_ray, load_run_config, torch_extensions_dir
     from forgetray.score.driver import score_models
     from forgetray.stats.completion import split_tasks
 
     rc = config.replay
-    out = os.path.join(run_dir, "replay")
-    matrix_dir = os.path.join(run_dir, "matrix")
-    if not os.path.exists(os.path.join(matrix_dir, "forgetting.npy")):
-        raise FileNotFoundError(
-            f"{matrix_dir}/forgetting.npy: no forgetting matrix yet; run `forgetray run` first"
-        )
-    z, index = load_forgetting_matrix(matrix_dir)
+    run = rundir.open_run(run_dir)
+    out = run.study(REPLAY_DIR)
+    z, index = load_forgetting_matrix(run.require_matrix())
     z = np.asarray(z, dtype=np.float64)  # (tasks, examples)
     check_settings(out, _settings(config))
-    base = base_model(run_dir)
+    base = base_model(run)
 
     _, test_rows = split_tasks(z.shape[0], min(rc.n_tasks, max(1, z.shape[0] - 2)), rc.task_seed)
     names = [index["tasks"][r] for r in test_rows]
-    task_steps, task_examples = _task_sizes(run_dir, config, names)
-    plan = plan_replay(
-        z, index, config, task_steps, task_examples, os.path.join(matrix_dir, "forgetting.npy")
-    )
+    task_steps, task_examples = _task_sizes(run, config, names)
+    plan = plan_replay(z, index, config, task_steps, task_examples, run.matrix_file)
     pool, never = split_never_replayed(z.shape[1], rc.n_never_replayed, rc.split_seed)
     plan["pool"] = pool.tolist()
     storage.write_json(os.path.join(out, "plan.json"), plan)
@@ -382,7 +390,7 @@ def replay_run(
 
     # Fine-tune every (task, condition, seed) through the run's fine-tuning path; resumable per trial.
     replayed = conditions(rc.samplers, rc.predictors)
-    run_finetune = load_run_config(run_dir).finetune
+    run_finetune = load_run_config(run.root).finetune
     specs: dict[str, Any] = {}
     seeds: dict[str, int] = {}
     task_paths: dict[str, str] = {}
@@ -394,18 +402,18 @@ def replay_run(
                 trial = trial_name(name, condition, k, rc.ratio, rc.temperature)
                 trials[(name, condition, k)] = trial
                 if condition == NONE and k == 0 and run_finetune == config.finetune:
-                    path = pointer_path(run_dir, name)
+                    path = run.pointer(name)
                     if not os.path.exists(path):
                         raise FileNotFoundError(
                             f"{path}: the run has no fine-tuned model of {name!r} (the no-replay condition)"
                         )
                     run_pointers[trial] = storage.read_json(path)  # the run's own fine-tune, same seed
                     continue
-                task_paths[trial] = os.path.join(run_dir, "data", "tasks", f"{name}.parquet")
+                task_paths[trial] = run.task(name)
                 seeds[trial] = config.finetune.seed + k
                 if condition != NONE:
                     specs[trial] = replay_spec(
-                        run_dir, config, task["orders"][condition][k], name, plan, condition == ONLINE
+                        run, config, task["orders"][condition][k], name, plan, condition == ONLINE
                     )
     ensure_ray()
     pointers = finetune_tasks(
@@ -420,16 +428,16 @@ def replay_run(
     )
 
     # Score base and every fine-tune on the never-replayed examples only.
-    upstream = pq.read_table(os.path.join(run_dir, "data", "upstream.parquet"))
+    upstream = pq.read_table(run.upstream)
     eval_path = os.path.join(out, "data", "never_replayed.parquet")
     if not os.path.exists(eval_path):
         storage.write_parquet(eval_path, upstream.take(pa.array(never)))
     ids = pq.read_table(eval_path, columns=["example_id"]).column("example_id").to_pylist()
-    models = {BASE: base}
+    models = {rundir.BASE: base}
     models |= {trial: finetuned_model(base, p) for trial, p in {**run_pointers, **pointers}.items()}
     scores_root = os.path.join(out, "scores")
     score_models(models, eval_path, scores_root, config.score, log, progress)
-    per_model = _eval_forgetting(scores_root, [m for m in models if m != BASE], ids, BASE)
+    per_model = _eval_forgetting(scores_root, [m for m in models if m != rundir.BASE], ids, rundir.BASE)
 
     tasks = list(plan["tasks"])
     all_conditions = [NONE, *replayed]
@@ -504,17 +512,20 @@ def replay_run(
     return results
 
 
-def probes_run(run_dir: str, config: SweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def probes_run(
+    run_dir: str | rundir.RunDir, config: SweepConfig, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Active probe selection vs random k on the run's matrix, leave-one-task-out (`probes.json`)."""
     from forgetray.replay.probes import evaluate_probes
 
     rc = config.replay
-    z, _ = load_forgetting_matrix(os.path.join(run_dir, "matrix"))
+    run = rundir.open_run(run_dir)
+    z, _ = load_forgetting_matrix(run.require_matrix())
     completers = predictor_completers(config)
     result = evaluate_probes(
         np.asarray(z, dtype=np.float64), completers, rc.revealed_k, range(rc.probe_eval_seeds), rank=rc.rank
     )
-    storage.write_json(os.path.join(run_dir, "replay", "probes.json"), result)
+    storage.write_json(os.path.join(run.study(REPLAY_DIR), "probes.json"), result)
     for name in completers:
         line = ", ".join(
             f"{s} {v['rmse_mean'] * 100:.2f}"

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from forgetray import storage
+from forgetray import rundir, storage
 from forgetray.config import SweepConfig
 from forgetray.matrix import load_forgetting_matrix
 from forgetray.replay.experiment import base_model, online_spec
@@ -57,7 +57,11 @@ def task_table(task: str, config: SweepConfig) -> tuple[str, pa.Table]:
 
 
 def protect_finetune(
-    run_dir: str, task: str, out_dir: str, config: SweepConfig, log: Callable[[str], None] = print
+    run_dir: str | rundir.RunDir,
+    task: str,
+    out_dir: str,
+    config: SweepConfig,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Fine-tune `task` with online replay protecting `run_dir`'s upstream examples; its pointer."""
     from forgetray.finetune.batches import total_steps
@@ -65,11 +69,12 @@ def protect_finetune(
     from forgetray.pipeline import ensure_ray, torch_extensions_dir
 
     rc = config.replay
+    run = rundir.open_run(run_dir)
     name, table = task_table(task, config)
     task_path = os.path.join(out_dir, "data", f"{name}.parquet")
     if not os.path.exists(task_path):
         storage.write_parquet(task_path, table)
-    z, index = load_forgetting_matrix(os.path.join(run_dir, "matrix"))
+    z, index = load_forgetting_matrix(run.require_matrix())
     z_known = np.asarray(z, dtype=np.float64)[[i for i, t in enumerate(index["tasks"]) if t != name]]
     pool, _ = split_never_replayed(z.shape[1], rc.n_never_replayed, rc.split_seed)
     probes = select_probes(rc.probe, z_known, rc.revealed_k, candidates=pool, rank=rc.rank, seed=rc.seed)
@@ -79,11 +84,11 @@ def protect_finetune(
     batch = config.finetune.effective_batch_size
     order = replay_order("random", pool, random_steps * batch, rc.seed)
     spec = {
-        "upstream_path": os.path.abspath(os.path.join(run_dir, "data", "upstream.parquet")),
+        "upstream_path": os.path.abspath(run.upstream),
         "ratio": rc.ratio,
         "order": order.tolist(),
         "max_length": config.finetune.max_length,
-        "online": online_spec(run_dir, config, name, probes.tolist(), {"pool": pool.tolist()}),
+        "online": online_spec(run, config, name, probes.tolist(), {"pool": pool.tolist()}),
     }
     log(
         f"protect {name}: {steps} task steps + {int(schedule.sum())} replay steps "
@@ -94,7 +99,7 @@ def protect_finetune(
         out_dir,
         [name],
         {name: task_path},
-        base_model(run_dir),
+        base_model(run),
         config.finetune,
         torch_extensions_dir=torch_extensions_dir(),
         log=log,

@@ -3,7 +3,8 @@
     forgetray report runs/demo      # -> runs/demo/report.html
 
 `plots` draws PNGs from arrays (matplotlib is imported only inside its functions); `html` reads a run
-directory and writes one offline HTML file with the figures embedded.
+directory (through `run_view.RunView`) and writes one offline HTML file with the figures embedded,
+built from `markup`'s escaped tables, numbers and figures.
 """
 
 from forgetray.report.html import build_report, write_report_figures

@@ -5,17 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from forgetray.report.html import (
-    _BINARY_METRICS,
-    _completion_methods,
-    _fixed,
-    _kv_table,
-    _Num,
-    _p,
-    _pm,
-    _Run,
-    _table,
-)
+from forgetray.report import markup
+from forgetray.report.run_view import RunView
 
 
 def _completion_rows(label: str, results: dict[str, Any]) -> list[list[Any]]:
@@ -24,21 +15,23 @@ def _completion_rows(label: str, results: dict[str, Any]) -> list[list[Any]]:
             label,
             method,
             *[
-                _Num(_pm(results[method].get(f"{m}_mean"), results[method].get(f"{m}_std"), decimals=3))
-                for m in _BINARY_METRICS
+                markup.Num(
+                    markup.pm(results[method].get(f"{m}_mean"), results[method].get(f"{m}_std"), decimals=3)
+                )
+                for m in markup.BINARY_METRICS
             ],
         ]
-        for method in _completion_methods(results)
+        for method in markup.result_methods(results)
     ]
 
 
-def exact_match_section(run: _Run) -> str:
-    summary = run.json("exact_match", "summary.json")
+def exact_match_section(run: RunView) -> str:
+    summary = run.json(run.dir.study("exact_match"), "summary.json")
     if summary is None:
-        return _p(f"optional; measure it with: {run.command('exact-match')}", "meta")
+        return markup.paragraph(f"optional; measure it with: {run.command('exact-match')}", "meta")
     settings = summary["settings"]
     parts = [
-        _p(
+        markup.paragraph(
             "Greedy answers of each model to one probe per upstream example: an instruction's "
             "answer before its first blank line must equal its response after SQuAD normalisation "
             "(lowercase, no punctuation or articles, whitespace collapsed; the authors' rule), "
@@ -48,33 +41,41 @@ def exact_match_section(run: _Run) -> str:
             "wrong; only examples the base model gets right (eligible) can be forgotten. "
             "Definitions in forgetray/score/exact_match.py."
         ),
-        _kv_table(
+        markup.kv_table(
             [
                 ("upstream examples", summary["n_examples"]),
-                ("base accuracy", _fixed(summary["base_accuracy"])),
+                ("base accuracy", markup.fixed(summary["base_accuracy"])),
                 ("eligible examples (base right)", summary["n_eligible"]),
-                ("forgetting rate (forgotten / eligible, all tasks)", _fixed(summary["forgetting_rate"])),
+                (
+                    "forgetting rate (forgotten / eligible, all tasks)",
+                    markup.fixed(summary["forgetting_rate"]),
+                ),
             ]
         ),
         "<h3>Per task</h3>",
-        _table(
+        markup.table(
             ["task", "accuracy after", "forgotten", "forgetting rate"],
             [
-                [task, _fixed(row["accuracy_after"]), row["forgotten"], _fixed(row["forgetting_rate"])]
+                [
+                    task,
+                    markup.fixed(row["accuracy_after"]),
+                    row["forgotten"],
+                    markup.fixed(row["forgetting_rate"]),
+                ]
                 for task, row in sorted(
                     summary["per_task"].items(), key=lambda item: -(item[1]["forgetting_rate"] or 0.0)
                 )
             ],
         ),
     ]
-    completion = run.json("exact_match", "completion.json")
+    completion = run.json(run.dir.study("exact_match"), "completion.json")
     if completion is None:
-        parts.append(_p("No completion results (it needs at least 3 tasks).", "meta"))
+        parts.append(markup.paragraph("No completion results (it needs at least 3 tasks).", "meta"))
         return "".join(parts)
     split = completion.get("split") or {}
     parts += [
         "<h3>Completion of the binary matrix</h3>",
-        _kv_table(
+        markup.kv_table(
             [
                 ("columns", f"{completion.get('n_eligible')} eligible examples"),
                 ("revealed entries per held-out task (k)", completion.get("revealed_k")),
@@ -84,12 +85,14 @@ def exact_match_section(run: _Run) -> str:
         ),
     ]
     rows = _completion_rows("exact match", completion)
-    continuous = run.json("completion", "binary.json")
+    continuous = run.json(run.dir.completion, "binary.json")
     if continuous is not None:
         rows += _completion_rows(
             f"NLL forgetting > {continuous.get('binary_threshold', 0):.4g} (all columns)", continuous
         )
     parts.append(
-        _table(["matrix", "method", *[f"{name} mean ± std" for name in _BINARY_METRICS.values()]], rows)
+        markup.table(
+            ["matrix", "method", *[f"{name} mean ± std" for name in markup.BINARY_METRICS.values()]], rows
+        )
     )
     return "".join(parts)

@@ -16,12 +16,8 @@ found in `<run>/analysis/`.
 
 from __future__ import annotations
 
-import base64
 import glob
-import json
-import math
 import os
-import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from html import escape
@@ -29,12 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from forgetray import __version__, storage, tracking
-from forgetray.report import plots
+from forgetray import __version__, rundir, storage, tracking
+from forgetray.report import markup, plots
+from forgetray.report.exact_match_section import exact_match_section
+from forgetray.report.run_view import RunView
+from forgetray.rundir import BASE
 
-REPORT_FILE = "report.html"
 FIGURES_DIR = "report_figures"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+"""`<run>/report_figures/`: the figures the report draws itself."""
 # Rows shown of long tables (tasks causing most forgetting, most-forgotten examples, log lines).
 TOP = 10
 LOG_TAIL_LINES = 60
@@ -56,198 +54,28 @@ nav a { margin-right: 0.9em; } code { background: #f3f3f3; padding: 0 0.2em; }
 """
 
 
-class _Markup(str):
-    """Trusted HTML built by this module: inserted as is, never escaped again."""
-
-
-class _Num(str):
-    """An already formatted number: escaped like any text, but right-aligned in tables."""
-
-
-# Formatting ------------------------------------------------------------------------------------
-
-
-def _num(value: Any, digits: int = 4) -> str:
-    """A number for people: thousands separators for counts, `digits` significant digits otherwise."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int | np.integer):
-        return f"{int(value):,}"
-    x = float(value)
-    if not math.isfinite(x):
-        return str(x)
-    if x == 0:
-        return "0"
-    if abs(x) >= 1e5:
-        return f"{x:,.0f}"
-    if abs(x) >= 100:
-        return f"{x:,.1f}"
-    if abs(x) < 1e-3:
-        return f"{x:.2e}"
-    return f"{x:.{digits}g}"
-
-
-def _pm(mean: Any, std: Any, scale: float = 1.0, decimals: int = 4) -> str:
-    """'mean ± std' (times `scale`), '–' for an undefined metric."""
-    if mean is None:
-        return "–"
-    text = f"{float(mean) * scale:.{decimals}f}"
-    return text if std is None else f"{text} ± {float(std) * scale:.{decimals}f}"
-
-
-def _fixed(value: Any, decimals: int = 4) -> _Num:
-    """A number with fixed decimals, so a column of comparable values lines up ('–' if missing)."""
-    return _Num("–" if value is None else f"{float(value):.{decimals}f}")
-
-
-def _compact(value: Any, limit: int = 120) -> str:
-    """Compact JSON of a nested value, cut at `limit` characters."""
-    text = json.dumps(value, separators=(", ", ": "), default=str)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, _Markup):
-        return f"<td>{value}</td>"
-    if isinstance(value, _Num):
-        return f'<td class="num">{escape(value)}</td>'
-    if value is None or isinstance(value, bool | int | float | np.integer | np.floating):
-        return f'<td class="num">{escape(_num(value))}</td>'
-    if isinstance(value, str):
-        return f"<td>{escape(value)}</td>"
-    return f"<td>{escape(_compact(value))}</td>"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], total: Sequence[Any] | None = None) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = "".join(f"<tr>{''.join(_cell(v) for v in row)}</tr>" for row in rows)
-    if total is not None:
-        body += f'<tr class="total">{"".join(_cell(v) for v in total)}</tr>'
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _kv_table(pairs: Sequence[tuple[str, Any]]) -> str:
-    body = "".join(f"<tr><th>{escape(k)}</th>{_cell(v)}</tr>" for k, v in pairs)
-    return f"<table><tbody>{body}</tbody></table>"
-
-
-def _p(text: str, css: str = "") -> str:
-    return f'<p class="{css}">{escape(text)}</p>' if css else f"<p>{escape(text)}</p>"
-
-
-def _note(text: str) -> str:
-    return _p(text, "note")
-
-
-def _image(path: str, caption: str) -> str:
-    """`path` embedded as a base64 PNG data URI in a <figure>; a note if it is not a PNG."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data.startswith(PNG_MAGIC):
-        return _note(f"{os.path.basename(path)}: not a PNG file, not embedded")
-    encoded = base64.b64encode(data).decode("ascii")
-    return (
-        f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{encoded}">'
-        f'<figcaption class="caption">{escape(caption)}</figcaption></figure>'
-    )
-
-
-# Inputs ----------------------------------------------------------------------------------------
-
-
-class _Run:
-    """A run directory's inputs, each read at most once; a missing file reads as None."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self._json: dict[str, Any] = {}
-        self._matrix: tuple[np.ndarray, list[str], list[str]] | None = None
-        self._matrix_read = False
-
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.root, *parts)
-
-    def exists(self, *parts: str) -> bool:
-        return os.path.exists(self.path(*parts))
-
-    def json(self, *parts: str) -> Any:
-        key = "/".join(parts)
-        if key not in self._json:
-            path = self.path(*parts)
-            self._json[key] = storage.read_json(path) if os.path.exists(path) else None
-        return self._json[key]
-
-    def command(self, name: str) -> str:
-        return f"forgetray {name} {shlex.quote(self.root)}"
-
-    def matrix(self) -> tuple[np.ndarray, list[str], list[str]] | None:
-        """(Z (tasks, examples) memory-mapped, task names, example ids), or None without a matrix.
-        Without index.json rows and columns are named by their index."""
-        if not self._matrix_read:
-            path = self.path("matrix", "forgetting.npy")
-            if os.path.exists(path):
-                z = np.load(path, allow_pickle=False, mmap_mode="r")
-                if z.ndim != 2:
-                    raise ValueError(f"{path}: expected a 2-D (tasks, examples) array, got shape {z.shape}")
-                index = self.json("matrix", "index.json") or {}
-                tasks = [str(t) for t in index.get("tasks", range(z.shape[0]))]
-                examples = [str(e) for e in index.get("examples", range(z.shape[1]))]
-                if (len(tasks), len(examples)) != z.shape:
-                    raise ValueError(
-                        f"{self.path('matrix', 'index.json')}: {len(tasks)} tasks and "
-                        f"{len(examples)} examples for a matrix of shape {z.shape}"
-                    )
-                self._matrix = (z, tasks, examples)
-            self._matrix_read = True
-        return self._matrix
-
-    def config(self) -> dict[str, Any] | None:
-        import yaml
-
-        if not self.exists("config.yaml"):
-            return None
-        with open(self.path("config.yaml"), encoding="utf-8") as f:
-            loaded = yaml.safe_load(f)
-        return loaded if isinstance(loaded, dict) else None
-
-    def checkpoints(self) -> list[dict[str, Any]]:
-        """The fine-tuning pointer files, in the matrix's task order when there is one, else by name."""
-        pointers = [storage.read_json(p) for p in sorted(glob.glob(self.path("checkpoints", "*.json")))]
-        index = self.json("matrix", "index.json")
-        if index and "tasks" in index:
-            order = {str(t): i for i, t in enumerate(index["tasks"])}
-            pointers.sort(key=lambda p: (order.get(str(p.get("task")), len(order)), str(p.get("task"))))
-        return pointers
-
-
-def _completion_methods(results: Mapping[str, Any]) -> list[str]:
-    return [name for name, value in results.items() if isinstance(value, Mapping) and "rmse_mean" in value]
-
-
 # Figures ---------------------------------------------------------------------------------------
 
 
-def _per_task_figure(run: _Run) -> str | None:
+def _per_task_figure(run: RunView) -> str | None:
     loaded = run.matrix()
     if loaded is None:
         return None
     z, tasks, _ = loaded
     means = np.mean(z, axis=1, dtype=np.float64)  # (tasks,)
-    return plots.per_task_bars(tasks, means, run.path(FIGURES_DIR, "per_task.png"))
+    return plots.per_task_bars(tasks, means, run.dir.path(FIGURES_DIR, "per_task.png"))
 
 
-def _r2_figure(run: _Run) -> str | None:
+def _r2_figure(run: RunView) -> str | None:
     """The R^2 curve, only when fits exist and the analyse stage did not draw it."""
-    fits = run.json("analysis", "fits.json")
-    if fits is None or run.exists("analysis", "r2_curve.png"):
+    fits = run.json(run.dir.fits)
+    if fits is None or run.exists(run.dir.analysis, "r2_curve.png"):
         return None
     return plots.r2_curve(
         fits["r2_svd"],
         fits["r2_additive"],
         fits["r2_multiplicative"],
-        run.path(FIGURES_DIR, "r2_curve.png"),
+        run.dir.path(FIGURES_DIR, "r2_curve.png"),
         reference={plots.paper_reference_label(int(fits.get("n_tasks", 0))): plots.PAPER_R2_OLMO7B},
     )
 
@@ -255,23 +83,23 @@ def _r2_figure(run: _Run) -> str | None:
 _COMPLETION_FILES = {"results": "completion_rmse", "binary": "completion_binary"}
 
 
-def _completion_figures(run: _Run, name: str) -> list[str]:
+def _completion_figures(run: RunView, name: str) -> list[str]:
     """Bars for completion/<name>.json: RMSE, and F1 when the result has it (binary forgetting)."""
-    results = run.json("completion", f"{name}.json")
-    if results is None or not _completion_methods(results):
+    results = run.json(run.dir.completion, f"{name}.json")
+    if results is None or not markup.result_methods(results):
         return []
     stem = _COMPLETION_FILES[name]
-    paths = [plots.completion_bars(results, run.path(FIGURES_DIR, f"{stem}.png"), "rmse")]
-    if any(results[m].get("f1_mean") is not None for m in _completion_methods(results)):
-        paths.append(plots.completion_bars(results, run.path(FIGURES_DIR, f"{stem}_f1.png"), "f1"))
+    paths = [plots.completion_bars(results, run.dir.path(FIGURES_DIR, f"{stem}.png"), "rmse")]
+    if any(results[m].get("f1_mean") is not None for m in markup.result_methods(results)):
+        paths.append(plots.completion_bars(results, run.dir.path(FIGURES_DIR, f"{stem}_f1.png"), "f1"))
     return paths
 
 
-def write_report_figures(run_dir: str) -> list[str]:
+def write_report_figures(run_dir: str | rundir.RunDir) -> list[str]:
     """(Re)draws into `<run>/report_figures/` the figures whose inputs are on disk: mean forgetting per
     task (from the matrix), completion bars (from completion/*.json) and the R^2 curve if the analyse
     stage left none. Returns the paths written."""
-    run = _Run(run_dir)
+    run = RunView(run_dir)
     paths = [_per_task_figure(run), _r2_figure(run)]
     for name in _COMPLETION_FILES:
         paths += _completion_figures(run, name)
@@ -281,12 +109,12 @@ def write_report_figures(run_dir: str) -> list[str]:
 # Sections --------------------------------------------------------------------------------------
 
 
-def _summary(run: _Run) -> str:
+def _summary(run: RunView) -> str:
     config = run.config() or {}
-    base = run.json("models", "base.json")
-    index = run.json("matrix", "index.json")
-    base_scores = run.json("scores", "base", "_SUCCESS.json")
-    checkpoints = glob.glob(run.path("checkpoints", "*.json"))
+    base = run.json(run.dir.base_model)
+    index = run.json(run.dir.matrix_index)
+    base_scores = run.json(run.dir.model_scores(BASE), "_SUCCESS.json")
+    checkpoints = run.dir.finetuned_tasks()
     model_config = config.get("model") if isinstance(config.get("model"), dict) else {}
     if base is not None:
         model = base.get("model") or {}
@@ -308,31 +136,33 @@ def _summary(run: _Run) -> str:
         n_tasks = len(checkpoints) if checkpoints else None
         source = "base scores and checkpoints (no matrix yet)"
     pairs: list[tuple[str, Any]] = [
-        ("run directory", os.path.abspath(run.root)),
+        ("run directory", run.dir.location),
         ("model", model_text),
         ("upstream examples N", n_examples),
         ("fine-tuning tasks M", n_tasks),
         ("counted from", source),
     ]
-    parts = [_kv_table(pairs)]
+    parts = [markup.kv_table(pairs)]
 
     parts.append("<h3>Base model pretraining</h3>")
     if base is None:
-        parts.append(_note(f"not run yet: {run.command('run')}"))
+        parts.append(markup.note(f"not run yet: {run.command('run')}"))
     elif not base.get("pretrain_report"):
-        parts.append(_p("No pretraining report: the base model was not pretrained by forgetray."))
+        parts.append(
+            markup.paragraph("No pretraining report: the base model was not pretrained by forgetray.")
+        )
     else:
         report = base["pretrain_report"]
         pairs = [(key, value) for key, value in report.items()]
         before, after = report.get("upstream_nll_before"), report.get("upstream_nll_after")
         if isinstance(before, int | float) and isinstance(after, int | float):
             pairs.insert(2, ("upstream NLL change", after - before))
-        parts.append(_kv_table(pairs))
+        parts.append(markup.kv_table(pairs))
 
     parts.append("<h3>Stage timings (seconds)</h3>")
-    timings = run.json("timings.json")
+    timings = run.json(run.dir.timings)
     if not timings:
-        parts.append(_note(f"no timings.json yet: {run.command('run')}"))
+        parts.append(markup.note(f"no timings.json yet: {run.command('run')}"))
     else:
         stages: list[str] = []
         for entry in timings:
@@ -345,14 +175,14 @@ def _summary(run: _Run) -> str:
             ]
             for entry in timings
         ]
-        parts.append(_table(["finished", *stages, "total"], rows))
+        parts.append(markup.table(["finished", *stages, "total"], rows))
     return "".join(parts)
 
 
-def _finetune(run: _Run) -> str:
+def _finetune(run: RunView) -> str:
     pointers = run.checkpoints()
     if not pointers:
-        return _note(f"not run yet: {run.command('run')}")
+        return markup.note(f"not run yet: {run.command('run')}")
     rows = [
         [
             str(p.get("task", "?")),
@@ -371,52 +201,60 @@ def _finetune(run: _Run) -> str:
         train = [p.get("train_seconds") or 0.0 for p in pointers]
         total = ["total", "", None, None, float(sum(train)), float(sum(wall)), None]
     headers = ["task", "method", "steps", "final loss", "train seconds", "wall seconds", "resumed from step"]
-    return _table(headers, rows, total) + _learning_curves(run, [str(p.get("task")) for p in pointers])
+    return markup.table(headers, rows, total) + _learning_curves(run, [str(p.get("task")) for p in pointers])
 
 
-def _learning_curves(run: _Run, tasks: Sequence[str]) -> str:
+def _learning_curves(run: RunView, tasks: Sequence[str]) -> str:
     """Each task's curve from `<run>/curves/<task>.json` (kept whatever the tracking backend)."""
-    curves = {t: points for t in tasks if (points := tracking.read_curve(run.root, t))}
+    curves = {t: points for t in tasks if (points := tracking.read_curve(run.dir, t))}
     if not curves:
-        return _note("no learning curves (curves/<task>.json): this run was trained before they were kept")
-    path = plots.learning_curves(curves, run.path(FIGURES_DIR, "learning_curves.png"))
+        return markup.note(
+            "no learning curves (curves/<task>.json): this run was trained before they were kept"
+        )
+    path = plots.learning_curves(curves, run.dir.path(FIGURES_DIR, "learning_curves.png"))
     every = sorted(
         {int(points[1]["step"] - points[0]["step"]) for points in curves.values() if len(points) > 1}
     )
     caption = f"training loss and learning rate by step, one point every {every[0] if every else '?'} step(s)"
-    return "<h3>Learning curves</h3>" + _image(path, caption)
+    return "<h3>Learning curves</h3>" + markup.image(path, caption)
 
 
-def _scores(run: _Run) -> str:
-    directories = sorted(d for d in glob.glob(run.path("scores", "*")) if os.path.isdir(d))
+def _scores(run: RunView) -> str:
+    directories = sorted(d for d in glob.glob(run.dir.model_scores("*")) if os.path.isdir(d))
     if not directories:
-        return _note(f"not run yet: {run.command('run')}")
+        return markup.note(f"not run yet: {run.command('run')}")
     names = [os.path.basename(d) for d in directories]
     names.sort(key=lambda n: (n != "base", n))
-    base = run.json("scores", "base", "_SUCCESS.json")
+    base = run.json(run.dir.model_scores(BASE), "_SUCCESS.json")
     base_nll = base.get("mean_nll") if base else None
     rows, pending = [], []
     for name in names:
-        summary = run.json("scores", name, "_SUCCESS.json")
+        summary = run.json(run.dir.model_scores(name), "_SUCCESS.json")
         if summary is None:
-            parts = len(glob.glob(run.path("scores", name, "part-*.parquet")))
+            parts = len(glob.glob(os.path.join(run.dir.model_scores(name), "part-*.parquet")))
             pending.append(f"{name} ({parts} part file(s), not complete)")
             continue
         nll = summary.get("mean_nll")
         delta = nll - base_nll if name != "base" and None not in (nll, base_nll) else None
         rows.append([name, summary.get("n_examples"), summary.get("n_tokens"), nll, delta])
-    out = _table(["model", "examples", "tokens", "mean NLL (nats)", "mean NLL - base"], rows) if rows else ""
+    out = (
+        markup.table(["model", "examples", "tokens", "mean NLL (nats)", "mean NLL - base"], rows)
+        if rows
+        else ""
+    )
     if pending:
-        out += _note("scoring in progress: " + ", ".join(pending) + f"; resume with {run.command('run')}")
+        out += markup.note(
+            "scoring in progress: " + ", ".join(pending) + f"; resume with {run.command('run')}"
+        )
     return out
 
 
-def _matrix(run: _Run) -> str:
+def _matrix(run: RunView) -> str:
     loaded = run.matrix()
     if loaded is None:
-        return _note(f"not run yet: {run.command('matrix')}")
+        return markup.note(f"not run yet: {run.command('matrix')}")
     z, tasks, examples = loaded
-    fits = run.json("analysis", "fits.json")
+    fits = run.json(run.dir.fits)
     if fits is not None and "statistics" in fits:
         statistics, source = fits["statistics"], "from analysis/fits.json"
     else:
@@ -424,7 +262,7 @@ def _matrix(run: _Run) -> str:
 
         statistics, source = forgetting_statistics(z, tasks, examples, top=TOP), "computed for this report"
     parts = [
-        _kv_table(
+        markup.kv_table(
             [
                 ("shape (tasks x examples)", f"{z.shape[0]:,} x {z.shape[1]:,} ({z.dtype})"),
                 ("mean forgetting (nats)", statistics["mean"]),
@@ -432,7 +270,7 @@ def _matrix(run: _Run) -> str:
                 ("fraction of entries > 0", statistics["fraction_positive"]),
             ]
         ),
-        _p(f"Statistics {source}.", "meta"),
+        markup.paragraph(f"Statistics {source}.", "meta"),
     ]
     per_task = {row["task"]: row for row in statistics.get("per_task", [])}
     top_tasks = statistics.get("most_forgetting_tasks", [])[:TOP]
@@ -441,26 +279,31 @@ def _matrix(run: _Run) -> str:
         rows = [
             [
                 t["task"],
-                _fixed(t["mean"]),
-                _fixed(per_task.get(t["task"], {}).get("std")),
-                _fixed(per_task.get(t["task"], {}).get("fraction_positive"), 3),
+                markup.fixed(t["mean"]),
+                markup.fixed(per_task.get(t["task"], {}).get("std")),
+                markup.fixed(per_task.get(t["task"], {}).get("fraction_positive"), 3),
             ]
             for t in top_tasks
         ]
-        parts.append(_table(["task", "mean", "std", "fraction > 0"], rows))
+        parts.append(markup.table(["task", "mean", "std", "fraction > 0"], rows))
     top_examples = statistics.get("most_forgotten_examples", [])[:TOP]
     if top_examples:
         parts.append("<h3>Most-forgotten upstream examples (mean over tasks)</h3>")
         parts.append(
-            _table(["example", "mean forgetting"], [[e["example"], _fixed(e["mean"])] for e in top_examples])
+            markup.table(
+                ["example", "mean forgetting"],
+                [[e["example"], markup.fixed(e["mean"])] for e in top_examples],
+            )
         )
     figure = _per_task_figure(run)
     if figure is not None:
-        parts.append(_image(figure, "Mean forgetting per task (nats); red: forgetting, blue: improvement"))
+        parts.append(
+            markup.image(figure, "Mean forgetting per task (nats); red: forgetting, blue: improvement")
+        )
     return "".join(parts)
 
 
-def _analysis_images(run: _Run) -> list[str]:
+def _analysis_images(run: RunView) -> list[str]:
     """analysis/*.png in reading order: Z, its reconstruction, the residual, the R^2 curve, the rest."""
 
     def rank(path: str) -> tuple[int, str]:
@@ -470,7 +313,7 @@ def _analysis_images(run: _Run) -> list[str]:
                 return i, name
         return 4, name
 
-    return sorted(glob.glob(run.path("analysis", "*.png")), key=rank)
+    return sorted(glob.glob(os.path.join(run.dir.analysis, "*.png")), key=rank)
 
 
 _ANALYSIS_CAPTIONS = {
@@ -480,42 +323,50 @@ _ANALYSIS_CAPTIONS = {
 }
 
 
-def _analysis(run: _Run) -> str:
-    fits = run.json("analysis", "fits.json")
+def _analysis(run: RunView) -> str:
+    fits = run.json(run.dir.fits)
     images = _analysis_images(run)
     parts = []
     if fits is None:
-        parts.append(_note(f"not run yet: {run.command('analyse')}"))
+        parts.append(markup.note(f"not run yet: {run.command('analyse')}"))
     else:
         paper = plots.PAPER_R2_OLMO7B
         rows: list[list[Any]] = [
-            ["additive (mu + a_i + b_j), least squares", _Num(f"{fits['r2_additive']:.3f}"), None],
-            ["multiplicative (a_i * b_j, = SVD rank 1)", _Num(f"{fits['r2_multiplicative']:.3f}"), None],
+            ["additive (mu + a_i + b_j), least squares", markup.Num(f"{fits['r2_additive']:.3f}"), None],
+            [
+                "multiplicative (a_i * b_j, = SVD rank 1)",
+                markup.Num(f"{fits['r2_multiplicative']:.3f}"),
+                None,
+            ],
         ]
         if "r2_additive_baseline_only" in fits:
             rows.insert(
                 1,
                 [
                     "additive, the authors' fit (surprise BaselineOnly, ALS, 100 epochs)",
-                    _Num(f"{fits['r2_additive_baseline_only']:.3f}"),
+                    markup.Num(f"{fits['r2_additive_baseline_only']:.3f}"),
                     None,
                 ],
             )
         rows += [
-            [f"SVD rank {k}", _Num(f"{value:.3f}"), _Num(f"{paper[k - 1]:.3f}") if k <= len(paper) else None]
+            [
+                f"SVD rank {k}",
+                markup.Num(f"{value:.3f}"),
+                markup.Num(f"{paper[k - 1]:.3f}") if k <= len(paper) else None,
+            ]
             for k, value in enumerate(fits["r2_svd"], start=1)
         ]
         header = f"R^2 {plots.paper_reference_label(int(fits.get('n_tasks', 0)))}"
-        parts.append(_table(["fit", f"R^2 (this run, {fits.get('n_tasks')} tasks)", header], rows))
+        parts.append(markup.table(["fit", f"R^2 (this run, {fits.get('n_tasks')} tasks)", header], rows))
         n, used = fits.get("n_examples"), fits.get("columns_used")
         if fits.get("subsampled"):
             text = (
-                f"Fits on a seeded column subsample: {_num(used)} of {_num(n)} examples "
+                f"Fits on a seeded column subsample: {markup.num(used)} of {markup.num(n)} examples "
                 f"(seed {fits.get('column_seed', '?')}); statistics use every column."
             )
         else:
-            text = f"Fits on all {_num(n)} examples (no column subsample)."
-        parts.append(_p(f"{_num(fits.get('n_tasks'))} tasks. {text}", "meta"))
+            text = f"Fits on all {markup.num(n)} examples (no column subsample)."
+        parts.append(markup.paragraph(f"{markup.num(fits.get('n_tasks'))} tasks. {text}", "meta"))
     extra = _r2_figure(run)
     for path in [*images, *([extra] if extra else [])]:
         name = os.path.basename(path)
@@ -523,29 +374,26 @@ def _analysis(run: _Run) -> str:
         if name.startswith("heatmap_rank"):
             rank = name[len("heatmap_rank") : -len(".png")]
             caption = f"Rank-{rank} SVD reconstruction of Z, same order and colours"
-        parts.append(_image(path, caption))
+        parts.append(markup.image(path, caption))
     if fits is None and images:
-        parts.append(_p("Figures above are from an earlier analyse run.", "meta"))
+        parts.append(markup.paragraph("Figures above are from an earlier analyse run.", "meta"))
     return "".join(parts)
 
 
-_BINARY_METRICS = {"f1": "F1", "precision": "precision", "recall": "recall", "auc": "AUC"}
-
-
-def _completion_table(run: _Run, name: str, results: Mapping[str, Any]) -> str:
-    methods = _completion_methods(results)
+def _completion_table(run: RunView, name: str, results: Mapping[str, Any]) -> str:
+    methods = markup.result_methods(results)
     split = results.get("split") or {}
     train, test = split.get("train_rows", []), split.get("test_rows", [])
     test_tasks = split.get("test_tasks")
     if test_tasks is None and test:
-        index = run.json("matrix", "index.json")
+        index = run.json(run.dir.matrix_index)
         if index and "tasks" in index:
             test_tasks = [index["tasks"][i] for i in test if i < len(index["tasks"])]
     seeds = results.get("seeds") or []
     pairs: list[tuple[str, Any]] = [
         ("protocol", results.get("protocol", "forgetray")),
         ("revealed entries per held-out task (k)", results.get("revealed_k")),
-        ("seeds", f"{len(seeds)}: {_compact(seeds, 60)}"),
+        ("seeds", f"{len(seeds)}: {markup.compact(seeds, 60)}"),
         ("training tasks", len(train)),
         ("held-out (test) tasks", len(test)),
     ]
@@ -553,41 +401,43 @@ def _completion_table(run: _Run, name: str, results: Mapping[str, Any]) -> str:
         pairs.append(("held-out task names", ", ".join(str(t) for t in test_tasks)))
     if results.get("binary_threshold") is not None:
         pairs.append(("binary threshold (forgotten: Z > threshold)", results["binary_threshold"]))
-    binary_metrics = [m for m in _BINARY_METRICS if any(f"{m}_mean" in results[x] for x in methods)]
+    binary_metrics = [m for m in markup.BINARY_METRICS if any(f"{m}_mean" in results[x] for x in methods)]
     headers = [
         "method",
         "RMSE mean ± std",
         "RMSE x100",
-        *[f"{_BINARY_METRICS[m]} mean ± std" for m in binary_metrics],
+        *[f"{markup.BINARY_METRICS[m]} mean ± std" for m in binary_metrics],
     ]
     rows = [
         [
             method,
-            _Num(_pm(results[method]["rmse_mean"], results[method].get("rmse_std"))),
-            _Num(_pm(results[method]["rmse_mean"], results[method].get("rmse_std"), 100.0, 2)),
+            markup.Num(markup.pm(results[method]["rmse_mean"], results[method].get("rmse_std"))),
+            markup.Num(markup.pm(results[method]["rmse_mean"], results[method].get("rmse_std"), 100.0, 2)),
             *[
-                _Num(_pm(results[method].get(f"{m}_mean"), results[method].get(f"{m}_std"), decimals=3))
+                markup.Num(
+                    markup.pm(results[method].get(f"{m}_mean"), results[method].get(f"{m}_std"), decimals=3)
+                )
                 for m in binary_metrics
             ],
             results[method].get("seconds"),
         ]
         for method in methods
     ]
-    parts = [_kv_table(pairs), _table([*headers, "seconds"], rows)]
+    parts = [markup.kv_table(pairs), markup.table([*headers, "seconds"], rows)]
     for path in _completion_figures(run, name):
         metric = "F1" if path.endswith("_f1.png") else "RMSE"
         parts.append(
-            _image(path, f"{metric} of each method on the unrevealed entries, mean ± std over seeds")
+            markup.image(path, f"{metric} of each method on the unrevealed entries, mean ± std over seeds")
         )
     return "".join(parts)
 
 
-def _completion(run: _Run) -> str:
-    results = run.json("completion", "results.json")
-    binary = run.json("completion", "binary.json")
+def _completion(run: RunView) -> str:
+    results = run.json(run.dir.completion_results)
+    binary = run.json(run.dir.completion, "binary.json")
     parts = []
     if results is None:
-        parts.append(_note(f"not run yet: {run.command('complete')}"))
+        parts.append(markup.note(f"not run yet: {run.command('complete')}"))
     else:
         parts += ["<h3>Forgetting (real-valued)</h3>", _completion_table(run, "results", results)]
     if binary is not None:
@@ -595,18 +445,20 @@ def _completion(run: _Run) -> str:
     return "".join(parts)
 
 
-def _forecast(run: _Run) -> str:
+def _forecast(run: RunView) -> str:
     """The LM-based forecaster (forgetray.forecast_study) in the completion protocol's tables."""
-    results = run.json("forecast", "results.json")
+    results = run.json(run.dir.study("forecast"), "results.json")
     if results is None:
         # An optional stage (not part of `forgetray run`): say how to get it, not that it is missing.
-        return _p(f"optional; train and evaluate the forecaster with: {run.command('forecast')}", "meta")
+        return markup.paragraph(
+            f"optional; train and evaluate the forecaster with: {run.command('forecast')}", "meta"
+        )
     info = results.get("forecast") or {}
     settings = info.get("settings") or {}
     shape = f"{settings.get('depth')} x {settings.get('hidden_size')} -> {settings.get('dim')}"
     training = ", ".join(str(settings.get(k)) for k in ("tau", "learning_rate", "epochs", "weight_decay"))
     parts = [
-        _p(
+        markup.paragraph(
             "Jin & Ren's (ICML 2024) representation-based forecasting, h the base model's final-layer "
             "hidden state at an example's last token. lm_forecast is the authors' forecaster: one "
             "shared head for task and upstream example, score -mean(head(h_task) * head(h_example)) "
@@ -619,7 +471,7 @@ def _forecast(run: _Run) -> str:
             "k revealed entries. All are evaluated in the same call as the completion methods: same "
             "held-out tasks, revealed entries and seeds."
         ),
-        _kv_table(
+        markup.kv_table(
             [
                 ("representation features", info.get("representation_features")),
                 ("f, g: hidden layers x width -> dim", shape),
@@ -627,29 +479,31 @@ def _forecast(run: _Run) -> str:
                 ("task examples averaged per task", settings.get("n_task_examples")),
                 (
                     "frozen_forecast final training loss (standardised Z)",
-                    _fixed(info.get("final_train_loss")),
+                    markup.fixed(info.get("final_train_loss")),
                 ),
             ]
         ),
         "<h3>Forgetting (real-valued)</h3>",
         _completion_table(run, "forecast", results),
     ]
-    completion = run.json("completion", "results.json")
+    completion = run.json(run.dir.completion_results)
     other_split = (completion or {}).get("split", {}).get("test_rows") != results["split"].get("test_rows")
     if completion is not None and other_split:
-        parts.append(_note("the completion section used other held-out tasks (another complete.* config)"))
-    binary = run.json("forecast", "binary.json")
+        parts.append(
+            markup.note("the completion section used other held-out tasks (another complete.* config)")
+        )
+    binary = run.json(run.dir.study("forecast"), "binary.json")
     if binary is not None:
         parts += ["<h3>Binary forgetting</h3>", _completion_table(run, "forecast_binary", binary)]
-    authors = run.json("forecast", "binary_z0.json")
+    authors = run.json(run.dir.study("forecast"), "binary_z0.json")
     if authors is not None:
         trained = (authors.get("forecast") or {}).get("lm_forecast") or {}
         parts += [
             "<h3>Forgotten = Z &gt; 0 (the authors' labels)</h3>",
-            _p(
+            markup.paragraph(
                 f"lm_forecast: encoder {'fine-tuned' if trained.get('train_encoder') else 'frozen'}, "
-                f"BCE {_fixed(trained.get('first_train_loss'))} -> {_fixed(trained.get('final_train_loss'))}"
-                " (first and last step)",
+                f"BCE {markup.fixed(trained.get('first_train_loss'))} -> "
+                f"{markup.fixed(trained.get('final_train_loss'))} (first and last step)",
                 "meta",
             ),
             _completion_table(run, "forecast_binary_z0", authors),
@@ -665,14 +519,14 @@ def _generic(value: Any, depth: int = 0) -> str:
     """Any JSON value as HTML: a dict of flat dicts as one table (a row each), other dicts as
     key/value tables (nested up to 3 deep), lists of scalars inline, anything deeper as JSON."""
     if _is_scalar(value):
-        return f"<p>{escape(_num(value) if not isinstance(value, str) else value)}</p>"
+        return f"<p>{escape(markup.num(value) if not isinstance(value, str) else value)}</p>"
     if isinstance(value, list):
         if all(_is_scalar(v) for v in value):
-            return f"<p>{escape(_compact(value, 400))}</p>"
+            return f"<p>{escape(markup.compact(value, 400))}</p>"
         if all(isinstance(v, dict) and all(_is_scalar(x) for x in v.values()) for v in value):
             columns = list(dict.fromkeys(k for v in value for k in v))
-            return _table(columns, [[v.get(c) for c in columns] for v in value])
-        return f"<pre>{escape(_compact(value, 2000))}</pre>"
+            return markup.table(columns, [[v.get(c) for c in columns] for v in value])
+        return f"<pre>{escape(markup.compact(value, 2000))}</pre>"
     if not isinstance(value, dict):
         return f"<p>{escape(str(value))}</p>"
     records = {k: v for k, v in value.items() if isinstance(v, dict) and all(_is_flat(x) for x in v.values())}
@@ -680,7 +534,9 @@ def _generic(value: Any, depth: int = 0) -> str:
     if len(records) > 1:
         columns = list(dict.fromkeys(c for v in records.values() for c in v))
         parts.append(
-            _table(["", *columns], [[k, *[_flat(v.get(c)) for c in columns]] for k, v in records.items()])
+            markup.table(
+                ["", *columns], [[k, *[_flat(v.get(c)) for c in columns]] for k, v in records.items()]
+            )
         )
     else:
         records = {}
@@ -689,11 +545,11 @@ def _generic(value: Any, depth: int = 0) -> str:
         if key in records:
             continue
         if _is_scalar(item) or depth >= 2:
-            pairs.append((str(key), item if _is_scalar(item) else _compact(item)))
+            pairs.append((str(key), item if _is_scalar(item) else markup.compact(item)))
         else:
-            pairs.append((str(key), _Markup(_generic(item, depth + 1))))
+            pairs.append((str(key), markup.Markup(_generic(item, depth + 1))))
     if pairs:
-        parts.append(_kv_table(pairs))
+        parts.append(markup.kv_table(pairs))
     return "".join(parts)
 
 
@@ -702,7 +558,7 @@ def _is_flat(value: Any) -> bool:
 
 
 def _flat(value: Any) -> Any:
-    return _compact(value, 80) if isinstance(value, list) else value
+    return markup.compact(value, 80) if isinstance(value, list) else value
 
 
 def _paired_tests_table(tests: Mapping[str, Any], task_t: bool) -> str:
@@ -713,22 +569,22 @@ def _paired_tests_table(tests: Mapping[str, Any], task_t: bool) -> str:
         e, t = test["over_examples"], test["over_tasks"]
         row = [
             key.replace("_vs_", " vs "),
-            _fixed(e["mean_difference"]),
+            markup.fixed(e["mean_difference"]),
             e["n"],
-            _Num(_num(e["wilcoxon_p"])),
-            _Num(_num(e["t_p"])),
+            markup.Num(markup.num(e["wilcoxon_p"])),
+            markup.Num(markup.num(e["t_p"])),
             t["n"],
-            _Num(_num(t["wilcoxon_p"])),
+            markup.Num(markup.num(t["wilcoxon_p"])),
         ]
-        rows.append([*row, _Num(_num(t["t_p"]))] if task_t else row)
+        rows.append([*row, markup.Num(markup.num(t["t_p"]))] if task_t else row)
     headers = ["comparison (A vs B)", "mean A - B", "pairs", "Wilcoxon p", "paired t p", "tasks"]
     headers += ["Wilcoxon p (tasks)", "t p (tasks)"] if task_t else ["Wilcoxon p (tasks)"]
-    return _table(headers, rows)
+    return markup.table(headers, rows)
 
 
-def _ci(effect: Mapping[str, Any]) -> _Num:
+def _ci(effect: Mapping[str, Any]) -> markup.Num:
     ci = effect.get("ci95")
-    return _Num("–" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]")
+    return markup.Num("–" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]")
 
 
 def _replay_effects_table(effects: Mapping[str, Any], verdicts: Mapping[str, str]) -> str:
@@ -739,29 +595,29 @@ def _replay_effects_table(effects: Mapping[str, Any], verdicts: Mapping[str, str
         rows.append(
             [
                 key.replace("_vs_", " vs "),
-                _Num(f"{e['effect']:+.4f}"),
+                markup.Num(f"{e['effect']:+.4f}"),
                 _ci(e),
-                _Num(_num(e["t_p"])),
-                _Num(_num(e["wilcoxon_p"])),
+                markup.Num(markup.num(e["t_p"])),
+                markup.Num(markup.num(e["wilcoxon_p"])),
                 e["n_units"],
-                _Num(_num(t["t_p"])),
+                markup.Num(markup.num(t["t_p"])),
                 verdicts.get(key, ""),
             ]
         )
     headers = ["comparison (A vs B)", "effect A - B (nats)", "95% CI", "t p (units)", "Wilcoxon p (units)"]
-    return _table([*headers, "units", "t p (tasks)", "verdict"], rows)
+    return markup.table([*headers, "units", "t p (tasks)", "verdict"], rows)
 
 
-def _replay_cells(run: _Run) -> str:
+def _replay_cells(run: RunView) -> str:
     """Every (ratio, T) measured in this run: predicted vs random and ground truth vs random."""
-    folder = run.path("replay", "cells")
+    folder = os.path.join(run.dir.study("replay"), "cells")
     if not os.path.isdir(folder):
         return ""
     rows = []
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".json"):
             continue
-        cell = run.json("replay", "cells", name)
+        cell = run.json(run.dir.study("replay"), "cells", name)
         if not cell or "effects" not in cell:
             continue
         for key, e in cell["effects"].items():
@@ -769,36 +625,38 @@ def _replay_cells(run: _Run) -> str:
                 continue
             rows.append(
                 [
-                    _Num(f"{cell['ratio']:g}"),
-                    _Num(f"{cell['temperature']:g}"),
+                    markup.Num(f"{cell['ratio']:g}"),
+                    markup.Num(f"{cell['temperature']:g}"),
                     key.replace("_vs_", " vs "),
-                    _Num(f"{e['effect']:+.4f}"),
+                    markup.Num(f"{e['effect']:+.4f}"),
                     _ci(e),
-                    _Num(_num(e["t_p"])),
+                    markup.Num(markup.num(e["t_p"])),
                     e["n_units"],
                 ]
             )
     if not rows:
         return ""
     headers = ["ratio", "T", "comparison", "effect (nats)", "95% CI", "t p (units)", "units"]
-    return _p("Every measured (ratio, T) of this run, against random replay:") + _table(headers, rows)
+    return markup.paragraph("Every measured (ratio, T) of this run, against random replay:") + markup.table(
+        headers, rows
+    )
 
 
-def _replay(run: _Run) -> str:
+def _replay(run: RunView) -> str:
     """Forgetting on never-replayed examples per replay condition, effects with 95% confidence
     intervals over (task, seed) fine-tunes, the per-example description, prediction quality, and
     the active-probe evaluation (`forgetray replay`, forgetray.replay.experiment)."""
-    results = run.json("replay", "results.json")
-    probes = run.json("replay", "probes.json")
+    results = run.json(run.dir.study("replay"), "results.json")
+    probes = run.json(run.dir.study("replay"), "probes.json")
     if results is None and probes is None:
-        return _note(f"not run yet: {run.command('replay')}")
+        return markup.note(f"not run yet: {run.command('replay')}")
     if results is not None and "effects" not in results:
         return _generic(results)  # not written by this forgetray.replay.experiment: show what it holds
     parts = []
     if results is not None:
         tasks = results["tasks"]
         parts.append(
-            _p(
+            markup.paragraph(
                 f"Each of {len(tasks)} held-out tasks fine-tuned with {results['n_seeds']} training "
                 f"seeds per condition ({results['units']} task x seed units), {results['mixing']} "
                 f"mixing at ratio {results['ratio']:g}; forgetting (nats) measured on "
@@ -809,19 +667,19 @@ def _replay(run: _Run) -> str:
             )
         )
         rows = [
-            [name, _fixed(c["mean_forgetting"]), *[_fixed(c["per_task"].get(t)) for t in tasks]]
+            [name, markup.fixed(c["mean_forgetting"]), *[markup.fixed(c["per_task"].get(t)) for t in tasks]]
             for name, c in results["conditions"].items()
         ]
-        parts.append(_table(["condition", "mean forgetting", *tasks], rows))
+        parts.append(markup.table(["condition", "mean forgetting", *tasks], rows))
         parts.append(
-            _p(
+            markup.paragraph(
                 "Effects over independent units (one fine-tune per task and seed): mean paired "
                 "difference, its 95% t-interval and p-values over units; the verdict is the interval."
             )
         )
         parts.append(_replay_effects_table(results["effects"], results.get("verdicts", {})))
         parts.append(
-            _p(
+            markup.paragraph(
                 "Description only (seeds averaged per task and example; examples of one fine-tune "
                 "are not independent, so these p-values are not a verdict):",
                 "meta",
@@ -829,11 +687,11 @@ def _replay(run: _Run) -> str:
         )
         parts.append(_paired_tests_table(results["per_example_description"], task_t=True))
         quality = [
-            [t, m, _fixed(q["rmse"]), _fixed(q["pearson"], 3), _fixed(q["spearman"], 3)]
+            [t, m, markup.fixed(q["rmse"]), markup.fixed(q["pearson"], 3), markup.fixed(q["spearman"], 3)]
             for t, per in results["prediction_on_pool"].items()
             for m, q in per.items()
         ]
-        parts.append(_table(["task", "predictor", "prediction RMSE", "Pearson", "Spearman"], quality))
+        parts.append(markup.table(["task", "predictor", "prediction RMSE", "Pearson", "Spearman"], quality))
         parts.append(_replay_cells(run))
     if probes is not None:
         rows = []
@@ -845,33 +703,35 @@ def _replay(run: _Run) -> str:
                     [
                         method,
                         strategy,
-                        _pm(v["rmse_mean"], v["rmse_std"], 100, 2),
-                        _Num(_num(v.get("beats_random_seeds"))),
+                        markup.pm(v["rmse_mean"], v["rmse_std"], 100, 2),
+                        markup.Num(markup.num(v.get("beats_random_seeds"))),
                     ]
                 )
         parts.append(
-            _p(
+            markup.paragraph(
                 f"Active probe selection: completion RMSE x100, leave-one-task-out, k = {probes['k']}, "
                 f"random over {len(probes['seeds'])} seeds."
             )
         )
-        parts.append(_table(["method", "probes", "RMSE x100", "share of random seeds beaten"], rows))
+        parts.append(markup.table(["method", "probes", "RMSE x100", "share of random seeds beaten"], rows))
     return "".join(parts)
 
 
-def _iv(run: _Run) -> str:
+def _iv(run: RunView) -> str:
     """Instruction vectors per task and IV-guided vs plain fine-tuning (`forgetray iv RUN [--train]`,
     forgetray.iv.experiment)."""
-    summary = run.json("iv", "summary.json")
-    results = run.json("iv", "results.json")
+    summary = run.json(run.dir.study("iv"), "summary.json")
+    results = run.json(run.dir.study("iv"), "results.json")
     if summary is None and results is None:
         # An optional stage (not part of `forgetray run`): say how to get it, not that it is missing.
-        return _p(f"optional; extract with {run.command('iv')}, compare fine-tuning with --train", "meta")
+        return markup.paragraph(
+            f"optional; extract with {run.command('iv')}, compare fine-tuning with --train", "meta"
+        )
     parts = []
     if summary is not None:
         tasks = summary["tasks"]
         parts.append(
-            _p(
+            markup.paragraph(
                 "Heads ranked by indirect effect: the mean change of P(first answer token) when the "
                 "head's mean output over the task's prompts is patched into prompts with the "
                 "instruction removed. The instruction vector is the sum of the top heads' outputs "
@@ -886,14 +746,14 @@ def _iv(run: _Run) -> str:
                     for h, e in zip(s["heads"][:5], s["head_effects"][:5], strict=False)
                 ),
                 s["layer"],
-                _fixed(s["vector_norm"], 3),
-                _fixed(s["p_answer_clean"], 3),
-                _fixed(s["p_answer_corrupted"], 3),
+                markup.fixed(s["vector_norm"], 3),
+                markup.fixed(s["p_answer_clean"], 3),
+                markup.fixed(s["p_answer_corrupted"], 3),
             ]
             for task, s in tasks.items()
         ]
         parts.append(
-            _table(
+            markup.table(
                 [
                     "task",
                     "top heads (indirect effect)",
@@ -909,7 +769,7 @@ def _iv(run: _Run) -> str:
         tasks = results["tasks"]
         conditions = results["conditions"]
         parts.append(
-            _p(
+            markup.paragraph(
                 f"IV-guided vs plain fine-tuning of {len(tasks)} tasks (same config and seed): forgetting is "
                 f"the mean increase of the run's score ({results['metric']}) over the base model on "
                 f"{results['n_examples']} upstream examples; task loss is the mean response NLL on the "
@@ -919,37 +779,37 @@ def _iv(run: _Run) -> str:
         rows = [
             [
                 name,
-                _fixed(c["mean_forgetting"]),
-                *[_fixed(c["per_task"].get(t)) for t in tasks],
-                _fixed(c["mean_task_loss"]),
+                markup.fixed(c["mean_forgetting"]),
+                *[markup.fixed(c["per_task"].get(t)) for t in tasks],
+                markup.fixed(c["mean_task_loss"]),
             ]
             for name, c in conditions.items()
         ]
-        parts.append(_table(["condition", "mean forgetting", *tasks, "mean task loss"], rows))
+        parts.append(markup.table(["condition", "mean forgetting", *tasks, "mean task loss"], rows))
         parts.append(_paired_tests_table(results["tests"], task_t=False))
     return "".join(parts)
 
 
 def _power_law_row(name: str, fit: Mapping[str, Any]) -> list[Any]:
     if "error" in fit:
-        return [name, _Markup(escape(str(fit["error"]))), *[""] * 9]
+        return [name, markup.Markup(escape(str(fit["error"]))), *[""] * 9]
     return [
         name,
-        *(_Num(_num(fit[k])) for k in ("c", "a", "alpha", "b", "beta", "rho", "s")),
-        _fixed(fit["r2"], 3),
-        _fixed(fit.get("p_term_share"), 3),
+        *(markup.Num(markup.num(fit[k])) for k in ("c", "a", "alpha", "b", "beta", "rho", "s")),
+        markup.fixed(fit["r2"], 3),
+        markup.fixed(fit.get("p_term_share"), 3),
         ", ".join(fit.get("at_bounds", [])) or "none",
     ]
 
 
-def _scaling(run: _Run) -> str:
+def _scaling(run: RunView) -> str:
     """Kalajdzievski 2024's laws from `forgetray scaling` (`<run>/scaling/`)."""
-    fits = run.json("scaling", "fits.json")
+    fits = run.json(run.dir.study("scaling"), "fits.json")
     if fits is None:
-        return _note("not run: forgetray scaling CONFIG (e.g. configs/scaling.yaml)")
+        return markup.note("not run: forgetray scaling CONFIG (e.g. configs/scaling.yaml)")
     linear = fits["linear"]
     parts = [
-        _p(
+        markup.paragraph(
             f"Task {fits.get('task')}: LoRA ranks {fits['ranks']} (parameters fine-tuned P: "
             f"{', '.join(f'{int(v):,}' for v in fits['n_params'].values())}); {fits['n_points']} points "
             f"with steps N >= {fits['min_step']}. L_f: mean cross-entropy of the fine-tuned model against "
@@ -957,18 +817,22 @@ def _scaling(run: _Run) -> str:
             "a fixed sample of the task's training examples."
         ),
         "<h3>(a) Linear relation L_f = -c · L_ft + s</h3>",
-        _note(f"fit failed: {linear['error']}")
+        markup.note(f"fit failed: {linear['error']}")
         if "error" in linear
-        else _kv_table(
-            [("c", _fixed(linear["c"])), ("s", _fixed(linear["s"])), ("R²", _fixed(linear["r2"], 3))]
+        else markup.kv_table(
+            [
+                ("c", markup.fixed(linear["c"])),
+                ("s", markup.fixed(linear["s"])),
+                ("R²", markup.fixed(linear["r2"], 3)),
+            ]
         ),
         "<h3>(b) Shifted power laws L(P, N) = c · [(a / P)^α + (b / N)^β]^ρ + s</h3>",
-        _p(
+        markup.paragraph(
             "|c| is fixed to 1 (the form has one redundant scale, absorbed into a and b). P-term share: "
             "mean of (a/P)^α / [(a/P)^α + (b/N)^β] over the points (near 0: no dependence on P left). "
             "Constants on a search bound are not determined by the data."
         ),
-        _table(
+        markup.table(
             ["quantity", "c", "a", "α", "b", "β", "ρ", "s", "R²", "P-term share", "on a bound"],
             [
                 _power_law_row("L_ft (fine-tuning loss)", fits["power_law_l_ft"]),
@@ -978,14 +842,16 @@ def _scaling(run: _Run) -> str:
     ]
     if "l_f_via_linear" in fits:
         parts.append(
-            _p(f"L_f from the L_ft law through the linear relation: R² {fits['l_f_via_linear']['r2']:.3f}.")
+            markup.paragraph(
+                f"L_f from the L_ft law through the linear relation: R² {fits['l_f_via_linear']['r2']:.3f}."
+            )
         )
     by_rank = fits.get("r2_by_rank", {})
     if by_rank:
         ranks = sorted({r for d in by_rank.values() for r in d}, key=int)
         parts += [
             "<h3>Where the fits break: R² within each rank</h3>",
-            _table(
+            markup.table(
                 ["fit", *[f"rank {r}" for r in ranks]],
                 [[k, *[d.get(r) for r in ranks]] for k, d in by_rank.items()],
             ),
@@ -994,7 +860,7 @@ def _scaling(run: _Run) -> str:
     if rows:
         parts += [
             "<h3>R² as early steps are excluded</h3>",
-            _table(
+            markup.table(
                 ["min step", "points", "linear", "L_ft law", "L_f law"],
                 [
                     [
@@ -1013,78 +879,84 @@ def _scaling(run: _Run) -> str:
         ("power_law_l_ft.png", "fine-tuning loss against steps, with the fitted law"),
         ("power_law_l_f.png", "forgetting against steps, with the fitted law"),
     ):
-        if run.exists("scaling", name):
-            parts.append(_image(run.path("scaling", name), caption))
+        if run.exists(run.dir.study("scaling"), name):
+            parts.append(markup.image(os.path.join(run.dir.study("scaling"), name), caption))
     return "".join(parts)
 
 
-def _flatness(run: _Run) -> str:
+def _flatness(run: RunView) -> str:
     """Sharpness figures per model (forgetray.flatness) and their rank correlation with forgetting."""
-    results = run.json("flatness", "figures.json")
+    results = run.json(run.dir.study("flatness"), "figures.json")
     if results is None:
         # An optional stage (not part of `forgetray run`): say how to get it, not that it is missing.
-        return _p(f"optional; draw the loss landscapes with: {run.command('flatness')}", "meta")
+        return markup.paragraph(f"optional; draw the loss landscapes with: {run.command('flatness')}", "meta")
     from forgetray.flatness import FIGURES
 
     settings = results["settings"]
     forgetting = results.get("mean_forgetting", {})
     parts = [
-        _p(
+        markup.paragraph(
             f"Loss ({settings['data']} sample of {settings['n_examples']} examples) on a "
             f"{settings['resolution']} x {settings['resolution']} grid over [-{settings['span']}, "
             f"{settings['span']}]^2 of two filter-normalised random directions around each model; "
             "definitions in forgetray/flatness.py. Smaller is flatter. With upstream data, centre_loss "
             "is the model's upstream loss on the sample, a check against the matrix."
         ),
-        _table(
+        markup.table(
             ["model", *FIGURES, "task loss", "mean forgetting"],
             [
                 [
                     name,
-                    *[_fixed(row[f]) for f in FIGURES],
-                    _fixed(row.get("task_loss")),
-                    _fixed(forgetting.get(name)),
+                    *[markup.fixed(row[f]) for f in FIGURES],
+                    markup.fixed(row.get("task_loss")),
+                    markup.fixed(forgetting.get(name)),
                 ]
                 for name, row in results["models"].items()
             ],
         ),
         "<h3>Flatness vs forgetting across tasks (Spearman)</h3>",
-        _table(
+        markup.table(
             ["figure", "rho", "p-value", "tasks"],
             [
-                [name, _fixed(v["rho"], 3), _fixed(v["p_value"], 3), v["n"]]
+                [name, markup.fixed(v["rho"], 3), markup.fixed(v["p_value"], 3), v["n"]]
                 for name, v in results["spearman_vs_mean_forgetting"].items()
             ],
         ),
     ]
-    if run.exists("flatness", "flatness_vs_forgetting.png"):
+    if run.exists(run.dir.study("flatness"), "flatness_vs_forgetting.png"):
         parts.append(
-            _image(run.path("flatness", "flatness_vs_forgetting.png"), "sharpness figures vs mean forgetting")
+            markup.image(
+                os.path.join(run.dir.study("flatness"), "flatness_vs_forgetting.png"),
+                "sharpness figures vs mean forgetting",
+            )
         )
     for name in ("base", *[n for n in results["models"] if n != "base"][:1]):
-        if run.exists("flatness", f"landscape_{name}.png"):
-            parts.append(_image(run.path("flatness", f"landscape_{name}.png"), f"loss landscape: {name}"))
+        if run.exists(run.dir.study("flatness"), f"landscape_{name}.png"):
+            parts.append(
+                markup.image(
+                    os.path.join(run.dir.study("flatness"), f"landscape_{name}.png"),
+                    f"loss landscape: {name}",
+                )
+            )
     return "".join(parts)
 
 
-def _exact_match(run: _Run) -> str:
+def _exact_match(run: RunView) -> str:
     """Exact-match (binary) forgetting, an optional stage (`forgetray exact-match`)."""
-    from forgetray.report.exact_match_section import exact_match_section
-
     return exact_match_section(run)
 
 
-def _config(run: _Run) -> str:
-    if not run.exists("config.yaml"):
-        return _note("no config.yaml: is this a forgetray run directory?")
-    with open(run.path("config.yaml"), encoding="utf-8") as f:
+def _config(run: RunView) -> str:
+    if not os.path.exists(run.dir.config):
+        return markup.note("no config.yaml: is this a forgetray run directory?")
+    with open(run.dir.config, encoding="utf-8") as f:
         return f"<pre>{escape(f.read())}</pre>"
 
 
-def _log(run: _Run) -> str:
-    if not run.exists("logs", "forgetray.log"):
-        return _note("no logs/forgetray.log yet")
-    with open(run.path("logs", "forgetray.log"), encoding="utf-8", errors="replace") as f:
+def _log(run: RunView) -> str:
+    if not os.path.exists(run.dir.log):
+        return markup.note("no logs/forgetray.log yet")
+    with open(run.dir.log, encoding="utf-8", errors="replace") as f:
         lines = f.readlines()
     tail = "".join(lines[-LOG_TAIL_LINES:])
     return (
@@ -1093,7 +965,7 @@ def _log(run: _Run) -> str:
     )
 
 
-_SECTIONS: list[tuple[str, str, Callable[[_Run], str]]] = [
+_SECTIONS: list[tuple[str, str, Callable[[RunView], str]]] = [
     ("summary", "Run summary", _summary),
     ("finetune", "Fine-tuning", _finetune),
     ("scores", "Scores", _scores),
@@ -1111,17 +983,17 @@ _SECTIONS: list[tuple[str, str, Callable[[_Run], str]]] = [
 ]
 
 
-def _render(run: _Run) -> str:
+def _render(run: RunView) -> str:
     sections = []
     for anchor, title, render in _SECTIONS:
         try:
             body = render(run)
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
             # One unreadable input must not hide the rest of the run.
-            body = _note(f"could not be rendered: {type(error).__name__}: {error}")
+            body = markup.note(f"could not be rendered: {type(error).__name__}: {error}")
         sections.append(f'<section id="{anchor}"><h2>{escape(title)}</h2>{body}</section>')
     nav = "".join(f'<a href="#{anchor}">{escape(title.split(":")[0])}</a>' for anchor, title, _ in _SECTIONS)
-    name = os.path.basename(os.path.abspath(run.root))
+    name = os.path.basename(run.dir.location)
     generated = time.strftime("%Y-%m-%d %H:%M:%S")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -1133,11 +1005,11 @@ def _render(run: _Run) -> str:
     )
 
 
-def build_report(run_dir: str) -> str:
+def build_report(run_dir: str | rundir.RunDir) -> str:
     """Writes `<run_dir>/report.html` (atomically) from whatever the run directory holds; returns its
     path. Redraws the report figures (`write_report_figures`) on the way."""
-    if not os.path.isdir(run_dir):
+    run = RunView(run_dir)
+    if not os.path.isdir(run.dir.root):
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    path = os.path.join(run_dir, REPORT_FILE)
-    storage.write_text(path, _render(_Run(run_dir)))
-    return path
+    storage.write_text(run.dir.report, _render(run))
+    return run.dir.report

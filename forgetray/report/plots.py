@@ -43,7 +43,7 @@ MAX_ROW_LABELS = 60
 MAX_BAR_LABELS = 100
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -52,7 +52,7 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: str) -> str:
+def save_figure(fig: Figure, path: str) -> str:
     """Writes `fig` to `path` as PNG atomically and releases its memory."""
     try:
         with atomic_path(path) as tmp:
@@ -105,7 +105,7 @@ def _draw_heatmap(
     of Z's columns, of which the shown ones are an even subsample) so ticks read as sorted ranks."""
     m, shown = z_sorted.shape
     n = shown if n_columns is None else n_columns
-    fig = _figure(10.0, float(np.clip(1.8 + 0.22 * m, 3.0, 8.0)))
+    fig = new_figure(10.0, float(np.clip(1.8 + 0.22 * m, 3.0, 8.0)))
     ax = fig.add_subplot()
     image = ax.imshow(
         z_sorted,
@@ -124,7 +124,7 @@ def _draw_heatmap(
         ax.set_yticks(np.arange(m), [str(label) for label in row_labels], fontsize=8 if m <= 30 else 6)
     else:
         ax.set_yticks([])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _heatmap_view(z: np.ndarray, max_columns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
@@ -215,7 +215,7 @@ def r2_curve(
 ) -> str:
     """R^2 of the rank-k SVD against k (k = 1..len(r2_svd)), with the additive and multiplicative fits
     as horizontal lines and each `reference` curve (e.g. {"OLMo-7B": PAPER_R2_OLMO7B}) dashed."""
-    fig = _figure(6.5, 4.2)
+    fig = new_figure(6.5, 4.2)
     ax = fig.add_subplot()
     ranks = np.arange(1, len(r2_svd) + 1)
     ax.plot(ranks, r2_svd, marker="o", color="C0", label="truncated SVD (this run)")
@@ -240,7 +240,7 @@ def r2_curve(
     ax.set_ylim(min([0.0, *values]) - 0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def per_task_bars(task_names: Sequence[str], means: Sequence[float] | np.ndarray, path: str) -> str:
@@ -252,7 +252,7 @@ def per_task_bars(task_names: Sequence[str], means: Sequence[float] | np.ndarray
     order = np.argsort(-means, kind="stable")
     m = len(means)
     labelled = m <= MAX_BAR_LABELS
-    fig = _figure(7.5, float(np.clip(1.2 + 0.22 * m, 2.5, 25.0)) if labelled else 6.0)
+    fig = new_figure(7.5, float(np.clip(1.2 + 0.22 * m, 2.5, 25.0)) if labelled else 6.0)
     ax = fig.add_subplot()
     positions = np.arange(m)
     colours = np.where(means[order] > 0, "#c0392b", "#2e6da4")
@@ -267,7 +267,7 @@ def per_task_bars(task_names: Sequence[str], means: Sequence[float] | np.ndarray
     ax.set_xlabel("mean forgetting over upstream examples (nats)")
     ax.set_title("Mean forgetting per fine-tuning task")
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def completion_bars(results: Mapping[str, Any], path: str, metric: str = "rmse") -> str:
@@ -281,7 +281,7 @@ def completion_bars(results: Mapping[str, Any], path: str, metric: str = "rmse")
         raise ValueError(f"completion_bars: no method in the results has {metric}_mean")
     means = [float(results[name][f"{metric}_mean"]) for name in methods]
     stds = [float(results[name].get(f"{metric}_std") or 0.0) for name in methods]
-    fig = _figure(max(6.0, 1.1 * len(methods) + 2.0), 4.0)
+    fig = new_figure(max(6.0, 1.1 * len(methods) + 2.0), 4.0)
     ax = fig.add_subplot()
     positions = np.arange(len(methods))
     ax.bar(positions, means, yerr=stds, capsize=4, color="C0")
@@ -298,13 +298,13 @@ def completion_bars(results: Mapping[str, Any], path: str, metric: str = "rmse")
     ax.set_ylabel(f"{metric.upper()} (mean ± std over seeds)")
     ax.set_title(f"Held-out tasks: {metric.upper()}" + (f" ({', '.join(detail)})" if detail else ""))
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def loss_landscape(coordinates: np.ndarray, grid: np.ndarray, path: str, title: str) -> str:
     """Contour map (left) and surface (right) of a loss grid L(theta + a d1 + b d2), theta at (0, 0)."""
     a, b = np.meshgrid(coordinates, coordinates, indexing="ij")  # each (n, n), like grid
-    fig = _figure(10.0, 4.2)
+    fig = new_figure(10.0, 4.2)
     ax = fig.add_subplot(1, 2, 1)
     contours = ax.contourf(a, b, grid, levels=20, cmap="viridis")
     ax.contour(a, b, grid, levels=20, colors="white", linewidths=0.4, alpha=0.6)
@@ -318,7 +318,7 @@ def loss_landscape(coordinates: np.ndarray, grid: np.ndarray, path: str, title: 
     surface.set_xlabel("a")
     surface.set_ylabel("b")
     surface.set_title("loss surface")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def flatness_scatter(
@@ -327,7 +327,7 @@ def flatness_scatter(
     """Each sharpness figure of the fine-tuned models against their mean forgetting, one point per task."""
     names = ("curvature", "average_gradient", "mean_absolute_gradient", "max_increase")
     tasks = [t for t in mean_forgetting if t in figures_by_task]
-    fig = _figure(4.0 * len(names), 3.8)
+    fig = new_figure(4.0 * len(names), 3.8)
     for k, name in enumerate(names):
         ax = fig.add_subplot(1, len(names), k + 1)
         x = [figures_by_task[t][name] for t in tasks]
@@ -340,13 +340,13 @@ def flatness_scatter(
             ax.set_ylabel("mean forgetting (nats)")
         ax.grid(alpha=0.3)
     fig.suptitle("Flatness of each fine-tuned model vs its mean forgetting")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def learning_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str) -> str:
     """Each task's training loss by optimizer step (left) and the learning rate (right); `curves` maps
     a task to its points ({"step", "loss", "learning_rate", ...}) as `forgetray.tracking` keeps them."""
-    fig = _figure(10.0, 3.8)
+    fig = new_figure(10.0, 3.8)
     loss_ax, lr_ax = fig.subplots(1, 2, width_ratios=(2, 1))
     for task, points in curves.items():
         steps = [p["step"] for p in points]
@@ -364,4 +364,4 @@ def learning_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path: s
     lr_ax.set_xlabel("optimizer step")
     lr_ax.set_ylabel("learning rate")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from forgetray.report.plots import _figure, _save
+from forgetray.report.plots import new_figure, save_figure
+from forgetray.stats.scaling import power_law_prediction
 
 
 def _by_rank(points: Sequence[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
@@ -26,7 +27,7 @@ def _by_rank(points: Sequence[dict[str, Any]]) -> dict[int, list[dict[str, Any]]
 
 
 def linear_relation_figure(points: Sequence[dict[str, Any]], fits: dict[str, Any], path: str) -> str:
-    fig = _figure(6.0, 4.5)
+    fig = new_figure(6.0, 4.5)
     ax = fig.add_subplot()
     min_step = fits["min_step"]
     for i, (rank, rows) in enumerate(_by_rank(points).items()):
@@ -53,13 +54,11 @@ def linear_relation_figure(points: Sequence[dict[str, Any]], fits: dict[str, Any
     ax.set_ylabel("forgetting L_f (CE vs base, nats/token)")
     ax.set_title(f"Linear relation (hollow: steps < {min_step}, not fitted)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def power_law_figure(points: Sequence[dict[str, Any]], fits: dict[str, Any], quantity: str, path: str) -> str:
-    from forgetray.scaling.sweep import _predict
-
-    fig = _figure(6.0, 4.5)
+    fig = new_figure(6.0, 4.5)
     ax = fig.add_subplot()
     fit = fits[f"power_law_{quantity}"]
     steps = [p["step"] for p in points if p["step"] > 0]
@@ -76,7 +75,11 @@ def power_law_figure(points: Sequence[dict[str, Any]], fits: dict[str, Any], qua
         )
         if "error" not in fit:
             ax.plot(
-                grid, _predict(fit, np.full_like(grid, rows[0]["n_params"]), grid), "-", color=color, lw=1
+                grid,
+                power_law_prediction(fit, np.full_like(grid, rows[0]["n_params"]), grid),
+                "-",
+                color=color,
+                lw=1,
             )
     ax.axvline(fits["min_step"], color="grey", lw=0.8, ls=":")
     ax.set_xlabel("update steps N")
@@ -85,7 +88,7 @@ def power_law_figure(points: Sequence[dict[str, Any]], fits: dict[str, Any], qua
     title = "fit failed" if "error" in fit else f"shifted power law, R² {fit['r2']:.3f}"
     ax.set_title(f"{label}: {title}")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def scaling_figures(points: Sequence[dict[str, Any]], fits: dict[str, Any], out_dir: str) -> list[str]:

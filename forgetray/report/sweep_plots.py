@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from forgetray.report.plots import _figure, _save
+from forgetray.report.plots import new_figure, save_figure
 
 
 def size_sweep_figure(rows: Sequence[dict[str, Any]], path: str) -> str:
-    fig = _figure(15, 4.2)
+    fig = new_figure(15, 4.2)
     r2_ax, forgetting_ax, rmse_ax = fig.subplots(1, 3)
     for i, row in enumerate(rows):
         ranks = np.arange(1, len(row["r2_svd"]) + 1)
@@ -54,4 +54,4 @@ def size_sweep_figure(rows: Sequence[dict[str, Any]], path: str) -> str:
         rmse_ax.text(0.5, 0.5, "fewer than 3 tasks: no completion", ha="center", transform=rmse_ax.transAxes)
     for ax in (r2_ax, forgetting_ax, rmse_ax):
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

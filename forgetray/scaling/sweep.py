@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from forgetray import storage
+from forgetray import rundir, storage
 from forgetray.config import ConfigError, SweepConfig
+from forgetray.stats.scaling import power_law_prediction
 
 SCALING_DIR = "scaling"
 POINT_FIELDS = (
@@ -54,8 +55,6 @@ def trial_name(rank: int) -> str:
 def run_scaling(config: SweepConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train what is missing, collect every trial's records, fit, plot; returns the fits."""
     from forgetray.pipeline import (
-        RunPaths,
-        _task_names,
         prepare_base_model,
         prepare_data,
         setup_logging,
@@ -63,17 +62,18 @@ def run_scaling(config: SweepConfig, log: Callable[[str], None] | None = None) -
         write_run_config,
     )
 
-    paths = RunPaths(config.run_dir)
+    paths = rundir.RunDir(config.run_dir)
     log = log or setup_logging(paths)
     scaling = config.scaling
-    if scaling.task not in _task_names(config):
+    tasks = list(config.tasks.names)
+    if scaling.task not in tasks:
         raise ConfigError(
-            f"scaling.task: {scaling.task!r} is not one of the run's tasks {_task_names(config)}; "
+            f"scaling.task: {scaling.task!r} is not one of the run's tasks {tasks}; "
             "add it to tasks.builtin or tasks.sources"
         )
     if config.finetune.zero_stage == 3:
         raise ConfigError("finetune.zero_stage: the scaling probe evaluates on rank 0 alone; use 0, 1 or 2")
-    out = os.path.join(paths.root, SCALING_DIR)
+    out = paths.study(SCALING_DIR)
     log(f"scaling: {os.path.abspath(out)}, task {scaling.task}, LoRA ranks {list(scaling.ranks)}")
     write_run_config(paths, config)
     started = time.perf_counter()
@@ -221,23 +221,16 @@ def fit_scaling_laws(points: list[dict[str, Any]], min_step: int) -> dict[str, A
         by_rank["linear"] = r2_by_group(l_f, -linear["c"] * l_ft + linear["s"], data["rank"])
     for key, y in (("power_law_l_ft", l_ft), ("power_law_l_f", l_f)):
         if "error" not in result[key]:
-            by_rank[key] = r2_by_group(y, _predict(result[key], p, n), data["rank"])
+            by_rank[key] = r2_by_group(y, power_law_prediction(result[key], p, n), data["rank"])
     if "error" not in linear and "error" not in law_ft:
         # The paper's route to L_f(P, N): the L_ft law mapped through the linear relation.
-        via = -linear["c"] * _predict(law_ft, p, n) + linear["s"]
+        via = -linear["c"] * power_law_prediction(law_ft, p, n) + linear["s"]
         result["l_f_via_linear"] = {"r2": r_squared(l_f, via)}
         by_rank["l_f_via_linear"] = r2_by_group(l_f, via, data["rank"])
     result["r2_by_rank"] = {k: {str(int(r)): v for r, v in d.items()} for k, d in by_rank.items()}
     signs = {k: result[k].get("c") for k in ("power_law_l_ft", "power_law_l_f")}
     result["r2_by_min_step"] = _r2_by_min_step(points, arrays, signs)
     return result
-
-
-def _predict(fit: dict[str, Any], p: np.ndarray, n: np.ndarray) -> np.ndarray:
-    from forgetray.stats.scaling import shifted_power_law
-
-    keys = ("c", "a", "alpha", "b", "beta", "rho", "s")
-    return shifted_power_law(p, n, *(fit[k] for k in keys))
 
 
 def _r2_by_min_step(

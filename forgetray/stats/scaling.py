@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,15 @@ def shifted_power_law(
         beta * (np.log(b) - np.log(np.asarray(n, np.float64))),
     )
     return c * np.exp(rho * log_x) + s
+
+
+POWER_LAW_CONSTANTS = ("c", "a", "alpha", "b", "beta", "rho", "s")
+"""The law's constants, in `shifted_power_law`'s order."""
+
+
+def power_law_prediction(fit: Mapping[str, Any], p: Any, n: Any) -> np.ndarray:
+    """A fitted law's values at (P, N), from its record (`PowerLawFit.to_dict()`, as in fits.json)."""
+    return shifted_power_law(p, n, *(fit[k] for k in POWER_LAW_CONSTANTS))
 
 
 _THETA = ("a", "alpha", "b", "beta", "rho", "s")
