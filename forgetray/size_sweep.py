@@ -234,11 +234,11 @@ def size_is_done(run_dir: str, config: SweepConfig) -> bool:
     """Whether `run_dir` holds a finished run (analysis and report written) of exactly `config`."""
     from forgetray.pipeline import read_run_config
 
-    finished = ("config.yaml", "analysis/fits.json", "report.html")
-    if not all(os.path.exists(os.path.join(run_dir, path)) for path in finished):
+    run = rundir.open_run(run_dir)
+    if not all(os.path.exists(path) for path in (run.config, run.fits, run.report)):
         return False
     try:
-        previous = read_run_config(os.path.join(run_dir, "config.yaml"))
+        previous = read_run_config(run.config)
     except ConfigError:
         return False
     return dataclasses.replace(previous, run_dir=config.run_dir) == config
