@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from forgetray import rundir, tracking
-from forgetray.config import ConfigError, SweepConfig, config_from_dict, load_config
+from forgetray.config import SweepConfig, config_from_dict, load_config
 from forgetray.console import Verbosity
 from forgetray.matrix import load_forgetting_matrix
 
@@ -66,22 +66,22 @@ class ForgettingMatrix:
 
     def learning_curve(self, task: str) -> list[dict[str, float]]:
         """The task's training curve (step, loss, learning_rate, tokens_per_second, loss parts)."""
-        points = tracking.read_curve(self.run_dir, task)
+        run = rundir.RunDir(self.run_dir)
+        run.pull("curves")  # a URI run: its curves into this machine's cache
+        points = tracking.read_curve(run.root, task)
         if points is None:
             raise KeyError(f"{tracking.curve_path(self.run_dir, task)}: no learning curve for task {task!r}")
         return points
 
 
 def open_run(run_dir: str | os.PathLike[str]) -> ForgettingMatrix:
-    """The forgetting matrix of a finished (or partly finished) run directory."""
+    """The forgetting matrix of a finished (or partly finished) run directory, a local path or a
+    URI (`s3://bucket/run`: only its `matrix/` is fetched)."""
     root = os.fspath(run_dir)
-    if rundir.is_uri(root):
-        raise ConfigError(
-            f"{root}: open_run reads a local run directory; copy the run's matrix/ folder first"
-        )
-    if not os.path.isdir(root):
+    if not rundir.is_uri(root) and not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: no such run directory")
     run = rundir.RunDir(root)
+    run.pull("matrix")  # a URI run: its matrix into this machine's cache (nothing else)
     values, index = load_forgetting_matrix(run.require_matrix())
     tasks, examples = tuple(map(str, index["tasks"])), tuple(map(str, index["examples"]))
     if values.shape != (len(tasks), len(examples)):

@@ -196,7 +196,8 @@ def exact_match_run(
     models = _run_models(run, config)
     root = run.study(EXACT_MATCH_DIR)
     ensure_ray()
-    score_exact_match(models, run.upstream, os.path.join(root, "scores"), config.exact_match, log, progress)
+    scores = os.path.join(root, "scores")
+    score_exact_match(models, run.upstream, scores, config.exact_match, log, progress, run)
     tasks = [name for name in models if name != BASE]
     example_ids = pq.read_table(run.upstream, columns=["example_id"]).column("example_id").to_pylist()
     matrix_dir = os.path.join(root, "matrix")

@@ -281,7 +281,8 @@ class RunDir:
     """One run directory: the layout's paths (under the local `root`), where workers find them
     (`location`), and, for a URI, the cache that is synced with it."""
 
-    def __init__(self, location: str, cache_dir: str | None = None) -> None:
+    def __init__(self, location: str | os.PathLike[str], cache_dir: str | None = None) -> None:
+        location = os.fspath(location)
         if not location:
             raise ValueError("run_dir: empty; give a directory or a URI (s3://bucket/run)")
         self.is_remote = is_uri(location)
@@ -291,7 +292,19 @@ class RunDir:
             self.root = os.path.join(cache_dir or default_cache_dir(), "rundirs", key)
         else:
             self.root = self.location
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._top: RunDir = self
+
+    def sub(self, *parts: str) -> RunDir:
+        """A study's folder as a run directory of its own (its fine-tunes' checkpoints and pointers,
+        its scores), at `parts` under this one; pushing it pushes the whole run."""
+        child = object.__new__(RunDir)
+        child.is_remote = self.is_remote
+        child.location = self.locate(*parts)
+        child.root = self.path(*parts)
+        child._lock = self._lock
+        child._top = self._top
+        return child
 
     def __repr__(self) -> str:
         return f"RunDir({self.location!r})"
@@ -464,6 +477,8 @@ class RunDir:
         """Fetch the files under `parts` (all, by default) that the cache lacks; returns how many."""
         if not self.is_remote:
             return 0
+        if self._top is not self:
+            return self._top.pull_path(self.path(*parts))
         with self._lock:
             where = self.path(*parts)
             os.makedirs(where, exist_ok=True)
@@ -497,12 +512,14 @@ class RunDir:
         if not self.is_remote:
             return 0
         relative = os.path.relpath(os.path.abspath(local), self.root)
-        return self.pull(*relative.split(os.sep))
+        return self.pull(*([] if relative == "." else relative.split(os.sep)))
 
     def push(self) -> int:
         """Upload every cached file that is new or changed since the last pull or push."""
         if not self.is_remote:
             return 0
+        if self._top is not self:
+            return self._top.push()
         with self._lock:
             state = self._state()
             pushed = 0
@@ -579,6 +596,6 @@ def worker_location(local: str, run: RunDir | None) -> str:
     return os.path.abspath(local) if run is None else run.locate_path(local)
 
 
-def open_run(run_dir: str | RunDir) -> RunDir:
+def open_run(run_dir: str | os.PathLike[str] | RunDir) -> RunDir:
     """`run_dir` as a RunDir (one already made is returned as is)."""
-    return run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    return run_dir if isinstance(run_dir, RunDir) else RunDir(os.fspath(run_dir))

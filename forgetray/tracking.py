@@ -79,7 +79,8 @@ def read_curve(run_dir: str | rundir.RunDir, task: str) -> list[dict[str, Any]] 
 
 
 def write_curve(path: str, task: str, points: list[dict[str, Any]]) -> None:
-    storage.write_json(path, {"task": task, "points": points})
+    """Write a curve to `path`, a local path or a location at a URI run directory."""
+    rundir.write_json(path, {"task": task, "points": points})
 
 
 def check_backend(config: TrackingConfig) -> None:

@@ -69,6 +69,26 @@ def test_open_run_and_long_form(tmp_path):
         matrix.learning_curve("addition")
 
 
+def test_open_run_on_a_uri_fetches_only_the_matrix(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGETRAY_CACHE", str(tmp_path / "cache"))
+    bucket = tmp_path / "bucket" / "run"
+    write_matrix(str(bucket), [[0.5, -0.25]], ["addition"], ["wiki/0", "code/1"])
+    storage.write_json(str(bucket / "curves" / "addition.json"), {"task": "addition", "points": []})
+    storage.write_text(str(bucket / "report.html"), "<html></html>")
+    matrix = forgetray.open_run(f"file://{bucket}")
+    assert matrix.tasks == ("addition",) and matrix.examples == ("wiki/0", "code/1")
+    np.testing.assert_array_equal(matrix.values, np.float32([[0.5, -0.25]]))
+    cached = [
+        os.path.relpath(os.path.join(d, n), tmp_path / "cache")
+        for d, _, ns in os.walk(tmp_path / "cache")
+        for n in ns
+    ]
+    assert sorted(os.path.basename(p) for p in cached if not os.path.basename(p).startswith(".")) == [
+        "forgetting.npy",
+        "index.json",
+    ]
+
+
 def test_open_run_errors_name_the_place(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         forgetray.open_run(tmp_path / "missing")

@@ -8,12 +8,11 @@ report read a whole file at any moment. Imported only where a TorchTrainer is bu
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ray.train import Checkpoint, UserCallback
 
-from forgetray import tracking
+from forgetray import rundir, tracking
 
 
 class CurveRecorder(UserCallback):
@@ -30,7 +29,8 @@ class CurveRecorder(UserCallback):
             return
         if self.points is None:
             # A task re-run after its driver died keeps the points it had already recorded.
-            previous = tracking.read_curve(os.path.dirname(os.path.dirname(self.path)), self.task)
-            self.points = previous or []
+            # `path` is a location: a URI on a URI run directory (`forgetray.rundir`).
+            previous = rundir.read_json(self.path)["points"] if rundir.exists(self.path) else []
+            self.points = list(previous)
         self.points = tracking.merge_curve(self.points, [point])
         tracking.write_curve(self.path, self.task, self.points)

@@ -225,16 +225,15 @@ def compare_run(
     base = base_model(run)
     task_paths = {t: run.task(t) for t in tasks}
     ensure_ray()
-    guided_dir = os.path.join(out, "guided")
     pointers = finetune_tasks(
-        guided_dir,
+        run.sub(IV_DIR, "guided"),
         tasks,
         task_paths,
         base,
         guided_config,
         torch_extensions_dir=torch_extensions_dir(),
         log=log,
-        extra_loop_config={"iv_by_task": {t: {"dir": os.path.abspath(os.path.join(out, t))} for t in tasks}},
+        extra_loop_config={"iv_by_task": {t: {"dir": run.locate_path(os.path.join(out, t))} for t in tasks}},
     )
     upstream_path = run.upstream
     scores_root = os.path.join(out, "scores")
@@ -246,6 +245,7 @@ def compare_run(
         log,
         progress,
         reference=base,
+        run=run,
     )
     ids = pq.read_table(upstream_path, columns=["example_id"]).column("example_id").to_pylist()
     before = aligned_nll(read_scores(run.model_scores(BASE)), ids, BASE)

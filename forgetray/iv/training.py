@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from forgetray import rundir
 from forgetray.config import IVGuidedConfig
 from forgetray.iv.guided import iv_guided_loss, last_prompt_positions
 from forgetray.iv.heads import add_to_attention_output, capture_heads, head_access
@@ -122,7 +123,7 @@ def build_guidance(
             f"finetune.iv_guided.enabled: no instruction vector given for task {task!r}; "
             "run `forgetray iv RUN --train`, which extracts and passes them"
         )
-    vector, info = load_iv(spec["dir"])
+    vector, info = load_iv(rundir.local_copy(spec["dir"]))  # a URI on a URI run directory
     reference_ref = ModelRef(**{**loop_config["model"], "adapter_path": None})
     reference, _ = load_model(reference_ref, device)
     reference.requires_grad_(False)

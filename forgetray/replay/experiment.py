@@ -272,7 +272,7 @@ def replay_spec(
     """The `replay` loop config of one fine-tune (see `forgetray.replay.mixing`)."""
     run = rundir.open_run(run_dir)
     spec: dict[str, Any] = {
-        "upstream_path": os.path.abspath(run.upstream),
+        "upstream_path": run.locate_path(run.upstream),  # read by the workers, on any node
         "ratio": config.replay.ratio,
         "mixing": "steps" if online else config.replay.mixing,
         "order": order,
@@ -417,7 +417,7 @@ def replay_run(
                     )
     ensure_ray()
     pointers = finetune_tasks(
-        out,
+        run.sub(REPLAY_DIR),
         list(task_paths),
         task_paths,
         base,
@@ -436,7 +436,7 @@ def replay_run(
     models = {rundir.BASE: base}
     models |= {trial: finetuned_model(base, p) for trial, p in {**run_pointers, **pointers}.items()}
     scores_root = os.path.join(out, "scores")
-    score_models(models, eval_path, scores_root, config.score, log, progress)
+    score_models(models, eval_path, scores_root, config.score, log, progress, run=run)
     per_model = _eval_forgetting(scores_root, [m for m in models if m != rundir.BASE], ids, rundir.BASE)
 
     tasks = list(plan["tasks"])

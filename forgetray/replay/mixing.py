@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from forgetray import rundir
 from forgetray.config import FinetuneConfig
 from forgetray.data.encoding import PROMPT_TARGETS
 from forgetray.finetune.batches import micro_batches
@@ -78,9 +79,10 @@ class ReplayMixer:
         self.task_steps = task_steps
         self.batch = config.effective_batch_size
         columns = ["example_id", "prompt", "response"]
-        if PROMPT_TARGETS in pq.read_schema(spec["upstream_path"]).names:
+        upstream_path = rundir.local_copy(spec["upstream_path"])  # a URI on a URI run directory
+        if PROMPT_TARGETS in pq.read_schema(upstream_path).names:
             columns.append(PROMPT_TARGETS)
-        self.upstream = pq.read_table(spec["upstream_path"], columns=columns)
+        self.upstream = pq.read_table(upstream_path, columns=columns)
         self.order = np.asarray(spec["order"], dtype=np.int64)
         self.online = spec.get("online")
         self.switch_step = None

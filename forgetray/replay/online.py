@@ -84,7 +84,7 @@ def protect_finetune(
     batch = config.finetune.effective_batch_size
     order = replay_order("random", pool, random_steps * batch, rc.seed)
     spec = {
-        "upstream_path": os.path.abspath(run.upstream),
+        "upstream_path": run.locate_path(run.upstream),  # read by the workers, on any node
         "ratio": rc.ratio,
         "order": order.tolist(),
         "max_length": config.finetune.max_length,
@@ -95,8 +95,9 @@ def protect_finetune(
         f"({random_steps} random, then by predicted forgetting from {rc.revealed_k} {rc.probe} probes)"
     )
     ensure_ray()
+    inside = rundir.is_inside(run.root, out_dir)
     pointers = finetune_tasks(
-        out_dir,
+        run.sub(*os.path.relpath(os.path.abspath(out_dir), run.root).split(os.sep)) if inside else out_dir,
         [name],
         {name: task_path},
         base_model(run),
