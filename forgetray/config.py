@@ -1153,7 +1153,7 @@ def _build(cls: type[T], raw: Any, prefix: str) -> T:
         raise ConfigError(f"{where}{e}") from None
 
 
-def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node: Any = raw
     parts = dotted.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -1218,17 +1218,17 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
     if parsed:
         # Overrides apply on top of defaults too, so lists the file leaves out can still be indexed.
         merged = SweepConfig().to_dict()
-        _deep_update(merged, raw)
+        deep_update(merged, raw)
         raw = merged
         for key, value in parsed:
-            _set_path(raw, key, value)
+            set_path(raw, key, value)
         source = f"{source} + command line"
     return config_from_dict(raw, source)
 
 
-def _deep_update(base: dict[str, Any], update: Mapping[str, Any]) -> None:
+def deep_update(base: dict[str, Any], update: Mapping[str, Any]) -> None:
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
+            deep_update(base[key], value)
         else:
             base[key] = value

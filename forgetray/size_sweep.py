@@ -39,10 +39,10 @@ from forgetray import rundir, storage
 from forgetray.config import (
     ConfigError,
     SweepConfig,
-    _deep_update,
-    _set_path,
     config_from_dict,
+    deep_update,
     parse_overrides,
+    set_path,
 )
 
 
@@ -103,10 +103,10 @@ def load_size_sweep(path: str, overrides: Sequence[str] = ()) -> SizeSweepConfig
     parsed = parse_overrides(overrides)
     if parsed:
         merged: dict[str, Any] = {"run": SweepConfig().to_dict()}
-        _deep_update(merged, raw)
+        deep_update(merged, raw)
         raw = merged
         for key, value in parsed:
-            _set_path(raw, key, value)
+            set_path(raw, key, value)
         source = f"{path} + command line"
     return config_from_dict(raw, source, SizeSweepConfig)
 
@@ -115,7 +115,7 @@ def size_run_config(sweep: SizeSweepConfig, size: ModelSizeConfig, run_dir: str)
     """The shared run config with this size's overrides applied, running in `run_dir`."""
     raw = sweep.run.to_dict()
     for key, value in parse_overrides(size.overrides):
-        _set_path(raw, key, value)
+        set_path(raw, key, value)
     raw["run_dir"] = run_dir
     return config_from_dict(raw, f"sizes.{size.name}.overrides", SweepConfig)
 
