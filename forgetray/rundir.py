@@ -306,6 +306,11 @@ class RunDir:
         child._top = self._top
         return child
 
+    @property
+    def top(self) -> RunDir:
+        """The run directory this one is a study's folder of (itself for a run)."""
+        return self._top
+
     def __repr__(self) -> str:
         return f"RunDir({self.location!r})"
 

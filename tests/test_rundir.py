@@ -192,3 +192,21 @@ def test_an_unwritable_store_is_named_with_the_operation(tmp_path):
     run = RunDir(f"file://{tmp_path}/not-a-directory/run", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(RunDirError, match=r"not-a-directory/run/.forgetray-write-check-\w+: cannot write"):
         run.check_writable()
+
+
+def test_a_study_folder_is_a_run_directory_that_pushes_the_whole_run(tmp_path):
+    run = RunDir(f"file://{tmp_path}/bucket/run", cache_dir=str(tmp_path / "cache"))
+    replay = run.sub("replay")
+    assert replay.location == f"file://{tmp_path}/bucket/run/replay" and replay.top is run
+    assert replay.root == run.study("replay") and replay.pointer("t") == run.path(
+        "replay", "checkpoints", "t.json"
+    )
+    write(run.config, "seed: 0\n")
+    write(replay.task("t"), "table")
+    assert replay.push() == 2  # the run's files too: a study's workers may read any of them
+    assert rundir.list_files(run.location) == {"config.yaml": 8, "replay/data/tasks/t.parquet": 5}
+    rundir.write_json(replay.locate("checkpoints", "t.json"), {"steps": 1})
+    assert replay.pull_path(replay.path("checkpoints")) == 1 and run.push() == 0
+    assert RunDir(str(tmp_path / "local")).sub("iv", "guided").location == str(
+        tmp_path / "local" / "iv" / "guided"
+    )

@@ -242,7 +242,7 @@ def finetune_tasks(
         check_task_encodings(base, {t: task_paths[t] for t in todo}, config)
         concurrent = concurrent_tasks(config, len(todo), fixed_cluster_cpus())
         log(f"finetune: {len(todo)} task(s), {concurrent} at a time, {config.method} fine-tuning")
-        spec = tracking.tracking_spec(tracking_config or TrackingConfig(), run.root)
+        spec = tracking.tracking_spec(tracking_config or TrackingConfig(), run.top.root)
         tracking.prepare_backend(spec)
         model = dataclasses.asdict(worker_model(base, run))
         trials = [

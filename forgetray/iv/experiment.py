@@ -234,6 +234,7 @@ def compare_run(
         torch_extensions_dir=torch_extensions_dir(),
         log=log,
         extra_loop_config={"iv_by_task": {t: {"dir": run.locate_path(os.path.join(out, t))} for t in tasks}},
+        tracking_config=config.tracking,  # curves with their loss parts, to the run's backend
     )
     upstream_path = run.upstream
     scores_root = os.path.join(out, "scores")

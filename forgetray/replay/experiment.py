@@ -425,6 +425,7 @@ def replay_run(
         torch_extensions_dir=torch_extensions_dir(),
         log=log,
         extra_loop_config={"replay_by_task": specs, "seed_by_task": seeds},
+        tracking_config=config.tracking,  # curves with their loss parts, to the run's backend
     )
 
     # Score base and every fine-tune on the never-replayed examples only.

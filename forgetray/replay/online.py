@@ -105,6 +105,7 @@ def protect_finetune(
         torch_extensions_dir=torch_extensions_dir(),
         log=log,
         extra_loop_config={"replay": spec},
+        tracking_config=config.tracking,  # curves with their loss parts, to the run's backend
     )
     pointer = pointers[name]
     online = (pointer.get("replay") or {}).get("online")
