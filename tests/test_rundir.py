@@ -1,4 +1,4 @@
-"""URI run directories: staging, atomic per-file upload, resume by download; on file:// and on an
+"""URI run directories: the node-local cache, atomic per-file upload, resume by download, locations
 S3-compatible server (moto) on loopback."""
 
 import os
@@ -131,7 +131,7 @@ def test_any_fsspec_filesystem_through_pyarrow(tmp_path):
 
 
 def test_uploads_never_follow_a_symlink_out_of_the_run(tmp_path):
-    """A symlink planted in the staging copy that points outside it (here at a secret file) is not
+    """A symlink planted in the cache that points outside it (here at a secret file) is not
     uploaded; one that points inside the run is."""
     secret = tmp_path / "secret.txt"
     secret.write_text("private")
