@@ -1,5 +1,5 @@
 """URI run directories: the node-local cache, atomic per-file upload, resume by download, locations
-S3-compatible server (moto) on loopback."""
+for workers; on file://, memory:// and a local S3-compatible server (moto) on loopback."""
 
 import os
 import socket
