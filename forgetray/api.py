@@ -100,7 +100,7 @@ def run(
 ) -> ForgettingMatrix:
     """Every stage of a run (`forgetray run`): a SweepConfig, a mapping shaped like the YAML, or a
     config file path. Stages whose outputs exist are skipped. Returns the run's matrix."""
-    from forgetray.cluster import run_anywhere
+    from forgetray.pipeline import run_anywhere
 
     if isinstance(config, str | os.PathLike):
         config = load_config(config)

@@ -278,7 +278,7 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity, run: RunDir | None
         if args.dry_run:
             sys.stdout.write(config.to_yaml())
             return 0
-        from forgetray.cluster import run_anywhere
+        from forgetray.pipeline import run_anywhere
 
         run_anywhere(config, progress=not args.no_progress, verbosity=verbosity)
     elif args.command == "score":

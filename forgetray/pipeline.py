@@ -25,6 +25,7 @@ from forgetray.config import (
     config_from_dict,
     default_cache_dir,
 )
+from forgetray.console import Verbosity, console
 from forgetray.growth import (
     Growth,
     added,
@@ -481,3 +482,24 @@ def score_checkpoint(
     if config.score.metric != "nll":  # kl_ce scores against the run's base model
         reference = ModelRef(**paths.base_model_record()["model"])
     return score_model(name, ref, paths.upstream, paths.scores, config.score, log, progress, reference, paths)
+
+
+def run_anywhere(
+    config: SweepConfig, progress: bool = True, verbosity: Verbosity = "normal"
+) -> dict[str, Any]:
+    """`run` on the cluster `ray.init()` finds, for a local or URI run directory.
+
+    A URI run directory is the only thing the nodes share (`forgetray.rundir`); a local one, on a
+    multi-node cluster whose nodes cannot all see it, is refused before anything runs. Ray's
+    known-harmless output goes to the run's `logs/ray-noise.log` (`forgetray.console`).
+    """
+    setup_logging(None)
+    progress = progress and verbosity != "quiet"
+    run_dir = RunDir(config.run_dir)
+    with run_dir.synced():
+        prepared = prepare_run(config)  # bad input is refused before Ray starts
+        with console(run_dir.root, verbosity):
+            cluster.connect()
+            if not run_dir.is_remote:
+                cluster.check_run_dir_visible(run_dir.root)
+            return run(config, progress=progress, prepared=prepared)

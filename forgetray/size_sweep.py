@@ -199,7 +199,7 @@ def run_size_sweep(
 
 
 def _run_sizes(sweep: SizeSweepConfig, progress: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    from forgetray.cluster import run_anywhere
+    from forgetray.pipeline import run_anywhere
     from forgetray.report.sweep_plots import size_sweep_figure
 
     resolved = yaml.safe_dump(sweep.to_dict(), sort_keys=False)

@@ -36,13 +36,9 @@ from forgetray.data.conversations import (
     require_chat_template,
 )
 from forgetray.data.encoding import PROMPT_TARGETS
+from forgetray.data.instructions import builtin_instruction_prompts
+from forgetray.data.schema import PROMPT_TARGETS_TYPE, TASK_SCHEMA, UPSTREAM_SCHEMA
 
-UPSTREAM_SCHEMA = pa.schema(
-    [("example_id", pa.string()), ("kind", pa.string()), ("prompt", pa.string()), ("response", pa.string())]
-)
-TASK_SCHEMA = pa.schema([("prompt", pa.string()), ("response", pa.string())])
-PROMPT_TARGETS_TYPE = pa.list_(pa.list_(pa.int64()))
-"""[[start, end], ...] character spans per row."""
 _LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -222,8 +218,6 @@ def source_rows(source: SourceConfig, key: str) -> tuple[pa.Table, list[str]]:
     """One source's rows as read (columns of the data, or UPSTREAM_SCHEMA for the built-in sources)
     and their example ids, prefixed so sources cannot collide silently."""
     if source.path == "builtin_instructions":
-        from forgetray.data.instructions import builtin_instruction_prompts
-
         table = builtin_instruction_prompts(source.limit)
         return table, table.column("example_id").to_pylist()
     if source.path == "builtin":

@@ -27,9 +27,9 @@ from forgetray import storage
 from forgetray.config import ExactMatchConfig, ScoreConfig
 from forgetray.models import ModelRef, worker_model
 from forgetray.rundir import RunDir, worker_location
+from forgetray.score.actor import ShardActor
 from forgetray.score.driver import (
     ScoreError,
-    ShardActor,
     actor_count,
     check_plan,
     part_path,

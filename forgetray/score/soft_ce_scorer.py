@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from forgetray.models import ModelRef
-from forgetray.score.driver import ShardActor
+from forgetray.score.actor import ShardActor
 
 SOFT_CE_SCHEMA = pa.schema(
     [
