@@ -21,13 +21,10 @@ import os
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from forgetray import ray_reaper
 from forgetray.config import ConfigError
-
-if TYPE_CHECKING:
-    pass
 
 
 class RunDirNotShared(ConfigError):

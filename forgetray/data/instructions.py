@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from forgetray.data.builtin_corpus import builtin_corpus
 from forgetray.data.conversations import render_chat_prompt, require_chat_template
 from forgetray.data.schema import UPSTREAM_SCHEMA
 
@@ -36,7 +37,6 @@ _CONTEXT_CHARS = 600
 
 def builtin_instruction_prompts(limit: int | None = None) -> pa.Table:
     """Questions about every built-in corpus chunk, responses still empty (filled by `answer_prompts`)."""
-    from forgetray.data.builtin_corpus import builtin_corpus
 
     rows = []
     for chunk in builtin_corpus():

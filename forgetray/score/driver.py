@@ -33,10 +33,14 @@ import pyarrow as pa
 
 from forgetray import digests, storage
 from forgetray.config import ConfigError, ScoreConfig
+from forgetray.data.encoding import encode_examples, example_rows
 from forgetray.models import ModelRef, worker_model
 from forgetray.rundir import RunDir, worker_location
 from forgetray.score.actor import ShardActor
 from forgetray.score.loaded import ModelCache
+from forgetray.score.nll import per_example_nll
+from forgetray.score.packed import packed_nll, packing_error, probe_examples
+from forgetray.score.soft_ce_scorer import SoftCEShardScorer
 
 SCORES_SCHEMA = pa.schema([("example_id", pa.string()), ("nll", pa.float64()), ("n_tokens", pa.int64())])
 
@@ -163,9 +167,6 @@ def score_shard(
     packing: bool = False,
 ) -> pa.Table:
     """The scores of one shard's examples as a SCORES_SCHEMA table (rows in shard order)."""
-    from forgetray.data.encoding import encode_examples, example_rows
-    from forgetray.score.nll import per_example_nll
-    from forgetray.score.packed import packed_nll
 
     part = upstream.take(pa.array(rows))
     ids = part.column("example_id").to_pylist()
@@ -217,7 +218,6 @@ class ShardScorer(ShardActor):
 
     def _packing(self, ref: ModelRef, model: Any, tokenizer: Any, max_length: int) -> bool:
         """Whether to score `ref`'s base packed: once per base, packed vs padded on a few examples."""
-        from forgetray.score.packed import packing_error, probe_examples
 
         base = dataclasses.replace(ref, adapter_path=None)
         if self.config.packing and base not in self.packing_checked:
@@ -362,7 +362,6 @@ def _scorer(config: ScoreConfig, reference: ModelRef | None) -> tuple[Any, dict[
         return ShardScorer, {}
     if reference is None:
         raise ScoreError(f"score.metric {config.metric}: scoring needs the base model as `reference`")
-    from forgetray.score.soft_ce_scorer import SoftCEShardScorer
 
     return SoftCEShardScorer, {"reference": dataclasses.asdict(reference)}
 
