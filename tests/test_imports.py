@@ -311,6 +311,39 @@ def test_no_private_names_imported_across_modules():
     assert not found, "private names imported from another module:\n" + "\n".join(found)
 
 
+def private_attributes_of_modules(module: str, path: str, modules: dict[str, str]) -> list[str]:
+    """`alias._name` in `module` where `alias` is a forgetray module it imported by name."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    aliases = {}
+    for node, _, _ in walk_imports(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname: a.name for a in node.names if a.asname and a.name.startswith("forgetray.")}
+        elif resolve_from(module, node, modules).split(".")[0] == "forgetray":
+            source = resolve_from(module, node, modules)
+            for a in node.names:
+                if f"{source}.{a.name}" in modules:
+                    aliases[a.asname or a.name] = f"{source}.{a.name}"
+    return sorted(
+        f"{module} line {node.lineno}: {node.value.id}.{node.attr} of {aliases[node.value.id]}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in aliases
+        and aliases[node.value.id] != module
+        and is_private(node.attr)
+    )
+
+
+def test_no_private_attributes_of_other_modules():
+    found = [
+        line
+        for m, path in SCAN.modules.items()
+        for line in private_attributes_of_modules(m, path, SCAN.modules)
+    ]
+    assert not found, "private names read from another module:\n" + "\n".join(found)
+
+
 def test_forgetray_imports_at_module_level():
     to_move = {(item.source, item.target): item for item in in_function_imports_to_move(SCAN)}
     unexplained = sorted(
@@ -370,3 +403,33 @@ def test_light_modules_import_on_their_own_and_stay_light():
     assert sorted(results) == light
     bad = {module: result for module, result in results.items() if result != "-"}
     assert not bad, f"light modules that fail to import or load a heavy library: {bad}"
+
+
+def test_private_attribute_finder(tmp_path):
+    path = tmp_path / "user.py"
+    path.write_text(
+        "from forgetray import storage\nimport forgetray.rundir as rd\n\n"
+        "def f():\n    return storage._tmp_name, rd.RunDir, storage.__name__, rd._split\n"
+    )
+    modules = {"forgetray.storage": "", "forgetray.rundir": "", "forgetray.user": str(path)}
+    assert private_attributes_of_modules("forgetray.user", str(path), modules) == [
+        "forgetray.user line 5: rd._split of forgetray.rundir",
+        "forgetray.user line 5: storage._tmp_name of forgetray.storage",
+    ]
+
+
+def test_the_rule_keeps_only_imports_that_bring_a_heavy_library():
+    modules = {name: f"{name}.py" for name in ("forgetray", "forgetray.a", "forgetray.b", "forgetray.c")}
+    imports = (
+        Import("forgetray.a", "forgetray.b", ("f",), 3, in_function=True, type_checking=False),
+        Import("forgetray.a", "forgetray.c", ("g",), 4, in_function=True, type_checking=False),
+        Import("forgetray.b", "forgetray.c", ("g",), 5, in_function=True, type_checking=False),
+        Import("forgetray.c", "forgetray.a", ("h",), 6, in_function=False, type_checking=True),
+    )
+    heavy = {name: frozenset() for name in modules} | {"forgetray.b": frozenset({"torch"})}
+    to_move = in_function_imports_to_move(Scan(modules, imports, heavy))
+    assert [(i.source, i.target) for i in to_move] == [
+        ("forgetray.a", "forgetray.c"),
+        ("forgetray.b", "forgetray.c"),
+    ]
+    assert cycles(graph(imports, in_functions=True)) == []  # the TYPE_CHECKING import runs never
