@@ -22,6 +22,7 @@ from forgetray import rundir, tracking
 from forgetray.config import SweepConfig, config_from_dict, load_config
 from forgetray.console import Verbosity
 from forgetray.matrix import load_forgetting_matrix
+from forgetray.pipeline import run_anywhere
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -100,7 +101,6 @@ def run(
 ) -> ForgettingMatrix:
     """Every stage of a run (`forgetray run`): a SweepConfig, a mapping shaped like the YAML, or a
     config file path. Stages whose outputs exist are skipped. Returns the run's matrix."""
-    from forgetray.cluster import run_anywhere
 
     if isinstance(config, str | os.PathLike):
         config = load_config(config)

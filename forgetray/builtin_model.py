@@ -27,6 +27,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from forgetray.data.encoding import EncodedExample
+from forgetray.score.nll import per_example_nll
+
 if TYPE_CHECKING:
     import torch
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -251,9 +254,6 @@ def upstream_nll(
     Texts of fewer than two tokens contribute nothing. Returns nan when nothing is scored.
     """
     import numpy as np
-
-    from forgetray.data.encoding import EncodedExample
-    from forgetray.score.nll import per_example_nll
 
     encoded = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=context_length)[
         "input_ids"

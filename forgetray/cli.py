@@ -24,10 +24,19 @@ import os
 import sys
 from collections.abc import Sequence
 
+from forgetray import __version__, storage
 from forgetray.config import ConfigError, SweepConfig, load_config
 from forgetray.console import Verbosity, console
-from forgetray.pipeline import setup_logging
+from forgetray.data.sources import task_families
+from forgetray.errors import user_message
+from forgetray.exact_match_study import exact_match_run
+from forgetray.iv.experiment import compare_run, extract_run
+from forgetray.matrix import write_matrix_view
+from forgetray.models import ModelRef
+from forgetray.pipeline import assemble_matrix, load_run_config, run_anywhere, score_checkpoint, setup_logging
+from forgetray.report.html import build_report
 from forgetray.rundir import RunDir
+from forgetray.size_sweep import load_size_sweep, replace_out, run_size_sweep
 
 EXAMPLES = {
     "run": "forgetray run --out runs/demo tracking.backend=mlflow\n"
@@ -55,8 +64,6 @@ def version() -> str:
     try:
         return importlib.metadata.version("forgetray")
     except importlib.metadata.PackageNotFoundError:
-        from forgetray import __version__
-
         return __version__
 
 
@@ -227,8 +234,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         with run.synced(), _console_for(args, verbosity, run):
             return _dispatch(args, verbosity, run)
     except Exception as e:
-        from forgetray.errors import user_message  # imports Ray: only once something failed
-
         message = user_message(e)
         if message is None:
             raise
@@ -278,31 +283,22 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity, run: RunDir | None
         if args.dry_run:
             sys.stdout.write(config.to_yaml())
             return 0
-        from forgetray.cluster import run_anywhere
 
         run_anywhere(config, progress=not args.no_progress, verbosity=verbosity)
     elif args.command == "score":
-        from forgetray.models import ModelRef
-        from forgetray.pipeline import load_run_config, score_checkpoint
-
         base = load_run_config(run).model
         ref = ModelRef(args.model, base.dtype, base.trust_remote_code, None, args.adapter)
         score_checkpoint(run, args.name, ref, progress=not args.no_progress)
     elif args.command == "matrix":
-        from forgetray.pipeline import assemble_matrix, load_run_config
-
         config = load_run_config(run)
         log = setup_logging(run)
         if not assemble_matrix(run, config, log):
             print(f"{args.run_dir}: no scored fine-tuned model yet; nothing to assemble", file=sys.stderr)
             return 1
         if args.tasks or args.examples:
-            from forgetray.matrix import write_matrix_view
-
             out = args.view_out or run.matrix_view
             write_matrix_view(run.matrix, out, _labels(args.tasks), _labels(args.examples), log)
     elif args.command in ("analyse", "complete"):
-        from forgetray.data.sources import task_families
         from forgetray.study import analyse_run, complete_run
 
         config = load_config(run.config, args.overrides)
@@ -319,7 +315,6 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity, run: RunDir | None
 
             probes_run(run, config, log)
             replay_run(run, config, log, progress=not args.no_progress)
-            from forgetray.report.html import build_report
 
             log(f"report: {build_report(run)}")
         else:
@@ -327,9 +322,6 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity, run: RunDir | None
 
             protect_finetune(run, args.task, args.out or run.study("protect"), config, log)
     elif args.command == "iv":
-        from forgetray.iv.experiment import compare_run, extract_run
-        from forgetray.report.html import build_report
-
         config = load_config(run.config, args.overrides)
         log = setup_logging(run)
         if args.train:
@@ -338,15 +330,12 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity, run: RunDir | None
             extract_run(run, config, log)
         log(f"report: {build_report(run)}")
     elif args.command == "report":
-        from forgetray.report.html import build_report
-
         print(build_report(run))
     elif args.command == "scaling":
         config = resolve_config(args.args, args.out)
         if args.dry_run:
             sys.stdout.write(config.to_yaml())
             return 0
-        from forgetray.report.html import build_report
         from forgetray.scaling.sweep import run_scaling
 
         run_scaling(config)
@@ -358,14 +347,12 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity, run: RunDir | None
         flatness_run(run, config.flatness, setup_logging(run))
     elif args.command == "forecast":
         from forgetray.forecast_study import forecast_run
-        from forgetray.report.html import build_report
 
         config = load_config(run.config, args.overrides)
         log = setup_logging(run)
         forecast_run(run, config, log)
         log(f"report: {build_report(run)}")
     elif args.command == "compare":
-        from forgetray import storage
         from forgetray.flatness_study import compare_runs, comparison_markdown
 
         comparison = compare_runs(args.run_dirs)
@@ -374,8 +361,6 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity, run: RunDir | None
         sys.stdout.write(comparison_markdown(comparison))
     elif args.command == "sweep":
         import yaml
-
-        from forgetray.size_sweep import load_size_sweep, replace_out, run_size_sweep
 
         path, overrides = _split_config_args(args.args)
         if path is None:
@@ -386,9 +371,6 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity, run: RunDir | None
             return 0
         run_size_sweep(size_sweep, progress=not args.no_progress)
     elif args.command == "exact-match":
-        from forgetray.exact_match_study import exact_match_run
-        from forgetray.report.html import build_report
-
         config = load_config(run.config, args.overrides)
         log = setup_logging(run)
         exact_match_run(run, config, log, progress=not args.no_progress)

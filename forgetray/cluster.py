@@ -21,15 +21,10 @@ import os
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from forgetray import ray_reaper
 from forgetray.config import ConfigError
-from forgetray.console import Verbosity, console
-from forgetray.rundir import RunDir
-
-if TYPE_CHECKING:
-    from forgetray.config import SweepConfig
 
 
 class RunDirNotShared(ConfigError):
@@ -151,26 +146,3 @@ def check_run_dir_visible(run_dir: str, what: str = "run directory") -> None:
     logging.getLogger("forgetray").info(
         f"cluster: all {len(nodes)} alive nodes see {what} {os.path.abspath(run_dir)}"
     )
-
-
-def run_anywhere(
-    config: SweepConfig, progress: bool = True, verbosity: Verbosity = "normal"
-) -> dict[str, Any]:
-    """`forgetray.pipeline.run` on the cluster `ray.init()` finds, for a local or URI run directory.
-
-    A URI run directory is the only thing the nodes share (`forgetray.rundir`); a local one, on a
-    multi-node cluster whose nodes cannot all see it, is refused before anything runs. Ray's
-    known-harmless output goes to the run's `logs/ray-noise.log` (`forgetray.console`).
-    """
-    from forgetray.pipeline import prepare_run, run, setup_logging
-
-    setup_logging(None)
-    progress = progress and verbosity != "quiet"
-    run_dir = RunDir(config.run_dir)
-    with run_dir.synced():
-        prepared = prepare_run(config)  # bad input is refused before Ray starts
-        with console(run_dir.root, verbosity):
-            connect()
-            if not run_dir.is_remote:
-                check_run_dir_visible(run_dir.root)
-            return run(config, progress=progress, prepared=prepared)

@@ -33,8 +33,13 @@ import pyarrow as pa
 
 from forgetray import rundir, storage
 from forgetray.config import ConfigError, SweepConfig
+from forgetray.finetune.sweep import finetuned_model
 from forgetray.matrix import INDEX_FILE, MATRIX_FILE, aligned_nll
+from forgetray.models import ModelRef
+from forgetray.pipeline import ensure_ray
 from forgetray.rundir import BASE
+from forgetray.score.exact_match import forgetting_row
+from forgetray.score.exact_match_scorer import read_exact_match, score_exact_match
 
 EXACT_MATCH_DIR = "exact_match"
 CORRECT_FILE = "correct_after.npy"
@@ -59,7 +64,6 @@ def assemble_exact_match_matrix(
 ) -> bool:
     """Write Y, the fine-tuned correctness and the base correctness for `task_results` ((name,
     loader) in row order); False if the same matrix was already there."""
-    from forgetray.score.exact_match import forgetting_row
 
     tasks = [name for name, _ in task_results]
     index = {"tasks": tasks, "examples": list(example_ids)}
@@ -167,8 +171,6 @@ def complete_exact_match(
 def _run_models(run: rundir.RunDir, config: SweepConfig) -> dict[str, Any]:
     """{"base": base ref, task: fine-tuned ref} for every task of the run with a checkpoint, in the
     config's task order."""
-    from forgetray.finetune.sweep import finetuned_model
-    from forgetray.models import ModelRef
 
     base = ModelRef(**run.base_model_record()["model"])
     if not os.path.exists(run.upstream):
@@ -188,9 +190,6 @@ def exact_match_run(
     """Generate (resumably), assemble, summarise and complete; returns what `summary.json` holds
     (with the completion results under "completion" when there are at least 3 tasks)."""
     import pyarrow.parquet as pq
-
-    from forgetray.pipeline import ensure_ray
-    from forgetray.score.exact_match_scorer import read_exact_match, score_exact_match
 
     run = rundir.open_run(run_dir)
     models = _run_models(run, config)

@@ -35,8 +35,14 @@ import numpy as np
 
 from forgetray import rundir, storage
 from forgetray.config import ConfigError, FlatnessConfig
+from forgetray.data.encoding import encode_examples
+from forgetray.finetune.sweep import finetuned_model
 from forgetray.flatness import FIGURES, model_landscape
+from forgetray.models import ModelRef, context_length, load_model
+from forgetray.pipeline import load_run_config
+from forgetray.report.plots import flatness_scatter, loss_landscape
 from forgetray.rundir import BASE
+from forgetray.score.nll import per_example_nll
 
 FLATNESS_DIR = "flatness"
 
@@ -58,7 +64,6 @@ def _sample_rows(path: str, n: int, seed: int) -> list[tuple[str, str, str]]:
 
 def _mean_token_loss(model: Any, examples: Sequence[Any]) -> float:
     """Token-weighted mean NLL (nats) of `examples`, by the scoring contract of forgetray.score.nll."""
-    from forgetray.score.nll import per_example_nll
 
     nll, n_tokens = per_example_nll(model, examples)
     return float(np.sum(nll * n_tokens) / np.sum(n_tokens))
@@ -66,7 +71,6 @@ def _mean_token_loss(model: Any, examples: Sequence[Any]) -> float:
 
 def _load_merged(ref: Any) -> tuple[Any, Any]:
     """The model with any LoRA adapter merged in, so every model's landscape is over the full weights."""
-    from forgetray.models import load_model
 
     model, tokenizer = load_model(ref, "cpu")
     if ref.adapter_path is not None:
@@ -112,9 +116,6 @@ def _landscape_of(
     """One model's grid, figures and (fine-tuned models) loss on its own task sample."""
     import torch
 
-    from forgetray.data.encoding import encode_examples
-    from forgetray.models import context_length
-
     model, tokenizer = _load_merged(ref)
     max_length = min(config.max_length, context_length(model.config) or config.max_length)
     if config.data == "upstream":
@@ -147,10 +148,6 @@ def flatness_run(
     run_dir: str | rundir.RunDir, config: FlatnessConfig, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """The flatness stage (module docstring); returns what `figures.json` holds."""
-    from forgetray.finetune.sweep import finetuned_model
-    from forgetray.models import ModelRef
-    from forgetray.pipeline import load_run_config
-    from forgetray.report.plots import flatness_scatter, loss_landscape
 
     run = rundir.open_run(run_dir)
     run_config = load_run_config(run.root)
@@ -210,7 +207,6 @@ def flatness_run(
 def compare_runs(run_dirs: Sequence[str | rundir.RunDir]) -> dict[str, Any]:
     """Per task and on average, each run's mean forgetting, last training loss and (if the flatness
     stage ran) task loss at the final weights and curvature; see the module docstring."""
-    from forgetray.pipeline import load_run_config
 
     runs: dict[str, Any] = {}
     for run_dir in run_dirs:

@@ -38,8 +38,19 @@ import pyarrow.parquet as pq
 
 from forgetray import rundir, storage
 from forgetray.config import CompleteConfig, ForecastConfig, SweepConfig
+from forgetray.matrix import load_forgetting_matrix
+from forgetray.models import ModelRef, load_model
 from forgetray.representations import batch_last_token_states, encode_rows, last_token_states, pad_token_id
-from forgetray.stats.forecast import FixedForecast, SharedHeadSettings, pair_logits, train_shared_head
+from forgetray.stats.completion import evaluate_completion, split_tasks
+from forgetray.stats.forecast import (
+    FixedForecast,
+    ForecastSettings,
+    LMForecast,
+    SharedHeadSettings,
+    pair_logits,
+    train_shared_head,
+)
+from forgetray.study import completion_methods
 
 FORECAST_DIR = "forecast"
 EXAMPLES_FILE = "example_representations.npy"
@@ -111,8 +122,6 @@ def extract_representations(
 
     import torch
 
-    from forgetray.models import ModelRef, load_model
-
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(ModelRef(**settings["model"]), device)
@@ -163,7 +172,6 @@ def align_examples(
 
 def protocol_split(n_tasks: int, n_examples: int, config: CompleteConfig) -> tuple[np.ndarray, np.ndarray]:
     """(train_rows, test_rows) exactly as `forgetray.study.complete_run` chooses them."""
-    from forgetray.stats.completion import split_tasks
 
     if n_tasks < 3:
         raise ValueError(f"forecast: needs at least 3 tasks to hold some out, the matrix has {n_tasks}")
@@ -180,7 +188,6 @@ def forecast_methods(
 ) -> dict[str, Any]:
     """frozen_forecast (representations only) and frozen_forecast_calibrated (also the k revealed
     entries): forgetray's frozen-encoder forecaster."""
-    from forgetray.stats.forecast import ForecastSettings, LMForecast
 
     settings = ForecastSettings(
         **{f.name: getattr(config, f.name) for f in dataclasses.fields(ForecastSettings)}
@@ -224,8 +231,6 @@ def authors_forecast(
     import time
 
     import torch
-
-    from forgetray.models import ModelRef, load_model
 
     started = time.perf_counter()
     run = rundir.open_run(run_dir)
@@ -322,9 +327,6 @@ def forecast_run(
 ) -> dict[str, Any]:
     """Representations, then the completion protocol with the forecaster next to the completion
     methods of `config.complete` (one `evaluate_completion` call each for real and binary Z)."""
-    from forgetray.matrix import load_forgetting_matrix
-    from forgetray.stats.completion import evaluate_completion
-    from forgetray.study import completion_methods
 
     run = rundir.open_run(run_dir)
     z, index = load_forgetting_matrix(run.require_matrix())

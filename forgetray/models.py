@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from forgetray import rundir
+from forgetray.builtin_model import ensure_builtin_model
 from forgetray.config import ConfigError, ModelConfig
+from forgetray.data.builtin_corpus import builtin_corpus, builtin_upstream_examples, corpus_fingerprint
+from forgetray.gguf_models import ensure_gguf_model
 from forgetray.rundir import RunDir
 
 BUILTIN_EVAL_EXAMPLES = 256
@@ -72,7 +75,6 @@ UPLOADED_MARKER = "_UPLOADED"
 
 
 def _builtin_texts() -> tuple[list[str], list[str]]:
-    from forgetray.data.builtin_corpus import builtin_corpus, builtin_upstream_examples
 
     train = [row["response"] for row in builtin_corpus()]
     evaluation = [row["response"] for row in builtin_upstream_examples(BUILTIN_EVAL_EXAMPLES, seed=0)]
@@ -83,15 +85,10 @@ def resolve_base_model(config: ModelConfig, log: Any = print) -> ModelRef:
     """The base model as a `ModelRef`, pretraining and caching the built-in model first if needed."""
     path = config.name_or_path
     if config.is_builtin:
-        from forgetray.builtin_model import ensure_builtin_model
-        from forgetray.data.builtin_corpus import corpus_fingerprint
-
         path = ensure_builtin_model(
             config.builtin, config.resolved_cache_dir(), corpus_fingerprint(), _builtin_texts, log=log
         )
     elif config.gguf_file is not None:
-        from forgetray.gguf_models import ensure_gguf_model
-
         path = ensure_gguf_model(config.gguf_file, config.dtype, config.resolved_cache_dir(), log=log)
     elif path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
         raise FileNotFoundError(f"model.name_or_path: no model directory at {path}")

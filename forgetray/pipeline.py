@@ -25,6 +25,16 @@ from forgetray.config import (
     config_from_dict,
     default_cache_dir,
 )
+from forgetray.console import Verbosity, console
+from forgetray.data import instructions
+from forgetray.data.sources import (
+    load_tasks,
+    load_upstream,
+    task_families,
+    tasks_need_tokenizer,
+    upstream_needs_tokenizer,
+)
+from forgetray.finetune.sweep import check_task_tables, finetune_tasks, finetuned_model
 from forgetray.growth import (
     Growth,
     added,
@@ -33,8 +43,27 @@ from forgetray.growth import (
     check_upstream_extends,
     result_settings,
 )
-from forgetray.models import ModelRef, builtin_pretrain_report, check_model_loads, resolve_base_model
+from forgetray.matrix import INDEX_FILE, assemble_forgetting_matrix
+from forgetray.models import (
+    ModelRef,
+    builtin_pretrain_report,
+    check_model_loads,
+    load_model,
+    load_tokenizer,
+    resolve_base_model,
+)
+from forgetray.report.html import build_report
 from forgetray.rundir import BASE, RunDir, open_run
+from forgetray.score.driver import (
+    SUCCESS_FILE,
+    check_finished_scores,
+    check_score_settings,
+    nll_settings,
+    read_scores,
+    score_model,
+    score_models,
+    verify_scores,
+)
 
 logger = logging.getLogger("forgetray")
 
@@ -137,15 +166,6 @@ def prepare_data(
     (leftovers of an attempt that never got as far as saving its config). With `upstream_grows`
     the upstream sample is drawn again and must hold every example of the table there, unchanged
     (`growth.check_upstream_extends`): a run grown by examples keeps the entries it measured."""
-    from forgetray.data import instructions
-    from forgetray.data.sources import (
-        load_tasks,
-        load_upstream,
-        tasks_need_tokenizer,
-        upstream_needs_tokenizer,
-    )
-    from forgetray.finetune.sweep import check_task_tables
-    from forgetray.models import load_model, load_tokenizer
 
     def require_base() -> ModelRef:
         if base is None:
@@ -226,7 +246,6 @@ def matrix_inputs(paths: RunDir, config: SweepConfig, models: Sequence[str]) -> 
     the upstream table, the score settings, and per model (base and every row) its `_SUCCESS.json`
     digest with the inputs it records. Every model must have been scored under the run's score
     settings: mixing 128- and 32-token scores in one matrix is refused, naming the key."""
-    from forgetray.score.driver import SUCCESS_FILE, check_score_settings, nll_settings, verify_scores
 
     records = {}
     for name in models:
@@ -251,8 +270,6 @@ def assemble_matrix(paths: RunDir, config: SweepConfig, log: Callable[[str], Non
     """Assemble the matrix from every model scored besides the base, configured tasks first, then any
     checkpoint scored by hand (`forgetray score`) in name order; False when there is none yet.
     The matrix is assembled again whenever any input changed (`matrix_inputs`)."""
-    from forgetray.matrix import assemble_forgetting_matrix
-    from forgetray.score.driver import SUCCESS_FILE, read_scores
 
     complete = {
         name
@@ -283,7 +300,6 @@ def assemble_matrix(paths: RunDir, config: SweepConfig, log: Callable[[str], Non
 
 def matrix_labels(paths: RunDir) -> tuple[list[str], list[str]]:
     """(tasks, examples) of the matrix in the run directory; empty lists before the first."""
-    from forgetray.matrix import INDEX_FILE
 
     index_path = os.path.join(paths.matrix, INDEX_FILE)
     if not os.path.exists(index_path):
@@ -370,7 +386,6 @@ def prepare_run(config: SweepConfig) -> PreparedRun:
     scores against the score settings, the base model, the data. Everything checkable is checked
     before the first write, so a refused run leaves the directory as it was (logs go to stderr until
     then) and no Ray cluster is started for it."""
-    from forgetray.score.driver import check_finished_scores
 
     paths = RunDir(config.run_dir)
     log = setup_logging(None)
@@ -398,9 +413,6 @@ def prepare_run(config: SweepConfig) -> PreparedRun:
 def run(config: SweepConfig, progress: bool = True, prepared: PreparedRun | None = None) -> dict[str, Any]:
     """Every stage of a run, each skipped when its outputs are already there (`prepared`: the result
     of `prepare_run(config)` when the caller ran it before joining Ray)."""
-    from forgetray.data.sources import task_families
-    from forgetray.finetune.sweep import finetune_tasks, finetuned_model
-    from forgetray.score.driver import score_models
     from forgetray.study import analyse_run, complete_run
 
     prepared = prepared or prepare_run(config)
@@ -438,8 +450,6 @@ def run(config: SweepConfig, progress: bool = True, prepared: PreparedRun | None
             complete_run(paths, config.complete, log, task_families(config.tasks))
     timer.save()
     with timer.stage("report"):
-        from forgetray.report.html import build_report
-
         log(f"report: {build_report(paths.root)}")
     timer.save()
     paths.push()
@@ -464,14 +474,12 @@ def score_checkpoint(
     run_dir: str | RunDir, name: str, ref: ModelRef, progress: bool = True
 ) -> dict[str, Any]:
     """Score an extra model (a fine-tuned checkpoint) on the run's upstream examples."""
-    from forgetray.score.driver import score_model
 
     check_name(name, "score --name")
     config = load_run_config(run_dir)
     paths = open_run(run_dir)
     if not os.path.exists(paths.upstream):
         raise ConfigError(f"{paths.upstream}: missing; run `forgetray run` for this directory first")
-    from forgetray.score.driver import check_finished_scores
 
     check_finished_scores(paths.scores, config.score)
     check_model_loads(ref, "score --model")
@@ -481,3 +489,24 @@ def score_checkpoint(
     if config.score.metric != "nll":  # kl_ce scores against the run's base model
         reference = ModelRef(**paths.base_model_record()["model"])
     return score_model(name, ref, paths.upstream, paths.scores, config.score, log, progress, reference, paths)
+
+
+def run_anywhere(
+    config: SweepConfig, progress: bool = True, verbosity: Verbosity = "normal"
+) -> dict[str, Any]:
+    """`run` on the cluster `ray.init()` finds, for a local or URI run directory.
+
+    A URI run directory is the only thing the nodes share (`forgetray.rundir`); a local one, on a
+    multi-node cluster whose nodes cannot all see it, is refused before anything runs. Ray's
+    known-harmless output goes to the run's `logs/ray-noise.log` (`forgetray.console`).
+    """
+    setup_logging(None)
+    progress = progress and verbosity != "quiet"
+    run_dir = RunDir(config.run_dir)
+    with run_dir.synced():
+        prepared = prepare_run(config)  # bad input is refused before Ray starts
+        with console(run_dir.root, verbosity):
+            cluster.connect()
+            if not run_dir.is_remote:
+                cluster.check_run_dir_visible(run_dir.root)
+            return run(config, progress=progress, prepared=prepared)

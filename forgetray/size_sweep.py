@@ -43,7 +43,10 @@ from forgetray.config import (
     deep_update,
     parse_overrides,
     set_path,
+    to_plain,
 )
+from forgetray.pipeline import read_run_config, run_anywhere, setup_logging
+from forgetray.report.sweep_plots import size_sweep_figure
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,6 @@ class SizeSweepConfig:
             raise ConfigError(f"sizes: names must be unique, got {names}")
 
     def to_dict(self) -> dict[str, Any]:
-        from forgetray.config import to_plain
 
         return to_plain(self)  # type: ignore[no-any-return]
 
@@ -188,7 +190,6 @@ def run_size_sweep(
     sweep: SizeSweepConfig, progress: bool = True, log: Callable[[str], None] | None = None
 ) -> list[dict[str, Any]]:
     """Every size's run (each resumable), then the summary table and plot across sizes."""
-    from forgetray.pipeline import setup_logging
 
     log = log or setup_logging(None)
     if rundir.is_uri(sweep.out):
@@ -199,8 +200,6 @@ def run_size_sweep(
 
 
 def _run_sizes(sweep: SizeSweepConfig, progress: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    from forgetray.cluster import run_anywhere
-    from forgetray.report.sweep_plots import size_sweep_figure
 
     resolved = yaml.safe_dump(sweep.to_dict(), sort_keys=False)
     storage.write_text(os.path.join(sweep.out, "sweep.yaml"), resolved)
@@ -232,7 +231,6 @@ def _run_sizes(sweep: SizeSweepConfig, progress: bool, log: Callable[[str], None
 
 def size_is_done(run_dir: str, config: SweepConfig) -> bool:
     """Whether `run_dir` holds a finished run (analysis and report written) of exactly `config`."""
-    from forgetray.pipeline import read_run_config
 
     run = rundir.open_run(run_dir)
     if not all(os.path.exists(path) for path in (run.config, run.fits, run.report)):

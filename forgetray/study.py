@@ -23,8 +23,13 @@ import numpy as np
 from forgetray import storage
 from forgetray.config import AnalyseConfig, CompleteConfig
 from forgetray.matrix import load_forgetting_matrix
+from forgetray.report.plots import PAPER_R2_OLMO7B, analysis_figures, paper_reference_label, r2_curve
 from forgetray.rundir import RunDir, open_run
-from forgetray.stats.als import AlsFactors
+from forgetray.stats import completion, lrf
+from forgetray.stats.als import AlsFactors, fit_als, relabelled_init, scaled, unpermuted
+from forgetray.stats.completion import ALSMF, evaluate_completion, split_tasks
+from forgetray.stats.fits import analyse
+from forgetray.stats.lrf import reveal_columns_lrf
 
 
 def _matrix(run: RunDir) -> tuple[np.ndarray, dict[str, Any]]:
@@ -34,8 +39,6 @@ def _matrix(run: RunDir) -> tuple[np.ndarray, dict[str, Any]]:
 def analyse_run(
     run_dir: str | RunDir, config: AnalyseConfig, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    from forgetray.report.plots import PAPER_R2_OLMO7B, analysis_figures, paper_reference_label, r2_curve
-    from forgetray.stats.fits import analyse
 
     run = open_run(run_dir)
     z, index = _matrix(run)
@@ -72,7 +75,6 @@ def completion_methods(config: CompleteConfig, binary: bool) -> dict[str, Any]:
     """The configured completers by name: forgetray's (`stats.completion`) and the authors'
     (`stats.lrf`); for binary forgetting also forgetray's Newton logistic MF, and under the lrf
     protocol the authors' gradient-ascent logistic MF."""
-    from forgetray.stats import completion, lrf
 
     factories: dict[str, Callable[[], Any]] = {
         "global_mean": completion.GlobalMean,
@@ -175,8 +177,6 @@ def train_factors(
     (`stats.als.relabelled_init`, `fit_als(init=...)`). Only when every task `previous` was fitted on
     is still a train task: factors fitted on a task now held out would carry its entries into the
     evaluation of that task."""
-    from forgetray.stats.als import fit_als, relabelled_init, scaled, unpermuted
-    from forgetray.stats.completion import ALSMF
 
     scale = float(np.std(z_train)) or 1.0
     iterations: list[int] = []
@@ -221,7 +221,6 @@ def completion_split(
     `test_family`, or `n_test_tasks` drawn with `split_seed`; train rows are the rest (less
     `exclude_tasks` when the test tasks are named or a family), or only `train_family`'s.
     `families` maps task -> family (`forgetray.data.sources.task_families`)."""
-    from forgetray.stats.completion import split_tasks
 
     n_tasks = len(tasks)
     if n_tasks < 3:
@@ -268,8 +267,6 @@ def complete_run(
     families: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Both completion results (real and binary) under `config.protocol`, written to completion/."""
-    from forgetray.stats.completion import evaluate_completion
-    from forgetray.stats.lrf import reveal_columns_lrf
 
     run = open_run(run_dir)
     z, index = _matrix(run)

@@ -20,7 +20,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from forgetray.data.builtin_corpus import builtin_corpus
 from forgetray.data.conversations import render_chat_prompt, require_chat_template
+from forgetray.data.schema import UPSTREAM_SCHEMA
 
 BUILTIN_INSTRUCTIONS = "builtin_instructions"
 """`upstream.sources[].path` of the self-answered built-in instruction source."""
@@ -35,8 +37,6 @@ _CONTEXT_CHARS = 600
 
 def builtin_instruction_prompts(limit: int | None = None) -> pa.Table:
     """Questions about every built-in corpus chunk, responses still empty (filled by `answer_prompts`)."""
-    from forgetray.data.builtin_corpus import builtin_corpus
-    from forgetray.data.sources import UPSTREAM_SCHEMA
 
     rows = []
     for chunk in builtin_corpus():

@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 
 from forgetray.config import SourceConfig, TasksConfig, TaskSourceConfig, UpstreamConfig
+from forgetray.data.builtin_corpus import builtin_corpus
+from forgetray.data.builtin_tasks import BUILTIN_TASK_FAMILIES, BUILTIN_TASKS, builtin_task_examples
 from forgetray.data.conversations import (
     normalize_messages,
     render_chat_prompt,
@@ -36,13 +38,9 @@ from forgetray.data.conversations import (
     require_chat_template,
 )
 from forgetray.data.encoding import PROMPT_TARGETS
+from forgetray.data.instructions import builtin_instruction_prompts
+from forgetray.data.schema import PROMPT_TARGETS_TYPE, TASK_SCHEMA, UPSTREAM_SCHEMA
 
-UPSTREAM_SCHEMA = pa.schema(
-    [("example_id", pa.string()), ("kind", pa.string()), ("prompt", pa.string()), ("response", pa.string())]
-)
-TASK_SCHEMA = pa.schema([("prompt", pa.string()), ("response", pa.string())])
-PROMPT_TARGETS_TYPE = pa.list_(pa.list_(pa.int64()))
-"""[[start, end], ...] character spans per row."""
 _LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -222,13 +220,9 @@ def source_rows(source: SourceConfig, key: str) -> tuple[pa.Table, list[str]]:
     """One source's rows as read (columns of the data, or UPSTREAM_SCHEMA for the built-in sources)
     and their example ids, prefixed so sources cannot collide silently."""
     if source.path == "builtin_instructions":
-        from forgetray.data.instructions import builtin_instruction_prompts
-
         table = builtin_instruction_prompts(source.limit)
         return table, table.column("example_id").to_pylist()
     if source.path == "builtin":
-        from forgetray.data.builtin_corpus import builtin_corpus
-
         table = pa.Table.from_pylist([dict(r) for r in builtin_corpus()], schema=UPSTREAM_SCHEMA)
         table = table.slice(0, source.limit) if source.limit else table
         return table, table.column("example_id").to_pylist()
@@ -369,7 +363,6 @@ def load_upstream(config: UpstreamConfig, tokenizer: Any = None) -> pa.Table:
 def load_tasks(config: TasksConfig, tokenizer: Any = None) -> dict[str, pa.Table]:
     """Task name -> (prompt, response[, prompt_targets]) table, built-in tasks first, in config
     order. `tokenizer` (the base model's) renders conversations and, with `chat_template`, prompts."""
-    from forgetray.data.builtin_tasks import BUILTIN_TASKS, builtin_task_examples
 
     names = list(BUILTIN_TASKS) if tuple(config.builtin) == ("all",) else list(config.builtin)
     tasks: dict[str, pa.Table] = {}
@@ -398,7 +391,6 @@ def load_tasks(config: TasksConfig, tokenizer: Any = None) -> dict[str, pa.Table
 def task_families(config: TasksConfig) -> dict[str, str]:
     """Task name -> family: built-in tasks' from `BUILTIN_TASK_FAMILIES`, user tasks' from their
     `family` field ("user" when unset). Cheap: reads no data."""
-    from forgetray.data.builtin_tasks import BUILTIN_TASK_FAMILIES, BUILTIN_TASKS
 
     names = list(BUILTIN_TASKS) if tuple(config.builtin) == ("all",) else list(config.builtin)
     families = {name: BUILTIN_TASK_FAMILIES.get(name, "builtin") for name in names}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from forgetray.config import FinetuneConfig
-from forgetray.data.encoding import EncodedExample
+from forgetray.data.encoding import EncodedExample, encode_examples, example_rows
 
 IGNORE_INDEX = -100
 """Label of tokens that do not count (prompt and padding): torch's cross-entropy default."""
@@ -56,7 +56,6 @@ def micro_batches(
 def encode_task(tokenizer: Any, task: str, table: Any, max_length: int) -> list[EncodedExample]:
     """A task's (prompt, response) table as training examples (EOS appended and trained on, so the
     model learns to stop); examples are named `<task>/<row>` in errors."""
-    from forgetray.data.encoding import encode_examples, example_rows
 
     rows = example_rows(table, [f"{task}/{i}" for i in range(table.num_rows)])
     return encode_examples(tokenizer, rows, max_length, append_eos=True)

@@ -31,6 +31,8 @@ from typing import Any
 
 from forgetray import rundir
 from forgetray.config import FinetuneConfig, LoraConfig, config_from_dict
+from forgetray.finetune.batches import collate, encode_task, micro_batches, total_steps
+from forgetray.finetune.deepspeed_config import ADAM_BETAS, ADAM_EPS, build_deepspeed_config
 from forgetray.finetune.reporting import StepReporter
 from forgetray.finetune.safe_load import load_deepspeed_checkpoint
 from forgetray.models import (
@@ -41,6 +43,7 @@ from forgetray.models import (
     load_tokenizer,
     localized,
 )
+from forgetray.replay.mixing import ReplayMixer
 
 PROGRESS_FILE = "progress.json"
 STATE_DIR = "state"
@@ -167,8 +170,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", loop_config["torch_extensions_dir"])
     import deepspeed
 
-    from forgetray.finetune.batches import collate, encode_task, micro_batches, total_steps
-    from forgetray.finetune.deepspeed_config import ADAM_BETAS, ADAM_EPS, build_deepspeed_config
     from forgetray.finetune.sam import build_sam
 
     config = config_from_dict(loop_config["finetune"], "finetune", FinetuneConfig)
@@ -195,7 +196,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     if replay_spec:
         # Upstream examples mixed into training (forgetray.replay.mixing); steps x (1 + ratio).
-        from forgetray.replay.mixing import ReplayMixer
 
         replay_spec = {**replay_spec, "max_length": min(int(replay_spec["max_length"]), max_length)}
         replay = ReplayMixer(replay_spec, tokenizer, steps, config, world_size, rank, n_task=len(examples))

@@ -22,9 +22,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from forgetray import cluster, rundir, storage, tracking
-from forgetray.config import FinetuneConfig, TrackingConfig
+from forgetray.config import FinetuneConfig, TrackingConfig, config_from_dict
 from forgetray.console import TaskProgress
-from forgetray.models import ModelRef, worker_model
+from forgetray.finetune.batches import encode_task
+from forgetray.finetune.loop import MODEL_DIR, train_loop_per_worker
+from forgetray.models import ModelRef, context_length, load_model_config, load_tokenizer, worker_model
 from forgetray.rundir import RunDir, open_run
 
 DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 1024**2}
@@ -80,8 +82,6 @@ def check_task_encodings(base: ModelRef, task_paths: dict[str, str], config: Fin
 
 def check_task_tables(base: ModelRef, tables: dict[str, Any], config: FinetuneConfig) -> None:
     """`check_task_encodings` on tables in memory: the data stage runs it before writing any."""
-    from forgetray.finetune.batches import encode_task
-    from forgetray.models import context_length, load_model_config, load_tokenizer
 
     tokenizer = load_tokenizer(base)
     max_length = min(config.max_length, context_length(load_model_config(base)) or config.max_length)
@@ -111,9 +111,7 @@ def train_task(tune_config: dict[str, Any]) -> None:
     import ray.tune
     from ray.train.torch import TorchTrainer
 
-    from forgetray.config import config_from_dict
     from forgetray.finetune.curves import CurveRecorder
-    from forgetray.finetune.loop import MODEL_DIR, train_loop_per_worker
 
     trial = tune_config["trial"]
     config = config_from_dict(trial["loop"]["finetune"], "finetune", FinetuneConfig)

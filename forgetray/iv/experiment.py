@@ -32,8 +32,16 @@ import pyarrow.parquet as pq
 
 from forgetray import rundir, storage
 from forgetray.config import SweepConfig, to_plain
+from forgetray.finetune.batches import encode_task
+from forgetray.finetune.sweep import finetune_tasks, finetuned_model
 from forgetray.iv.store import is_done, load_iv, save_iv
+from forgetray.matrix import aligned_nll
+from forgetray.models import context_length, load_model
+from forgetray.pipeline import ensure_ray, torch_extensions_dir
 from forgetray.rundir import BASE
+from forgetray.score.driver import read_scores, score_models
+from forgetray.score.loaded import ModelCache
+from forgetray.score.nll import per_example_nll
 
 IV_DIR = "iv"
 PLAIN = "plain"
@@ -68,7 +76,6 @@ def extract_run(
     import torch
 
     from forgetray.iv.extract import default_layer, extract, instruction_lines, remove_lines
-    from forgetray.models import context_length, load_model
     from forgetray.replay.experiment import base_model
 
     ic = config.iv
@@ -171,8 +178,6 @@ def _task_losses(
     The task's examples are read and encoded once; `cache` (a `ModelCache`) keeps the base model
     loaded across tasks and conditions and swaps LoRA adapters on it.
     """
-    from forgetray.finetune.batches import encode_task
-    from forgetray.score.nll import per_example_nll
 
     table = pq.read_table(task_path).slice(0, n)
     first = next(iter(refs.values()))
@@ -195,13 +200,8 @@ def compare_run(
     """IV-guided vs plain fine-tuning of `iv.n_compare_tasks` tasks; writes `<run>/iv/results.json`."""
     import torch
 
-    from forgetray.finetune.sweep import finetune_tasks, finetuned_model
-    from forgetray.matrix import aligned_nll
-    from forgetray.pipeline import ensure_ray, torch_extensions_dir
     from forgetray.replay.compare import compare_conditions
     from forgetray.replay.experiment import base_model, check_settings
-    from forgetray.score.driver import read_scores, score_models
-    from forgetray.score.loaded import ModelCache
 
     run = rundir.open_run(run_dir)
     out = run.study(IV_DIR)

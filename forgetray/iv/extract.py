@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from forgetray.data.encoding import encode_example
 from forgetray.iv.heads import HeadAccess, capture_heads, head_access, patch_heads, stack_layers
 
 
@@ -48,7 +49,6 @@ def prompt_and_answer(tokenizer: Any, prompt: str, response: str, max_length: in
     when the prompt ends in whitespace (a chat template's "assistant" line) the response's leading
     whitespace is dropped: the built-in tasks' responses start with a space that there becomes a
     token of its own, which would make the "answer" a space the model never predicts."""
-    from forgetray.data.encoding import encode_example
 
     if prompt[-1:].isspace():
         response = response.lstrip() or response

@@ -28,6 +28,8 @@ from forgetray import rundir
 from forgetray.config import IVGuidedConfig
 from forgetray.iv.guided import iv_guided_loss, last_prompt_positions
 from forgetray.iv.heads import add_to_attention_output, capture_heads, head_access
+from forgetray.iv.store import load_iv
+from forgetray.models import ModelRef, load_model
 
 
 class IVGuidance:
@@ -108,8 +110,6 @@ def build_guidance(
     `loop_config["iv_by_task"][task]["dir"]` names the task's saved vector (forgetray/iv/store.py)."""
     if not config.enabled:
         return None
-    from forgetray.iv.store import load_iv
-    from forgetray.models import ModelRef, load_model
 
     if engine.zero_optimization_stage() == 3:
         raise ValueError(

@@ -47,10 +47,13 @@ import pyarrow.parquet as pq
 
 from forgetray import rundir, storage
 from forgetray.config import CompleteConfig, SweepConfig, to_plain
-from forgetray.matrix import load_forgetting_matrix
+from forgetray.finetune.batches import total_steps
+from forgetray.finetune.sweep import finetune_tasks, finetuned_model
+from forgetray.matrix import aligned_nll, load_forgetting_matrix
 from forgetray.models import ModelRef
+from forgetray.pipeline import ensure_ray, load_run_config, torch_extensions_dir
 from forgetray.replay.compare import compare_conditions, unit_effects
-from forgetray.replay.probes import select_probes
+from forgetray.replay.probes import evaluate_probes, select_probes
 from forgetray.replay.samplers import (
     lrf_replay_draws,
     permuted_draws,
@@ -58,6 +61,8 @@ from forgetray.replay.samplers import (
     replay_schedule,
     split_never_replayed,
 )
+from forgetray.score.driver import read_scores, score_models
+from forgetray.stats.completion import split_tasks
 from forgetray.study import completion_methods, distributed_als, with_distributed_als
 
 REPLAY_DIR = "replay"
@@ -184,7 +189,6 @@ def plan_replay(
     n_tasks, n_examples = z.shape
     if rc.n_tasks > n_tasks - 2:
         raise ValueError(f"replay.n_tasks: {rc.n_tasks} leaves fewer than 2 other tasks of {n_tasks}")
-    from forgetray.stats.completion import split_tasks
 
     pool, never = split_never_replayed(n_examples, rc.n_never_replayed, rc.split_seed)
     _, test_rows = split_tasks(n_tasks, rc.n_tasks, rc.task_seed)
@@ -251,7 +255,6 @@ def _task_sizes(
     run: rundir.RunDir, config: SweepConfig, names: list[str]
 ) -> tuple[dict[str, int], dict[str, int]]:
     """({task: plain fine-tuning steps}, {task: examples}) of the run's task files."""
-    from forgetray.finetune.batches import total_steps
 
     steps, examples = {}, {}
     for name in names:
@@ -293,8 +296,6 @@ def online_spec(
 ) -> dict[str, Any]:
     """The online variant's settings: probes with their base NLL and the matrix to complete against
     (without `task_name`'s row, if the run has one: the task is treated as new)."""
-    from forgetray.matrix import aligned_nll
-    from forgetray.score.driver import read_scores
 
     run = rundir.open_run(run_dir)
     z, index = load_forgetting_matrix(run.matrix)
@@ -321,8 +322,6 @@ def online_spec(
 
 
 def _eval_forgetting(scores_root: str, models: list[str], ids: list[str], base: str) -> dict[str, np.ndarray]:
-    from forgetray.matrix import aligned_nll
-    from forgetray.score.driver import read_scores
 
     before = aligned_nll(read_scores(os.path.join(scores_root, base)), ids, base)
     return {m: aligned_nll(read_scores(os.path.join(scores_root, m)), ids, m) - before for m in models}
@@ -361,10 +360,6 @@ def replay_run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """The offline experiment over a finished run; writes `<run>/replay/results.json`."""
-    from forgetray.finetune.sweep import finetune_tasks, finetuned_model
-    from forgetray.pipeline import ensure_ray, load_run_config, torch_extensions_dir
-    from forgetray.score.driver import score_models
-    from forgetray.stats.completion import split_tasks
 
     rc = config.replay
     run = rundir.open_run(run_dir)
@@ -517,7 +512,6 @@ def probes_run(
     run_dir: str | rundir.RunDir, config: SweepConfig, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Active probe selection vs random k on the run's matrix, leave-one-task-out (`probes.json`)."""
-    from forgetray.replay.probes import evaluate_probes
 
     rc = config.replay
     run = rundir.open_run(run_dir)

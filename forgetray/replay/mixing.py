@@ -38,7 +38,7 @@ import numpy as np
 
 from forgetray import rundir
 from forgetray.config import FinetuneConfig
-from forgetray.data.encoding import PROMPT_TARGETS
+from forgetray.data.encoding import PROMPT_TARGETS, encode_example
 from forgetray.finetune.batches import micro_batches
 from forgetray.replay.samplers import (
     lrf_mixture,
@@ -48,6 +48,7 @@ from forgetray.replay.samplers import (
     replay_schedule,
     step_plan,
 )
+from forgetray.score.nll import per_example_nll
 
 MIXINGS = ("lrf", "steps")
 
@@ -127,7 +128,6 @@ class ReplayMixer:
         return self._total_steps
 
     def _encode(self, rows: np.ndarray, max_length: int) -> list[Any]:
-        from forgetray.data.encoding import encode_example
 
         out = []
         for row in rows.tolist():
@@ -201,7 +201,6 @@ class ReplayMixer:
         Every rank holds the same weights, but rank 0's result is broadcast so that float noise can
         never give ranks different replay orders.
         """
-        from forgetray.score.nll import per_example_nll
         from forgetray.stats.completion import ALSMF
 
         online = self.online

@@ -30,8 +30,13 @@ import numpy as np
 import pyarrow as pa
 
 from forgetray import rundir, storage
-from forgetray.config import SweepConfig
+from forgetray.config import SweepConfig, TaskSourceConfig
+from forgetray.data.builtin_tasks import BUILTIN_TASKS, builtin_task_examples
+from forgetray.data.sources import load_tasks
+from forgetray.finetune.batches import total_steps
+from forgetray.finetune.sweep import finetune_tasks
 from forgetray.matrix import load_forgetting_matrix
+from forgetray.pipeline import ensure_ray, torch_extensions_dir
 from forgetray.replay.experiment import base_model, online_spec
 from forgetray.replay.probes import select_probes
 from forgetray.replay.samplers import online_switch_step, replay_order, replay_schedule, split_never_replayed
@@ -40,7 +45,6 @@ from forgetray.replay.samplers import online_switch_step, replay_order, replay_s
 def task_table(task: str, config: SweepConfig) -> tuple[str, pa.Table]:
     """(name, table) of a built-in task name or a .jsonl / .json / .parquet / .csv file of
     prompt / response rows."""
-    from forgetray.data.builtin_tasks import BUILTIN_TASKS, builtin_task_examples
 
     if task in BUILTIN_TASKS:
         return task, pa.Table.from_pylist(
@@ -48,8 +52,6 @@ def task_table(task: str, config: SweepConfig) -> tuple[str, pa.Table]:
         )
     if not os.path.exists(task):
         raise FileNotFoundError(f"{task}: neither a built-in task ({', '.join(BUILTIN_TASKS)}) nor a file")
-    from forgetray.config import TaskSourceConfig
-    from forgetray.data.sources import load_tasks
 
     name = os.path.splitext(os.path.basename(task))[0].replace("/", "_")
     tasks_config = type(config.tasks)(builtin=(), sources=(TaskSourceConfig(name=name, path=task),))
@@ -64,9 +66,6 @@ def protect_finetune(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Fine-tune `task` with online replay protecting `run_dir`'s upstream examples; its pointer."""
-    from forgetray.finetune.batches import total_steps
-    from forgetray.finetune.sweep import finetune_tasks
-    from forgetray.pipeline import ensure_ray, torch_extensions_dir
 
     rc = config.replay
     run = rundir.open_run(run_dir)

@@ -27,6 +27,10 @@ from typing import Any
 import numpy as np
 
 from forgetray import storage
+from forgetray.data.encoding import encode_examples, example_rows
+from forgetray.finetune.batches import encode_task
+from forgetray.score.nll import per_example_nll
+from forgetray.score.soft_ce import adapter_disabled, per_example_soft_ce
 
 
 class ForgettingProbe:
@@ -34,9 +38,6 @@ class ForgettingProbe:
         self, config: dict[str, Any], model: Any, tokenizer: Any, rank: int, total_steps: int
     ) -> None:
         import pyarrow.parquet as pq
-
-        from forgetray.data.encoding import encode_examples, example_rows
-        from forgetray.finetune.batches import encode_task
 
         self.config = config
         self.model = model
@@ -77,8 +78,6 @@ class ForgettingProbe:
         )
 
     def measure(self) -> dict[str, float]:
-        from forgetray.score.nll import per_example_nll
-        from forgetray.score.soft_ce import adapter_disabled, per_example_soft_ce
 
         started = time.perf_counter()
         was_training = self.model.training

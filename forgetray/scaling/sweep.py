@@ -30,7 +30,24 @@ import numpy as np
 
 from forgetray import rundir, storage
 from forgetray.config import ConfigError, SweepConfig
-from forgetray.stats.scaling import power_law_prediction
+from forgetray.finetune.sweep import check_task_encodings, concurrent_tasks, fixed_cluster_cpus, run_trials
+from forgetray.models import context_length, load_model_config
+from forgetray.pipeline import (
+    ensure_ray,
+    prepare_base_model,
+    prepare_data,
+    setup_logging,
+    torch_extensions_dir,
+    write_run_config,
+)
+from forgetray.report.scaling_plots import scaling_figures
+from forgetray.stats.scaling import (
+    fit_linear,
+    fit_shifted_power_law,
+    power_law_prediction,
+    r2_by_group,
+    r_squared,
+)
 
 SCALING_DIR = "scaling"
 POINT_FIELDS = (
@@ -54,13 +71,6 @@ def trial_name(rank: int) -> str:
 
 def run_scaling(config: SweepConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train what is missing, collect every trial's records, fit, plot; returns the fits."""
-    from forgetray.pipeline import (
-        prepare_base_model,
-        prepare_data,
-        setup_logging,
-        torch_extensions_dir,
-        write_run_config,
-    )
 
     paths = rundir.RunDir(config.run_dir)
     log = log or setup_logging(paths)
@@ -86,7 +96,6 @@ def run_scaling(config: SweepConfig, log: Callable[[str], None] | None = None) -
     fits["task"] = scaling.task
     fits["seconds"] = round(time.perf_counter() - started, 1)
     storage.write_json(os.path.join(out, "fits.json"), fits)
-    from forgetray.report.scaling_plots import scaling_figures
 
     scaling_figures(points, fits, out)
     _log_fits(fits, log)
@@ -103,14 +112,6 @@ def train_trials(
     log: Callable[[str], None],
 ) -> None:
     """One Tune trial per LoRA rank without a pointer file, through `finetune.sweep.train_task`."""
-
-    from forgetray.finetune.sweep import (
-        check_task_encodings,
-        concurrent_tasks,
-        fixed_cluster_cpus,
-        run_trials,
-    )
-    from forgetray.models import context_length, load_model_config
 
     scaling = config.scaling
     context = context_length(load_model_config(base))
@@ -155,7 +156,6 @@ def train_trials(
         )
     if not trials:
         return
-    from forgetray.pipeline import ensure_ray
 
     ensure_ray()
     check_task_encodings(base, {scaling.task: task_path}, config.finetune)
@@ -194,7 +194,6 @@ def _try(fit: Callable[[], Any]) -> dict[str, Any]:
 def fit_scaling_laws(points: list[dict[str, Any]], min_step: int) -> dict[str, Any]:
     """(a) L_f = -c L_ft + s, (b) shifted power laws of L_ft and L_f in (P, N), and where they break:
     R^2 within each rank and as the earliest step kept (`min_step`) moves."""
-    from forgetray.stats.scaling import fit_linear, fit_shifted_power_law, r2_by_group, r_squared
 
     def arrays(first: int) -> dict[str, np.ndarray]:
         kept = [p for p in points if p["step"] >= first]
@@ -238,7 +237,6 @@ def _r2_by_min_step(
 ) -> list[dict[str, Any]]:
     """Refit with the earliest kept step moving up: where early steps stop or start fitting. The
     power laws keep the sign of c found at `min_step` (half the work of trying both)."""
-    from forgetray.stats.scaling import fit_linear, fit_shifted_power_law
 
     rows = []
     for first in sorted({int(p["step"]) for p in points if p["step"] > 0}):

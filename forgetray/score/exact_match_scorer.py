@@ -27,9 +27,9 @@ from forgetray import storage
 from forgetray.config import ExactMatchConfig, ScoreConfig
 from forgetray.models import ModelRef, worker_model
 from forgetray.rundir import RunDir, worker_location
+from forgetray.score.actor import ShardActor
 from forgetray.score.driver import (
     ScoreError,
-    ShardActor,
     actor_count,
     check_plan,
     part_path,
@@ -40,6 +40,7 @@ from forgetray.score.driver import (
     shards_folder,
     write_shards,
 )
+from forgetray.score.exact_match import build_probes, exact_match
 from forgetray.score.loaded import ModelCache
 
 EXACT_MATCH_SCHEMA = pa.schema(
@@ -72,7 +73,6 @@ def score_shard_exact_match(
     max_length: int,
 ) -> pa.Table:
     """One shard's exact-match results as an EXACT_MATCH_SCHEMA table (rows in shard order)."""
-    from forgetray.score.exact_match import build_probes, exact_match
 
     part = upstream.take(pa.array(rows))
     ids = part.column("example_id").to_pylist()

@@ -33,7 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from forgetray.data.encoding import EncodedExample
+from forgetray.data.encoding import EncodedExample, encode_examples, example_rows
+from forgetray.models import context_length
+from forgetray.score.nll import per_example_nll
 
 CPU_BATCH_TOKENS = 4096
 """Tokens per forward on CPU, whatever the budget: larger batches gain no matmul efficiency there and
@@ -165,7 +167,6 @@ def _chunk_fn(compile: bool) -> Any:
 
 
 def context_limit(model: Any) -> int | None:
-    from forgetray.models import context_length
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return context_length(inner.config)
@@ -232,7 +233,6 @@ def packing_error(model: Any, examples: Sequence[EncodedExample]) -> float:
     Nonzero beyond float rounding means the model's attention crossed example boundaries (its code
     does not read restarting position ids as packed documents) or its head is not a plain LM head.
     """
-    from forgetray.score.nll import per_example_nll
 
     limit = context_limit(model)
     fitting = [e for e in examples if limit is None or len(e.input_ids) <= limit]
@@ -246,7 +246,6 @@ def packing_error(model: Any, examples: Sequence[EncodedExample]) -> float:
 
 def probe_examples(tokenizer: Any, upstream: Any, max_length: int, n: int = 6) -> list[EncodedExample]:
     """Up to `n` upstream examples spread over the table, encoded, for `packing_error`."""
-    from forgetray.data.encoding import encode_examples, example_rows
 
     rows = np.unique(np.linspace(0, upstream.num_rows - 1, num=min(n, upstream.num_rows)).astype(int))
     part = upstream.take(rows)

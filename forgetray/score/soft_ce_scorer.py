@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from forgetray.models import ModelRef
-from forgetray.score.driver import ShardActor
+from forgetray.data.encoding import encode_examples, example_rows
+from forgetray.models import ModelRef, context_length, load_model, load_tokenizer, localized
+from forgetray.score.actor import ShardActor
+from forgetray.score.soft_ce import per_example_soft_ce
 
 SOFT_CE_SCHEMA = pa.schema(
     [
@@ -41,8 +43,6 @@ def score_shard_soft_ce(
     max_batch_tokens: int,
 ) -> pa.Table:
     """One shard's soft cross-entropies as a SOFT_CE_SCHEMA table (rows in shard order)."""
-    from forgetray.data.encoding import encode_examples, example_rows
-    from forgetray.score.soft_ce import per_example_soft_ce
 
     part = upstream.take(pa.array(rows))
     ids = part.column("example_id").to_pylist()
@@ -69,7 +69,6 @@ class SoftCEShardScorer(ShardActor):
         score: dict[str, Any],
         reference: dict[str, Any],
     ) -> None:
-        from forgetray.models import context_length, load_model, localized
 
         super().__init__(models, shards_location, scores_root, score)
         self.reference = localized(ModelRef(**reference))
@@ -78,7 +77,6 @@ class SoftCEShardScorer(ShardActor):
         self.loaded: tuple[str, Any, Any] | None = None
 
     def _model(self, name: str) -> tuple[Any, Any]:
-        from forgetray.models import load_model, load_tokenizer
 
         if self.loaded is None or self.loaded[0] != name:
             self.loaded = None
