@@ -332,6 +332,8 @@ class RunDir:
         relative = os.path.relpath(os.path.abspath(local), self.root)
         if relative == "." or not self.is_remote:
             return self.location if relative == "." else os.path.abspath(local)
+        if relative.startswith("..") and self._top is not self:
+            return self._top.locate_path(local)  # a study's fine-tunes read the run's own task tables
         if relative.startswith(".."):
             raise ValueError(f"{local}: not inside the run directory {self.root}")
         return self.locate(*relative.split(os.sep))

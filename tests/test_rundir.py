@@ -203,6 +203,7 @@ def test_a_study_folder_is_a_run_directory_that_pushes_the_whole_run(tmp_path):
     )
     write(run.config, "seed: 0\n")
     write(replay.task("t"), "table")
+    assert replay.locate_path(run.task("t")) == f"file://{tmp_path}/bucket/run/data/tasks/t.parquet"
     assert replay.push() == 2  # the run's files too: a study's workers may read any of them
     assert rundir.list_files(run.location) == {"config.yaml": 8, "replay/data/tasks/t.parquet": 5}
     rundir.write_json(replay.locate("checkpoints", "t.json"), {"steps": 1})
