@@ -50,7 +50,7 @@ from forgetray.stats.forecast import (
     pair_logits,
     train_shared_head,
 )
-from forgetray.study import completion_methods
+from forgetray.study import als_train_fit, completion_methods
 
 FORECAST_DIR = "forecast"
 EXAMPLES_FILE = "example_representations.npy"
@@ -359,6 +359,9 @@ def forecast_run(
             if threshold is None:
                 threshold = float(np.quantile(z[train_rows], 0.75))
         methods = completion_methods(config.complete, binary=binary)
+        if not binary and "als_mf" in methods:  # the fit `forgetray complete` evaluates with
+            fit = als_train_fit(run, z, index, train_rows, config.complete, log, save=False)
+            methods["als_mf"] = dataclasses.replace(methods["als_mf"], train_fit=fit)
         methods.update(forecast_methods(h_tasks, h_examples, train_rows, config.forecast))
         evaluated = evaluate_completion(
             z,

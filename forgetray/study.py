@@ -161,6 +161,31 @@ def load_als_factors(out_dir: str) -> tuple[AlsFactors, list[str], list[str]] | 
     return AlsFactors(float(index["mu"]), **arrays), list(index["tasks"]), list(index["examples"])
 
 
+def als_train_fit(
+    run: RunDir,
+    z: np.ndarray,
+    index: Mapping[str, Any],
+    train_rows: Sequence[int],
+    config: CompleteConfig,
+    log: Callable[[str], None] = print,
+    save: bool = True,
+) -> AlsFactors:
+    """The ALS MF fit of the train rows that `forgetray complete` evaluates with, restarted from
+    the factors saved in `completion/als/` (`train_factors`); with `save`, saved there for the next
+    call. Without `save` (another study evaluating ALS MF on the same split), factors saved for
+    exactly these train tasks and examples are used as they are, so both report the same fit."""
+    als_dir = os.path.join(run.completion, ALS_DIR)
+    train_tasks = [index["tasks"][i] for i in train_rows]
+    examples = list(index["examples"])
+    previous = load_als_factors(als_dir)
+    if not save and previous is not None and previous[1] == train_tasks and previous[2] == examples:
+        return previous[0]
+    fit, record = train_factors(z[train_rows], train_tasks, examples, config, previous, log)
+    if save:
+        save_als_factors(als_dir, fit, train_tasks, examples, record)
+    return fit
+
+
 def train_factors(
     z_train: np.ndarray,
     tasks: Sequence[str],
@@ -285,13 +310,7 @@ def complete_run(
         log(f"complete: ALS MF fits as Ray tasks over column blocks of {matrix_path}")
         methods = with_distributed_als(methods, matrix_path, train_rows, config.rank, config.reg)
     elif "als_mf" in methods:
-        als_dir = os.path.join(out, ALS_DIR)
-        train_tasks = [index["tasks"][i] for i in train_rows]
-        examples = list(index["examples"])
-        fit, record = train_factors(
-            z[train_rows], train_tasks, examples, config, load_als_factors(als_dir), log
-        )
-        save_als_factors(als_dir, fit, train_tasks, examples, record)
+        fit = als_train_fit(run, z, index, train_rows, config, log, save=True)
         methods["als_mf"] = dataclasses.replace(methods["als_mf"], train_fit=fit)
     results = evaluate_completion(
         z,
