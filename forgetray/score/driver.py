@@ -188,14 +188,17 @@ def write_shards(upstream: pa.Table, items: list[dict[str, Any]], folder: str) -
     scoring actor reads only the examples of the items it scores, so its memory does not grow with
     the number of examples."""
     ids = upstream.column("example_id")
+    names: dict[bytes, str] = {}  # every model scores the same shards: digest and write each once
     named = []
     for item in items:
-        rows = pa.array(np.asarray(item["rows"], dtype=np.int64))
-        name = f"{ids_digest(ids.take(rows).to_pylist())[:24]}.parquet"
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
-            storage.write_parquet(path, upstream.take(rows))
-        named.append({k: v for k, v in item.items() if k != "rows"} | {"examples": name})
+        rows = np.asarray(item["rows"], dtype=np.int64)
+        key = rows.tobytes()
+        if key not in names:
+            names[key] = f"{ids_digest(ids.take(pa.array(rows)).to_pylist())[:24]}.parquet"
+            path = os.path.join(folder, names[key])
+            if not os.path.exists(path):
+                storage.write_parquet(path, upstream.take(pa.array(rows)))
+        named.append({k: v for k, v in item.items() if k != "rows"} | {"examples": names[key]})
     return named
 
 
