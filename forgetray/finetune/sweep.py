@@ -35,10 +35,6 @@ hold a CPU a worker could use (even 0.01 CPU leaves a 2-CPU machine unable to st
 Tune refuses an empty request, so it asks for memory only."""
 
 
-def pointer_path(run_dir: str | RunDir, task: str) -> str:
-    return open_run(run_dir).pointer(task)
-
-
 def finetuned_model(base: ModelRef, pointer: dict[str, Any]) -> ModelRef:
     """The fine-tuned model a pointer file describes, as something the scorer can load."""
     if pointer["adapter_path"] is not None:
