@@ -6,7 +6,7 @@
 
 Each cell is one `forgetray replay RUN replay.ratio=R replay.temperature=T ...` (the library call,
 without the active-probe evaluation, which does not depend on the cell). Fine-tunes are shared
-between cells where they do not depend on the cell (`forgetray.replay.experiment.trial_name`): none
+between cells where they do not depend on the cell (`forgetray.studies.replay.study.trial_name`): none
 is trained once, random once per ratio. The table has one row per cell: mean forgetting per
 condition and the effect against random with its 95% CI over (task, seed) units.
 """
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if not options.table_only:
         from forgetray.config import load_config
-        from forgetray.pipeline import setup_logging
-        from forgetray.replay.experiment import replay_run
+        from forgetray.pipeline.run import setup_logging
+        from forgetray.studies.replay.study import replay_run
 
         paths = rundir.RunDir(options.run_dir)
         log = setup_logging(paths)

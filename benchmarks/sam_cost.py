@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> float:
     from forgetray.finetune.batches import collate, encode_task, micro_batches
     from forgetray.finetune.deepspeed_config import build_deepspeed_config
     from forgetray.finetune.sam import build_sam
-    from forgetray.models import load_model, resolve_base_model
+    from forgetray.models.loading import load_model, resolve_base_model
 
     base = resolve_base_model(ModelConfig(), log=lambda m: None)
     total = args.warmup + args.steps

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from forgetray.config import ScoreConfig
 from forgetray.data.builtin_corpus import builtin_upstream_examples
 from forgetray.data.sources import UPSTREAM_SCHEMA
-from forgetray.models import ModelRef
+from forgetray.models.loading import ModelRef
 from forgetray.score.driver import shard_plan, shards_folder, write_shards
 
 CHILD = r"""
@@ -55,7 +55,7 @@ def tiny_model(directory: str) -> str:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from forgetray.builtin_model import train_tokenizer
+    from forgetray.models.builtin import train_tokenizer
 
     texts = [row["response"] for row in builtin_upstream_examples(200, seed=0)]
     tokenizer = train_tokenizer(texts, vocab_size=512)

@@ -98,7 +98,7 @@ def builtin_benchmark(options: argparse.Namespace) -> dict:
     from forgetray.cli import resolve_config
     from forgetray.data.encoding import encode_examples
     from forgetray.data.sources import load_upstream
-    from forgetray.models import context_length, load_model, resolve_base_model
+    from forgetray.models.loading import context_length, load_model, resolve_base_model
     from forgetray.score.driver import read_scores, score_model
     from forgetray.score.nll import per_example_nll
     from forgetray.score.packed import packed_nll

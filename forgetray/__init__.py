@@ -24,11 +24,11 @@ _LAZY = {
     "open_run": "forgetray.api",
     "ForgettingMatrix": "forgetray.api",
     "load_config": "forgetray.config",
-    "SweepConfig": "forgetray.config",
+    "RunConfig": "forgetray.config",
     "ConfigError": "forgetray.config",
 }
 
-__all__ = ["ConfigError", "ForgettingMatrix", "SweepConfig", "__version__", "load_config", "open_run", "run"]
+__all__ = ["ConfigError", "ForgettingMatrix", "RunConfig", "__version__", "load_config", "open_run", "run"]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from forgetray import rundir, tracking
-from forgetray.config import SweepConfig, config_from_dict, load_config
+from forgetray.config import RunConfig, config_from_dict, load_config
 from forgetray.console import Verbosity
 from forgetray.matrix import load_forgetting_matrix
-from forgetray.pipeline import run_anywhere
+from forgetray.pipeline.run import run_anywhere
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -94,17 +94,17 @@ def open_run(run_dir: str | os.PathLike[str]) -> ForgettingMatrix:
 
 
 def run(
-    config: SweepConfig | Mapping[str, Any] | str | os.PathLike[str],
+    config: RunConfig | Mapping[str, Any] | str | os.PathLike[str],
     *,
     progress: bool = True,
     verbosity: Verbosity = "normal",
 ) -> ForgettingMatrix:
-    """Every stage of a run (`forgetray run`): a SweepConfig, a mapping shaped like the YAML, or a
+    """Every stage of a run (`forgetray run`): a RunConfig, a mapping shaped like the YAML, or a
     config file path. Stages whose outputs exist are skipped. Returns the run's matrix."""
 
     if isinstance(config, str | os.PathLike):
         config = load_config(config)
-    elif not isinstance(config, SweepConfig):
+    elif not isinstance(config, RunConfig):
         config = config_from_dict(config, "forgetray.run(config)")
     run_anywhere(config, progress=progress, verbosity=verbosity)
     return open_run(config.run_dir)

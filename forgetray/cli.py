@@ -25,18 +25,24 @@ import sys
 from collections.abc import Sequence
 
 from forgetray import __version__, storage
-from forgetray.config import ConfigError, SweepConfig, load_config
+from forgetray.config import ConfigError, RunConfig, load_config
 from forgetray.console import Verbosity, console
 from forgetray.data.sources import task_families
 from forgetray.errors import user_message
-from forgetray.exact_match_study import exact_match_run
-from forgetray.iv.experiment import compare_run, extract_run
 from forgetray.matrix import write_matrix_view
-from forgetray.models import ModelRef
-from forgetray.pipeline import assemble_matrix, load_run_config, run_anywhere, score_checkpoint, setup_logging
+from forgetray.models.loading import ModelRef
+from forgetray.pipeline.run import (
+    assemble_matrix,
+    load_run_config,
+    run_anywhere,
+    score_checkpoint,
+    setup_logging,
+)
 from forgetray.report.html import build_report
 from forgetray.rundir import RunDir
-from forgetray.size_sweep import load_size_sweep, replace_out, run_size_sweep
+from forgetray.studies.exact_match.study import exact_match_run
+from forgetray.studies.iv.study import compare_run, extract_run
+from forgetray.studies.sizes import load_size_sweep, replace_out, run_size_sweep
 
 EXAMPLES = {
     "run": "forgetray run --out runs/demo tracking.backend=mlflow\n"
@@ -75,7 +81,7 @@ def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
     return (paths[0] if paths else None), [i for i in items if "=" in i]
 
 
-def resolve_config(items: Sequence[str], out: str | None) -> SweepConfig:
+def resolve_config(items: Sequence[str], out: str | None) -> RunConfig:
     path, overrides = _split_config_args(items)
     if out is not None:
         overrides = [*overrides, f"run_dir={out}"]
@@ -299,7 +305,8 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity, run: RunDir | None
             out = args.view_out or run.matrix_view
             write_matrix_view(run.matrix, out, _labels(args.tasks), _labels(args.examples), log)
     elif args.command in ("analyse", "complete"):
-        from forgetray.study import analyse_run, complete_run
+        from forgetray.pipeline.analyse import analyse_run
+        from forgetray.pipeline.complete import complete_run
 
         config = load_config(run.config, args.overrides)
         log = setup_logging(run)
@@ -311,14 +318,14 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity, run: RunDir | None
         config = load_config(run.config, args.overrides)
         log = setup_logging(run)
         if args.command == "replay":
-            from forgetray.replay.experiment import probes_run, replay_run
+            from forgetray.studies.replay.study import probes_run, replay_run
 
             probes_run(run, config, log)
             replay_run(run, config, log, progress=not args.no_progress)
 
             log(f"report: {build_report(run)}")
         else:
-            from forgetray.replay.online import protect_finetune
+            from forgetray.studies.replay.online import protect_finetune
 
             protect_finetune(run, args.task, args.out or run.study("protect"), config, log)
     elif args.command == "iv":
@@ -336,24 +343,24 @@ def _dispatch(args: argparse.Namespace, verbosity: Verbosity, run: RunDir | None
         if args.dry_run:
             sys.stdout.write(config.to_yaml())
             return 0
-        from forgetray.scaling.sweep import run_scaling
+        from forgetray.studies.scaling.study import run_scaling
 
         run_scaling(config)
         print(build_report(config.run_dir))
     elif args.command == "flatness":
-        from forgetray.flatness_study import flatness_run
+        from forgetray.studies.flatness.study import flatness_run
 
         config = load_config(run.config, args.overrides)
         flatness_run(run, config.flatness, setup_logging(run))
     elif args.command == "forecast":
-        from forgetray.forecast_study import forecast_run
+        from forgetray.studies.forecast.study import forecast_run
 
         config = load_config(run.config, args.overrides)
         log = setup_logging(run)
         forecast_run(run, config, log)
         log(f"report: {build_report(run)}")
     elif args.command == "compare":
-        from forgetray.flatness_study import compare_runs, comparison_markdown
+        from forgetray.studies.flatness.study import compare_runs, comparison_markdown
 
         comparison = compare_runs(args.run_dirs)
         if args.out:

@@ -81,7 +81,7 @@ def connect() -> None:
     """Join the cluster RAY_ADDRESS names (a submitted job's) or start a local one; torch first."""
     # torch is loaded before Ray connects: in a job driver that connected first (Ray 2.60, CPU torch
     # 2.13), the first training step died with "Intel oneMKL FATAL ERROR: Cannot load
-    # libtorch_cpu.so"; the same job with torch imported first ran (tests/test_ray_cluster.py).
+    # libtorch_cpu.so"; the same job with torch imported first ran (tests/cluster/test_ray_cluster.py).
     importlib.import_module("torch")
     kwargs = ray_init_kwargs()
     if kwargs.get("_node_ip_address") in ("127.0.0.1", "localhost"):

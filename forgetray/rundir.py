@@ -7,12 +7,12 @@
     <run>/data/tasks/<task>.parquet   prompt, response                     (matrix rows)
     <run>/models/base.json            the base model reference (+ built-in pretraining report)
     <run>/models/base/                the base model's files (URI runs with a local base model)
-    <run>/checkpoints/<task>.json     where each task's fine-tuned model is (forgetray.finetune.sweep)
+    <run>/checkpoints/<task>.json     where each task's fine-tuned model is (forgetray.finetune.trials)
     <run>/curves/<task>.json          each task's learning curve (forgetray.tracking)
     <run>/train/<task>/, <run>/tune/  Ray Train and Ray Tune storage (checkpoints, run state)
     <run>/scores/<model>/...          per-example NLL parts (forgetray.score.driver)
     <run>/matrix/...                  the forgetting matrix (forgetray.matrix)
-    <run>/analysis/, <run>/completion/ fits, heatmaps, completion results (forgetray.study)
+    <run>/analysis/, <run>/completion/ fits, heatmaps, completion results (forgetray.pipeline.complete)
     <run>/replay/ iv/ flatness/ forecast/ exact_match/ scaling/ protect/   the studies' outputs
     <run>/report.html                 every table and plot of the run, one self-contained file
     <run>/timings.json                wall time per stage, one entry per `run` call

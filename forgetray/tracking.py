@@ -2,7 +2,7 @@
 
     forgetray run tracking.backend=mlflow tracking.log_every=5
 
-Who does what while a task trains (`forgetray.finetune.loop` and `forgetray.finetune.sweep`):
+Who does what while a task trains (`forgetray.finetune.loop` and `forgetray.finetune.trials`):
 
     every rank        ray.train.report(metrics) every `log_every` steps, without a checkpoint
     rank 0            `Tracker`: the same metrics live to MLflow (`ray.air.integrations.mlflow.

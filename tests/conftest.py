@@ -31,7 +31,7 @@ TEXTS = [
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> Any:
-    from forgetray.builtin_model import train_tokenizer
+    from forgetray.models.builtin import train_tokenizer
 
     tokenizer = train_tokenizer(TEXTS, vocab_size=300)
     tokenizer.model_max_length = 256

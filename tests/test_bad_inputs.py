@@ -332,7 +332,7 @@ def write_scores(run: Path, name: str, nll: np.ndarray, max_length: int = 64) ->
     recorded inputs and part digests."""
     from forgetray import digests, storage
     from forgetray.config import ScoreConfig
-    from forgetray.models import ModelRef
+    from forgetray.models.loading import ModelRef
     from forgetray.score.driver import SCORES_SCHEMA, examples_digest, part_path, scores_inputs
 
     out = run / "scores" / name
@@ -594,7 +594,7 @@ def test_matrix_index_records_each_input_per_row(synthetic_run):
 def test_a_run_directory_without_results_may_take_a_corrected_config(tmp_path):
     from forgetray import storage
     from forgetray.config import load_config
-    from forgetray.pipeline import check_run_config
+    from forgetray.pipeline.run import check_run_config
     from forgetray.rundir import RunDir
 
     paths = RunDir(str(tmp_path))

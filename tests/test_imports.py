@@ -286,7 +286,7 @@ def test_scan_sees_the_package():
     assert {"forgetray.config", "forgetray.score.nll", "forgetray.stats"} <= set(SCAN.modules)
     edges = graph(SCAN.imports, in_functions=True)
     assert "forgetray.stats.als" in edges["forgetray.stats"]
-    assert "torch" in heavy_at_import(SCAN)["forgetray.flatness"]
+    assert "torch" in heavy_at_import(SCAN)["forgetray.studies.flatness.measure"]
     assert "ray" in heavy_at_import(SCAN)["forgetray.stats.als_ray"]
     assert not heavy_at_import(SCAN)["forgetray.errors"]
 

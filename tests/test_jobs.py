@@ -85,5 +85,5 @@ def test_working_dir_upload_leaves_runs_caches_and_checkpoints_out(tmp_path):
 
 def test_this_checkout_uploads_small(tmp_path):
     names, size = package(REPO, tmp_path / "pkg.zip")
-    assert "forgetray/pipeline.py" in names
+    assert "forgetray/pipeline/run.py" in names
     assert size < 5 * 1024**2, f"{size} bytes: add what grew to .rayignore"

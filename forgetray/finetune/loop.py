@@ -30,12 +30,12 @@ import time
 from typing import Any
 
 from forgetray import rundir
-from forgetray.config import FinetuneConfig, LoraConfig, config_from_dict
+from forgetray.config import FinetuneConfig, LoraConfig, from_dict
 from forgetray.finetune.batches import collate, encode_task, micro_batches, total_steps
 from forgetray.finetune.deepspeed_config import ADAM_BETAS, ADAM_EPS, build_deepspeed_config
 from forgetray.finetune.reporting import StepReporter
 from forgetray.finetune.safe_load import load_deepspeed_checkpoint
-from forgetray.models import (
+from forgetray.models.loading import (
     ModelRef,
     context_length,
     load_model,
@@ -43,7 +43,7 @@ from forgetray.models import (
     load_tokenizer,
     localized,
 )
-from forgetray.replay.mixing import ReplayMixer
+from forgetray.studies.replay.mixing import ReplayMixer
 
 PROGRESS_FILE = "progress.json"
 STATE_DIR = "state"
@@ -86,7 +86,7 @@ def _step_hook(loop_config: dict[str, Any], **context: Any) -> Any:
     """The optional per-step hook named by `loop_config["step_hook"]` = {"factory": "module:function",
     "config": {...}}: `factory(config, **context)` returns a callable `hook(step, loss)` run after
     every optimizer step (and once with loss None before the first). It lets a caller measure the
-    model along training (e.g. `forgetray.scaling.probe`) without a checkpoint per measurement."""
+    model along training (e.g. `forgetray.studies.scaling.probe`) without a checkpoint per measurement."""
     spec = loop_config.get("step_hook")
     if not spec:
         return None
@@ -172,7 +172,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from forgetray.finetune.sam import build_sam
 
-    config = config_from_dict(loop_config["finetune"], "finetune", FinetuneConfig)
+    config = from_dict(FinetuneConfig, loop_config["finetune"], "finetune")
     seed = (loop_config.get("seed_by_task") or {}).get(loop_config["task"])
     if seed is not None:
         # One Tune run may train the same task under several training seeds (replay's n_seeds):
@@ -195,7 +195,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loop_config["task"]
     )
     if replay_spec:
-        # Upstream examples mixed into training (forgetray.replay.mixing); steps x (1 + ratio).
+        # Upstream examples mixed into training (forgetray.studies.replay.mixing); steps x (1 + ratio).
 
         replay_spec = {**replay_spec, "max_length": min(int(replay_spec["max_length"]), max_length)}
         replay = ReplayMixer(replay_spec, tokenizer, steps, config, world_size, rank, n_task=len(examples))
@@ -221,8 +221,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # SAM: a first pass and a perturbation before each step's ordinary passes (forgetray/finetune/sam.py).
     sam_log = loop_config.get("sam_norm_log")  # test hook: where each rank records the norms it used
     sam = build_sam(config.sam, engine, world_size, sam_log.format(rank=rank) if sam_log else None)
-    # IV guidance: KL to a frozen base + instruction vector, head consistency (forgetray/iv/training.py).
-    from forgetray.iv.training import build_guidance
+    # IV guidance: KL to a frozen base + instruction vector, head consistency
+    # (forgetray/studies/iv/training.py).
+    from forgetray.studies.iv.training import build_guidance
 
     guidance = build_guidance(config.iv_guided, engine, loop_config, device)
 

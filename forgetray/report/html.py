@@ -27,8 +27,8 @@ import numpy as np
 
 from forgetray import __version__, rundir, storage, tracking
 from forgetray.report import markup, plots
-from forgetray.report.exact_match_section import exact_match_section
 from forgetray.report.run_view import RunView
+from forgetray.report.sections.exact_match import exact_match_section
 from forgetray.rundir import BASE
 
 FIGURES_DIR = "report_figures"
@@ -446,7 +446,7 @@ def _completion(run: RunView) -> str:
 
 
 def _forecast(run: RunView) -> str:
-    """The LM-based forecaster (forgetray.forecast_study) in the completion protocol's tables."""
+    """The LM-based forecaster (forgetray.studies.forecast.study) in the completion protocol's tables."""
     results = run.json(run.dir.study("forecast"), "results.json")
     if results is None:
         # An optional stage (not part of `forgetray run`): say how to get it, not that it is missing.
@@ -562,7 +562,7 @@ def _flat(value: Any) -> Any:
 
 
 def _paired_tests_table(tests: Mapping[str, Any], task_t: bool) -> str:
-    """`forgetray.replay.compare.compare_conditions` results: one row per (A vs B) comparison,
+    """`forgetray.studies.replay.compare.compare_conditions` results: one row per (A vs B) comparison,
     tests over (task, example) pairs and over task means (`task_t`: with the t test's p too)."""
     rows = []
     for key, test in tests.items():
@@ -588,7 +588,7 @@ def _ci(effect: Mapping[str, Any]) -> markup.Num:
 
 
 def _replay_effects_table(effects: Mapping[str, Any], verdicts: Mapping[str, str]) -> str:
-    """`forgetray.replay.compare.unit_effects`: one row per A vs B, over task x seed units."""
+    """`forgetray.studies.replay.compare.unit_effects`: one row per A vs B, over task x seed units."""
     rows = []
     for key, e in effects.items():
         t = e["over_tasks"]
@@ -645,13 +645,13 @@ def _replay_cells(run: RunView) -> str:
 def _replay(run: RunView) -> str:
     """Forgetting on never-replayed examples per replay condition, effects with 95% confidence
     intervals over (task, seed) fine-tunes, the per-example description, prediction quality, and
-    the active-probe evaluation (`forgetray replay`, forgetray.replay.experiment)."""
+    the active-probe evaluation (`forgetray replay`, forgetray.studies.replay.study)."""
     results = run.json(run.dir.study("replay"), "results.json")
     probes = run.json(run.dir.study("replay"), "probes.json")
     if results is None and probes is None:
         return markup.note(f"not run yet: {run.command('replay')}")
     if results is not None and "effects" not in results:
-        return _generic(results)  # not written by this forgetray.replay.experiment: show what it holds
+        return _generic(results)  # not written by this forgetray.studies.replay.study: show what it holds
     parts = []
     if results is not None:
         tasks = results["tasks"]
@@ -719,7 +719,7 @@ def _replay(run: RunView) -> str:
 
 def _iv(run: RunView) -> str:
     """Instruction vectors per task and IV-guided vs plain fine-tuning (`forgetray iv RUN [--train]`,
-    forgetray.iv.experiment)."""
+    forgetray.studies.iv.study)."""
     summary = run.json(run.dir.study("iv"), "summary.json")
     results = run.json(run.dir.study("iv"), "results.json")
     if summary is None and results is None:
@@ -885,12 +885,13 @@ def _scaling(run: RunView) -> str:
 
 
 def _flatness(run: RunView) -> str:
-    """Sharpness figures per model (forgetray.flatness) and their rank correlation with forgetting."""
+    """Sharpness figures per model (forgetray.studies.flatness.measure) and their rank correlation
+    with forgetting."""
     results = run.json(run.dir.study("flatness"), "figures.json")
     if results is None:
         # An optional stage (not part of `forgetray run`): say how to get it, not that it is missing.
         return markup.paragraph(f"optional; draw the loss landscapes with: {run.command('flatness')}", "meta")
-    from forgetray.flatness import FIGURES
+    from forgetray.studies.flatness.measure import FIGURES
 
     settings = results["settings"]
     forgetting = results.get("mean_forgetting", {})
@@ -899,7 +900,8 @@ def _flatness(run: RunView) -> str:
             f"Loss ({settings['data']} sample of {settings['n_examples']} examples) on a "
             f"{settings['resolution']} x {settings['resolution']} grid over [-{settings['span']}, "
             f"{settings['span']}]^2 of two filter-normalised random directions around each model; "
-            "definitions in forgetray/flatness.py. Smaller is flatter. With upstream data, centre_loss "
+            "definitions in forgetray/studies/flatness/measure.py. Smaller is flatter. With upstream data, "
+            "centre_loss "
             "is the model's upstream loss on the sample, a check against the matrix."
         ),
         markup.table(

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from forgetray import rundir
 from forgetray.config import ScoreConfig
-from forgetray.models import ModelRef, localized
+from forgetray.models.loading import ModelRef, localized
 
 
 class ShardActor:

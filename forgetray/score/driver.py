@@ -34,7 +34,7 @@ import pyarrow as pa
 from forgetray import digests, storage
 from forgetray.config import ConfigError, ScoreConfig
 from forgetray.data.encoding import encode_examples, example_rows
-from forgetray.models import ModelRef, worker_model
+from forgetray.models.loading import ModelRef, worker_model
 from forgetray.rundir import RunDir, worker_location
 from forgetray.score.actor import ShardActor
 from forgetray.score.loaded import ModelCache

@@ -1,7 +1,7 @@
 """One loaded base model per scoring actor, with LoRA adapters swapped on it instead of reloading.
 
 A sweep's LoRA checkpoints are `ModelRef`s that differ from the base only in `adapter_path`
-(`forgetray.finetune.sweep.finetuned_model`): for them, loading the base again per checkpoint would
+(`forgetray.finetune.trials.finetuned_model`): for them, loading the base again per checkpoint would
 cost more than scoring a shard. So the actor keeps the base loaded, wraps it in a `PeftModel` on the
 first adapter, loads each next adapter under its own name, makes it the active one and deletes the
 previous one (one adapter's weights in memory at a time). The base itself is scored on the same
@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from forgetray.models import ModelRef, context_length, load_model
+from forgetray.models.loading import ModelRef, context_length, load_model
 
 
 @dataclasses.dataclass

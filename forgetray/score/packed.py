@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from forgetray.data.encoding import EncodedExample, encode_examples, example_rows
-from forgetray.models import context_length
+from forgetray.models.loading import context_length
 from forgetray.score.nll import per_example_nll
 
 CPU_BATCH_TOKENS = 4096

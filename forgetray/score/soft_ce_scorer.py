@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from forgetray.data.encoding import encode_examples, example_rows
-from forgetray.models import ModelRef, context_length, load_model, load_tokenizer, localized
+from forgetray.models.loading import ModelRef, context_length, load_model, load_tokenizer, localized
 from forgetray.score.actor import ShardActor
 from forgetray.score.soft_ce import per_example_soft_ce
 

@@ -238,7 +238,8 @@ class ALSMF:
     restarts from them, the new row initialised by a least-squares solve against their example
     factors on its revealed entries (`fit_als(init=...)`), and stops once it changes its predictions
     by less than `tol`. `forgetray complete` passes the train fit it restarted from the previous
-    factors of a grown run (`forgetray.study.train_factors`). None: a random start, `iterations`."""
+    factors of a grown run (`forgetray.pipeline.complete.train_factors`). None: a random start,
+    `iterations`."""
     tol: float = 1e-4
 
     def fit_predict(

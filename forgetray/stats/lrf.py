@@ -18,7 +18,7 @@ seed on the training rows plus that row's revealed entries (users = tasks, items
 Here the same algorithms run without surprise: surprise's SGD visits every rating of its trainset in
 a fixed order (the rows in order, each row's columns in order, the new row last), one rating at a
 time. That order is reproduced exactly by the two numba kernels below (the same arithmetic, so the
-same predictions to float rounding, `tests/test_stats_lrf.py` checks it against surprise itself);
+same predictions to float rounding, `tests/stats/test_stats_lrf.py` checks it against surprise itself);
 KNN's similarities and votes and the logistic MF are whole-array numpy. What differs from surprise
 is only the cost: no Python dict of 850,000 ratings, no per-rating Python generator, no Python call
 per prediction (`benchmarks/als_vs_surprise.py` measures it).
