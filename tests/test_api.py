@@ -12,7 +12,7 @@ import pytest
 
 import forgetray
 from forgetray import storage
-from forgetray.cli import EXAMPLES, build_parser, main
+from forgetray.cli import COMMANDS, build_parser, main
 from forgetray.rundir import NoMatrixError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,12 +123,13 @@ def test_version_flag(capsys):
 def test_every_subcommand_help_has_an_example_that_parses():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == set(EXAMPLES)
+    examples = {command.name: command.example for command in COMMANDS}
+    assert set(commands) == set(examples)
     for name, sub in commands.items():
         text = sub.format_help()
         assert "example:\n  forgetray " + name in text, name
-        assert "--quiet" in text and "--verbose" in text, name
-        for line in EXAMPLES[name].split("\n"):
+        assert "--quiet" in text and "--verbose" in text and "--dry-run" in text, name
+        for line in examples[name].split("\n"):
             args, extra = parser.parse_known_args(line.split()[1:])
             assert args.command == name and all("=" in e for e in extra), line
 
