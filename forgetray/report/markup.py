@@ -1,5 +1,6 @@
-"""HTML building blocks of the report: escaped cells and tables, numbers for people, notes and
-embedded PNG figures. Every text goes through `html.escape` unless it is `Markup` built here."""
+"""HTML building blocks of the report: escaped cells and tables, numbers for people, notes,
+embedded PNG figures and any JSON value as tables (`json_html`). Every text goes through
+`html.escape` unless it is `Markup` built here."""
 
 from __future__ import annotations
 

@@ -50,6 +50,7 @@ _ANALYSIS_CAPTIONS = {
 
 
 def analysis_section(run: RunView) -> str:
+    """The R^2 table beside the paper's values, the column subsample, then every figure."""
     fits = run.json(run.dir.fits)
     images = _analysis_images(run)
     parts = []

@@ -86,6 +86,7 @@ def completion_table(run: RunView, name: str, results: Mapping[str, Any]) -> str
 
 
 def completion_section(run: RunView) -> str:
+    """The real-valued completion result, then the binary one when there is one."""
     results = run.json(run.dir.completion_results)
     binary = run.json(run.dir.completion, "binary.json")
     parts = []

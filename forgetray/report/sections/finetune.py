@@ -15,6 +15,7 @@ from forgetray.report.run_view import RunView
 
 
 def finetune_section(run: RunView) -> str:
+    """One row per fine-tuned task (with totals over tasks), then the learning curves."""
     pointers = run.checkpoints()
     if not pointers:
         return markup.note(f"not run yet: {run.command('run')}")

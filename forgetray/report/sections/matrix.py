@@ -18,6 +18,7 @@ TOP = 10
 
 
 def per_task_figure(run: RunView) -> str | None:
+    """Draws `report_figures/per_task.png` (mean forgetting per task); None without a matrix."""
     loaded = run.matrix()
     if loaded is None:
         return None
@@ -27,6 +28,7 @@ def per_task_figure(run: RunView) -> str | None:
 
 
 def matrix_section(run: RunView) -> str:
+    """Shape and statistics of Z, the top tasks and examples, and the per-task figure."""
     loaded = run.matrix()
     if loaded is None:
         return markup.note(f"not run yet: {run.command('matrix')}")

@@ -20,6 +20,8 @@ LOG_TAIL_LINES = 60
 
 
 def summary_section(run: RunView) -> str:
+    """Model, N and M (and where they were counted from), the base model's pretraining report, and
+    the wall seconds of every stage of every `forgetray run` call."""
     config = run.config() or {}
     base = run.json(run.dir.base_model)
     index = run.json(run.dir.matrix_index)
@@ -90,6 +92,7 @@ def summary_section(run: RunView) -> str:
 
 
 def config_section(run: RunView) -> str:
+    """`config.yaml` as written, escaped."""
     if not os.path.exists(run.dir.config):
         return markup.note("no config.yaml: is this a forgetray run directory?")
     with open(run.dir.config, encoding="utf-8") as f:
@@ -97,6 +100,7 @@ def config_section(run: RunView) -> str:
 
 
 def log_section(run: RunView) -> str:
+    """The last `LOG_TAIL_LINES` lines of `logs/forgetray.log`, folded."""
     if not os.path.exists(run.dir.log):
         return markup.note("no logs/forgetray.log yet")
     with open(run.dir.log, encoding="utf-8", errors="replace") as f:

@@ -15,6 +15,7 @@ from forgetray.rundir import BASE
 
 
 def scores_section(run: RunView) -> str:
+    """One row per scored model, base first; a note for models whose scoring has not finished."""
     directories = sorted(d for d in glob.glob(run.dir.model_scores("*")) if os.path.isdir(d))
     if not directories:
         return markup.note(f"not run yet: {run.command('run')}")
