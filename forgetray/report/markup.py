@@ -1,5 +1,6 @@
-"""HTML building blocks of the report: escaped cells and tables, numbers for people, notes and
-embedded PNG figures. Every text goes through `html.escape` unless it is `Markup` built here."""
+"""HTML building blocks of the report: escaped cells and tables, numbers for people, notes,
+embedded PNG figures and any JSON value as tables (`json_html`). Every text goes through
+`html.escape` unless it is `Markup` built here."""
 
 from __future__ import annotations
 
@@ -116,3 +117,51 @@ def image(path: str, caption: str) -> str:
 def result_methods(results: Mapping[str, Any]) -> list[str]:
     """The method names of a completion result (`evaluate_completion`'s output), in its order."""
     return [name for name, value in results.items() if isinstance(value, Mapping) and "rmse_mean" in value]
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def json_html(value: Any, depth: int = 0) -> str:
+    """Any JSON value as HTML: a dict of flat dicts as one table (a row each), other dicts as
+    key/value tables (nested up to 3 deep), lists of scalars inline, anything deeper as JSON."""
+    if _is_scalar(value):
+        return f"<p>{escape(num(value) if not isinstance(value, str) else value)}</p>"
+    if isinstance(value, list):
+        if all(_is_scalar(v) for v in value):
+            return f"<p>{escape(compact(value, 400))}</p>"
+        if all(isinstance(v, dict) and all(_is_scalar(x) for x in v.values()) for v in value):
+            columns = list(dict.fromkeys(k for v in value for k in v))
+            return table(columns, [[v.get(c) for c in columns] for v in value])
+        return f"<pre>{escape(compact(value, 2000))}</pre>"
+    if not isinstance(value, dict):
+        return f"<p>{escape(str(value))}</p>"
+    records = {k: v for k, v in value.items() if isinstance(v, dict) and all(_is_flat(x) for x in v.values())}
+    parts = []
+    if len(records) > 1:
+        columns = list(dict.fromkeys(c for v in records.values() for c in v))
+        parts.append(
+            table(["", *columns], [[k, *[_flat(v.get(c)) for c in columns]] for k, v in records.items()])
+        )
+    else:
+        records = {}
+    pairs: list[tuple[str, Any]] = []
+    for key, item in value.items():
+        if key in records:
+            continue
+        if _is_scalar(item) or depth >= 2:
+            pairs.append((str(key), item if _is_scalar(item) else compact(item)))
+        else:
+            pairs.append((str(key), Markup(json_html(item, depth + 1))))
+    if pairs:
+        parts.append(kv_table(pairs))
+    return "".join(parts)
+
+
+def _is_flat(value: Any) -> bool:
+    return _is_scalar(value) or (isinstance(value, list) and all(_is_scalar(v) for v in value))
+
+
+def _flat(value: Any) -> Any:
+    return compact(value, 80) if isinstance(value, list) else value

@@ -14,6 +14,9 @@ import numpy as np
 
 from forgetray import rundir, storage
 
+FIGURES_DIR = "report_figures"
+"""`<run>/report_figures/`: the figures the report draws itself."""
+
 
 class RunView:
     """A run directory's inputs, each read at most once; a missing file reads as None."""
@@ -35,6 +38,10 @@ class RunView:
         if key not in self._json:
             self._json[key] = storage.read_json(key) if os.path.exists(key) else None
         return self._json[key]
+
+    def figure_path(self, name: str) -> str:
+        """Where the report draws its own figure `name`: `<run>/report_figures/<name>`."""
+        return self.dir.path(FIGURES_DIR, name)
 
     def command(self, name: str) -> str:
         return f"forgetray {name} {shlex.quote(self.name)}"

@@ -1,5 +1,8 @@
-"""The report's exact-match section: base accuracy, forgetting rates, and completion of the binary
-matrix beside the continuous matrix's thresholded binary results (`<run>/completion/binary.json`)."""
+"""The exact-match study (`forgetray exact-match`): base accuracy, forgetting rates per task, and
+completion of the binary exact-match matrix beside the continuous matrix's thresholded binary results.
+
+Reads `exact_match/summary.json`, `exact_match/completion.json` and `completion/binary.json`.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ def _completion_rows(label: str, results: dict[str, Any]) -> list[list[Any]]:
 
 
 def exact_match_section(run: RunView) -> str:
+    """The metric's definition, accuracy and forgetting rates, then the binary completion table."""
     summary = run.json(run.dir.study("exact_match"), "summary.json")
     if summary is None:
         return markup.paragraph(f"optional; measure it with: {run.command('exact-match')}", "meta")
