@@ -45,6 +45,7 @@ from forgetray.score.sharded import (
     require_parts,
     run_items,
     shard_plan,
+    summary_head,
 )
 from forgetray.score.sharded import actor_count as actor_count
 from forgetray.score.sharded import pool_size_text as pool_size_text
@@ -341,11 +342,7 @@ def score_models(
         out_dir = os.path.join(scores_root, name)
         require_parts(out_dir, len(shards[name]), "scoring")
         scores = read_scores(out_dir)
-        summaries[name] = {
-            "model": name,
-            "path": models[name].path,
-            "adapter_path": models[name].adapter_path,
-            "n_examples": scores.num_rows,
+        summaries[name] = summary_head(name, models[name], scores.num_rows) | {
             "n_tokens": int(np.sum(scores.column("n_tokens"))),
             "mean_nll": float(np.mean(scores.column("nll"))),
             "scored_tokens_this_call": tokens[name],

@@ -241,6 +241,11 @@ def require_parts(out_dir: str, n_shards: int, stage: str) -> None:
         raise ScoreError(f"{out_dir}: shards {missing[:10]} have no part file after {stage}")
 
 
+def summary_head(name: str, ref: ModelRef, n_examples: int) -> dict[str, Any]:
+    """The fields every model's `_SUCCESS.json` opens with: its name, checkpoint and example count."""
+    return {"model": name, "path": ref.path, "adapter_path": ref.adapter_path, "n_examples": n_examples}
+
+
 def check_plan(out_dir: str, plan: dict[str, Any]) -> None:
     """Record what the parts are cut from, or check that a partial run was cut the same way."""
     plan_file = os.path.join(out_dir, "plan.json")

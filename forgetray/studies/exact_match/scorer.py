@@ -37,6 +37,7 @@ from forgetray.score.sharded import (
     require_parts,
     run_items,
     shard_plan,
+    summary_head,
 )
 from forgetray.studies.exact_match.metric import build_probes, exact_match
 
@@ -171,11 +172,7 @@ def score_exact_match(
         out_dir = os.path.join(root, name)
         require_parts(out_dir, len(shards), "generation")
         table = read_exact_match(out_dir)
-        summaries[name] = {
-            "model": name,
-            "path": models[name].path,
-            "adapter_path": models[name].adapter_path,
-            "n_examples": table.num_rows,
+        summaries[name] = summary_head(name, models[name], table.num_rows) | {
             "accuracy": float(np.mean(table.column("correct"))),
             "seconds_all_models_this_call": round(scored.seconds, 2),
             "plan": _plan_record(upstream, models[name], config),
