@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -171,7 +172,7 @@ class ShardScorer:
         shards_location: str,
         scores_root: str,
         score: dict[str, Any],
-        scorer: type[Any] = NLLScorer,
+        scorer: Callable[..., ItemScorer] = NLLScorer,
         options: dict[str, Any] | None = None,
     ) -> None:
         import torch

@@ -30,7 +30,7 @@ from forgetray import storage
 from forgetray.config import ScoreConfig
 from forgetray.models.loading import ModelRef, worker_model
 from forgetray.rundir import RunDir, worker_location
-from forgetray.score.actors import ShardScorer
+from forgetray.score.actors import ItemScorer, ShardScorer
 
 SUCCESS_FILE = "_SUCCESS.json"
 
@@ -161,7 +161,7 @@ def run_shard_actors(
 class Work:
     """How one kind of scoring runs on the actors and names itself in the log."""
 
-    scorer: type[Any]
+    scorer: Callable[..., ItemScorer]
     """the `ItemScorer` class each actor builds (`forgetray.score.actors`)"""
     options: Mapping[str, Any]
     """its constructor's options (JSON-like: they travel to the actors)"""
