@@ -840,7 +840,7 @@ class ExactMatchConfig:
     """Examples per shard: the unit of parallelism, of the part files and of resumption."""
     num_actors: int | None = None
     """A fixed pool of this many generation actors; null: a pool that autoscales from 1 to one
-    actor per shard left (`forgetray.score.driver.actor_count`)."""
+    actor per shard left (`forgetray.score.sharded.actor_count`)."""
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
 

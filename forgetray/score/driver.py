@@ -1,10 +1,11 @@
 """Scoring N upstream examples for one or more models, shard by shard, on Ray.
 
-The shards (length-sorted runs of `score.shard_size` examples) are the rows of a Ray Dataset; a
-`map_batches` actor pool maps them through `ShardScorer`, which loads its model once and streams
-shards through it. Each shard lands as its own atomically written part file, so a crashed or
-interrupted scoring resumes with the shards still missing, and the driver shows a progress bar over
-examples as parts complete.
+What NLL and soft-CE scores are cut from and checked against; the (model, shard) items run on the
+resumable runner (`forgetray.score.sharded`): a Ray Data actor pool of `ShardScorer`s whose item
+scorer (`NLLScorer`, or `SoftCEScorer` under `score.metric: kl_ce`, `forgetray.score.actors`) loads
+each model about once and streams shards through it. Each shard lands as its own atomically
+written part file, so a crashed or interrupted scoring resumes with the shards still missing, and
+the driver shows a progress bar over examples as parts complete.
 
     <run>/scores/<model>/plan.json           what the parts were cut from (checked on resume)
     <run>/scores/<model>/part-00000.parquet  example_id, nll (float64, nats), n_tokens (int64)
@@ -21,11 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
-import logging
 import os
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -33,31 +31,31 @@ import pyarrow as pa
 
 from forgetray import digests, storage
 from forgetray.config import ConfigError, ScoreConfig
-from forgetray.data.encoding import encode_examples, example_rows
 from forgetray.models.loading import ModelRef, worker_model
-from forgetray.rundir import RunDir, worker_location
-from forgetray.score.actor import ShardActor
-from forgetray.score.loaded import ModelCache
-from forgetray.score.nll import per_example_nll
-from forgetray.score.packed import packed_nll, packing_error, probe_examples
-from forgetray.score.soft_ce_scorer import SoftCEShardScorer
+from forgetray.rundir import RunDir
+from forgetray.score.actors import SCORES_SCHEMA, NLLScorer, SoftCEScorer
+from forgetray.score.actors import ShardScorer as ShardScorer
+from forgetray.score.sharded import (
+    SUCCESS_FILE,
+    ScoreError,
+    Work,
+    ids_digest,
+    missing_items,
+    part_path,
+    require_parts,
+    run_items,
+    shard_plan,
+    summary_head,
+)
+from forgetray.score.sharded import actor_count as actor_count
+from forgetray.score.sharded import pool_size_text as pool_size_text
+from forgetray.score.sharded import shards_folder as shards_folder
+from forgetray.score.sharded import write_shards as write_shards
 
-SCORES_SCHEMA = pa.schema([("example_id", pa.string()), ("nll", pa.float64()), ("n_tokens", pa.int64())])
-
-
-def packing_tolerance(dtype: str) -> float:
-    """Largest packed-vs-padded per-example difference (nats) still read as the same computation."""
-    return 1e-3 if dtype == "float32" else 5e-2
-
-
-class ScoreError(RuntimeError):
-    """Scoring cannot go on (a stale plan, missing parts); the message names the directory."""
-
-
-SUCCESS_FILE = "_SUCCESS.json"
 NLL_SETTINGS = ("max_length", "metric")
 """The `score` fields that change a model's NLLs; the others (shard size, actors, packing, whose
-results agree within `packing_tolerance`) decide only how the work is cut and placed."""
+results agree within `forgetray.score.actors.packing_tolerance`) decide only how the work is cut
+and placed."""
 
 
 def nll_settings(config: ScoreConfig) -> dict[str, Any]:
@@ -133,130 +131,6 @@ def check_finished_scores(scores_root: str, config: ScoreConfig) -> None:
         out_dir = os.path.join(scores_root, name)
         if os.path.exists(os.path.join(out_dir, SUCCESS_FILE)):
             check_score_settings(out_dir, config)
-
-
-def shard_plan(upstream: pa.Table, shard_size: int, interleave: bool = False) -> list[np.ndarray]:
-    """Row indices of each shard: examples sorted by character length, longest first, cut in runs.
-
-    Sorting before cutting puts examples of similar length in one shard, so the length-bucketed
-    batches inside a shard waste little on padding. With `interleave` (packed scoring) shard k takes
-    every n_shards-th example of that order instead: each shard then holds the whole length mix,
-    which is what lets packing fill rows (long examples beside short ones).
-    """
-    import pyarrow.compute as pc
-
-    lengths = pc.add(pc.utf8_length(upstream.column("prompt")), pc.utf8_length(upstream.column("response")))
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    if interleave:
-        n_shards = -(-len(order) // shard_size)
-        return [order[k::n_shards] for k in range(n_shards)]
-    return [order[start : start + shard_size] for start in range(0, len(order), shard_size)]
-
-
-def part_path(out_dir: str, shard: int) -> str:
-    return os.path.join(out_dir, f"part-{shard:05d}.parquet")
-
-
-def score_shard(
-    model: Any,
-    tokenizer: Any,
-    upstream: pa.Table,
-    rows: np.ndarray,
-    max_length: int,
-    max_batch_tokens: int,
-    packing: bool = False,
-) -> pa.Table:
-    """The scores of one shard's examples as a SCORES_SCHEMA table (rows in shard order)."""
-
-    part = upstream.take(pa.array(rows))
-    ids = part.column("example_id").to_pylist()
-    encoded = encode_examples(tokenizer, example_rows(part), max_length)
-    scorer = packed_nll if packing else per_example_nll
-    nll, n_tokens = scorer(model, encoded, max_batch_tokens)
-    return pa.table({"example_id": ids, "nll": nll, "n_tokens": n_tokens}, schema=SCORES_SCHEMA)
-
-
-def shards_folder(upstream_path: str) -> str:
-    """`<dir of the upstream table>/shards/`: one Parquet table per distinct shard, named by the
-    digest of its example ids, shared by every model (and every growth of the run) that scores it."""
-    return os.path.join(os.path.dirname(os.path.abspath(upstream_path)), "shards")
-
-
-def write_shards(upstream: pa.Table, items: list[dict[str, Any]], folder: str) -> list[dict[str, Any]]:
-    """Each item's examples as a shard table in `folder` (written once; an existing one is kept),
-    and the items with `examples` (the table's file name) in place of their upstream `rows`: a
-    scoring actor reads only the examples of the items it scores, so its memory does not grow with
-    the number of examples."""
-    ids = upstream.column("example_id")
-    names: dict[bytes, str] = {}  # every model scores the same shards: digest and write each once
-    named = []
-    for item in items:
-        rows = np.asarray(item["rows"], dtype=np.int64)
-        key = rows.tobytes()
-        if key not in names:
-            names[key] = f"{ids_digest(ids.take(pa.array(rows)).to_pylist())[:24]}.parquet"
-            path = os.path.join(folder, names[key])
-            if not os.path.exists(path):
-                storage.write_parquet(path, upstream.take(pa.array(rows)))
-        named.append({k: v for k, v in item.items() if k != "rows"} | {"examples": names[key]})
-    return named
-
-
-class ShardScorer(ShardActor):
-    """Ray Data actor: scores (model, shard) items, keeping the last base model loaded.
-
-    Items arrive model by model, so an actor loads each model about once however many shards
-    stream through it; LoRA checkpoints of one base swap adapters on it (`ModelCache`). With
-    `score.packing` each newly loaded base is first checked to score packed rows as it scores
-    padded batches (`packing_error`); one that does not is scored with padded batches.
-    """
-
-    def __init__(
-        self, models: dict[str, dict[str, Any]], shards_location: str, scores_root: str, score: dict[str, Any]
-    ) -> None:
-        super().__init__(models, shards_location, scores_root, score)
-        self.cache = ModelCache(self.device)
-        self.packing_checked: dict[ModelRef, bool] = {}
-        self._shard_in_use: pa.Table | None = None
-
-    def _packing(self, ref: ModelRef, model: Any, tokenizer: Any, max_length: int) -> bool:
-        """Whether to score `ref`'s base packed: once per base, packed vs padded on a few examples."""
-
-        base = dataclasses.replace(ref, adapter_path=None)
-        if self.config.packing and base not in self.packing_checked:
-            error = packing_error(model, probe_examples(tokenizer, self._shard_in_use, max_length))
-            self.packing_checked[base] = error <= packing_tolerance(ref.dtype)
-            if not self.packing_checked[base]:
-                logging.getLogger(__name__).warning(
-                    "%s: packed scoring differs from padded batches by %.2g nats; scoring with padded "
-                    "batches (does the model read packed position_ids?)",
-                    base.path,
-                    error,
-                )
-        return self.config.packing and self.packing_checked[base]
-
-    def score_item(self, name: str, shard: int) -> pa.Table:
-        ref = self.models[name]
-        context = self.cache.context(ref)
-        max_length = min(self.config.max_length, context or self.config.max_length)
-        examples = self.examples()
-        self._shard_in_use = examples
-        with self.cache.use(ref) as (model, tokenizer):
-            packing = self._packing(ref, model, tokenizer, max_length)
-            return score_shard(
-                model,
-                tokenizer,
-                examples,
-                np.arange(examples.num_rows),
-                max_length,
-                self.config.max_batch_tokens,
-                packing=packing,
-            )
-
-
-def ids_digest(example_ids: Sequence[str]) -> str:
-    """The plan's digest of an ordered list of example ids."""
-    return hashlib.sha256("\n".join(example_ids).encode()).hexdigest()
 
 
 GENERATION_KEYS = ("n_examples", "example_ids_sha256", "grown")
@@ -359,92 +233,17 @@ def plan_record(upstream: pa.Table, ref: ModelRef, config: ScoreConfig) -> dict[
     return plan
 
 
-def _scorer(config: ScoreConfig, reference: ModelRef | None) -> tuple[Any, dict[str, Any]]:
-    """The actor class for the run's metric and its extra constructor arguments."""
+NLL_WORK = Work(NLLScorer, {}, title="scores", verb="score", desc="score")
+
+
+def scoring_work(config: ScoreConfig, reference: ModelRef | None, run: RunDir | None) -> Work:
+    """The item scorer of `score.metric` and its options (the base model as the actors see it)."""
     if config.metric == "nll":
-        return ShardScorer, {}
+        return NLL_WORK
     if reference is None:
         raise ScoreError(f"score.metric {config.metric}: scoring needs the base model as `reference`")
-
-    return SoftCEShardScorer, {"reference": dataclasses.asdict(reference)}
-
-
-def actor_count(config: ScoreConfig, n_items: int) -> tuple[int, int]:
-    """(min, max) size of the scoring actor pool for `n_items` (model, shard) items to score.
-
-    `score.num_actors` fixes the pool; otherwise it autoscales from `score.min_actors` up to
-    `score.max_actors` (default one actor per item). Ray Data adds an actor while items wait and
-    the cluster can place one, so an autoscaler that starts GPU workers from zero gets the demand
-    that makes it add them; nothing is sized from the resources present at start.
-    """
-    if config.num_actors is not None:
-        fixed = min(config.num_actors, n_items)
-        return fixed, fixed
-    largest = n_items if config.max_actors is None else min(config.max_actors, n_items)
-    return min(config.min_actors, largest), largest
-
-
-def pool_size_text(pool: tuple[int, int]) -> str:
-    """The pool size for log lines: "3" for a fixed pool, "1-8" for an autoscaling one."""
-    return str(pool[0]) if pool[0] == pool[1] else f"{pool[0]}-{pool[1]}"
-
-
-def run_shard_actors(
-    actor: type,
-    constructor: Mapping[str, Any],
-    todo: list[dict[str, Any]],
-    n_examples: int,
-    pool: tuple[int, int],
-    resources: Any,
-    desc: str,
-    progress: bool,
-) -> Iterator[dict[str, Any]]:
-    """Run a `ShardActor` subclass over (model, shard) items on one Ray Data actor pool.
-
-    Yields each finished item's row (`n_examples` and what the actor returns) while one bar counts
-    examples across shards; `pool` is the (min, max) actor count (`actor_count`), `resources` has
-    `cpus_per_actor` / `gpus_per_actor`.
-    """
-    import ray
-    from tqdm import tqdm
-
-    # Our bar counts examples across shards; Ray Data's own bars and notices would interleave with it.
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-        actor,
-        fn_constructor_kwargs=dict(constructor),
-        batch_size=1,
-        concurrency=pool[0] if pool[0] == pool[1] else pool,
-        num_cpus=resources.cpus_per_actor,
-        num_gpus=resources.gpus_per_actor,
-    )
-    with tqdm(total=n_examples, desc=desc, unit="ex", disable=not progress) as bar:
-        for row in results.iter_rows():
-            bar.update(int(row["n_examples"]))
-            yield row
-
-
-def require_parts(out_dir: str, n_shards: int, stage: str) -> None:
-    """Every shard's part exists once the actor pool is done (an actor that died leaves a gap)."""
-    missing = [k for k in range(n_shards) if not os.path.exists(part_path(out_dir, k))]
-    if missing:
-        raise ScoreError(f"{out_dir}: shards {missing[:10]} have no part file after {stage}")
-
-
-def check_plan(out_dir: str, plan: dict[str, Any]) -> None:
-    """Record what the parts are cut from, or check that a partial run was cut the same way."""
-    plan_file = os.path.join(out_dir, "plan.json")
-    if not os.path.exists(plan_file):
-        storage.write_json(plan_file, plan)
-        return
-    previous = storage.read_json(plan_file)
-    if previous != plan:
-        changed = sorted(k for k in plan if previous.get(k) != plan[k])
-        raise ScoreError(
-            f"{out_dir}: partial scores were cut from a different plan (changed: {', '.join(changed)}); "
-            "delete that directory or restore the settings to resume"
-        )
+    options = {"reference": dataclasses.asdict(worker_model(reference, run))}
+    return dataclasses.replace(NLL_WORK, scorer=SoftCEScorer, options=options)
 
 
 def score_models(
@@ -463,7 +262,7 @@ def score_models(
     the shards and write the parts at the URI, and the driver fetches the parts when they are done.
 
     `reference` is the base model, needed by `score.metric: kl_ce` (cross-entropy against its
-    distribution, `forgetray.score.soft_ce_scorer`).
+    distribution, `forgetray.score.actors.SoftCEScorer`).
 
     One actor pool serves all models (model start-up is paid once per actor, not once per model).
     A model whose `_SUCCESS.json` exists is skipped; a partial one scores only its missing shards.
@@ -518,63 +317,37 @@ def score_models(
         recorded_plan, shards[name] = cut
         inputs[name]["plan_sha256"] = digests.sha256_json(recorded_plan)
         storage.write_json(os.path.join(out_dir, "plan.json"), recorded_plan)
-        todo += [
-            {"model": name, "shard": k, "rows": rows.tolist()}
-            for k, rows in enumerate(shards[name])
-            if not os.path.exists(part_path(out_dir, k))
-        ]
+        todo += missing_items(name, out_dir, shards[name])
     pending = [name for name in models if name not in summaries]
     if not pending:
         return summaries
 
-    start = time.perf_counter()
-    tokens: dict[str, int] = dict.fromkeys(pending, 0)
-    done_shards: dict[str, int] = dict.fromkeys(pending, 0)
-    done_examples: dict[str, int] = dict.fromkeys(pending, 0)
-    if todo:
-        pool = actor_count(config, len(todo))
-        examples = sum(len(item["rows"]) for item in todo)
-        log(
-            f"scores: {len(todo)} shard(s) of {len(pending)} model(s) to score "
-            f"({examples} model-examples) on {pool_size_text(pool)} actor(s)"
-        )
-        scorer, scorer_kwargs = _scorer(config, reference)
-        folder = shards_folder(upstream_path)
-        todo = write_shards(upstream, todo, folder)
-        constructor = {
-            "models": {name: dataclasses.asdict(worker_model(models[name], run)) for name in pending},
-            "shards_location": worker_location(folder, run),
-            "scores_root": worker_location(scores_root, run),
-            "score": dataclasses.asdict(config),
-            **scorer_kwargs,
-        }
-        if "reference" in constructor:
-            constructor["reference"] = dataclasses.asdict(worker_model(reference, run))
-        if run is not None:
-            run.push()  # the shard tables (and the model files) at the URI before any actor starts
-        for row in run_shard_actors(scorer, constructor, todo, examples, pool, config, "score", progress):
-            name = str(row["model"])
-            tokens[name] += int(row["n_tokens"])
-            done_shards[name] += 1
-            done_examples[name] += int(row["n_examples"])
-        if run is not None:
-            run.pull_path(scores_root)
-    seconds = time.perf_counter() - start
-    rate = sum(tokens.values()) / seconds if seconds > 0 and todo else None
+    # The item scorer is resolved only for items to score: finished parts need no reference model.
+    work = scoring_work(config, reference, run) if todo else NLL_WORK
+    scored = run_items(
+        todo,
+        {name: models[name] for name in pending},
+        upstream,
+        upstream_path,
+        scores_root,
+        config,
+        work,
+        log,
+        progress,
+        run,
+    )
+    tokens = scored.tokens
+    rate = sum(tokens.values()) / scored.seconds if scored.seconds > 0 and todo else None
     for name in pending:
         out_dir = os.path.join(scores_root, name)
         require_parts(out_dir, len(shards[name]), "scoring")
         scores = read_scores(out_dir)
-        summaries[name] = {
-            "model": name,
-            "path": models[name].path,
-            "adapter_path": models[name].adapter_path,
-            "n_examples": scores.num_rows,
+        summaries[name] = summary_head(name, models[name], scores.num_rows) | {
             "n_tokens": int(np.sum(scores.column("n_tokens"))),
             "mean_nll": float(np.mean(scores.column("nll"))),
             "scored_tokens_this_call": tokens[name],
-            "shards_scored_this_call": done_shards[name],
-            "examples_scored_this_call": done_examples[name],
+            "shards_scored_this_call": scored.shards[name],
+            "examples_scored_this_call": scored.examples[name],
             "tokens_per_second_all_models": round(rate, 1) if rate else None,
             "metric": config.metric,
             "inputs": inputs[name],
@@ -587,7 +360,7 @@ def score_models(
         log(f"scores/{name}: {scores.num_rows} examples, mean NLL {summaries[name]['mean_nll']:.4f}")
     if rate:
         log(
-            f"scores: {sum(tokens.values())} tokens in {seconds:.1f} s "
+            f"scores: {sum(tokens.values())} tokens in {scored.seconds:.1f} s "
             f"({rate:.0f} tokens/s, actor start-up included)"
         )
     return summaries

@@ -1,4 +1,5 @@
-"""The scoring actor's body in-process (no Ray): packed and padded shards agree, adapters reuse one base."""
+"""The scoring actor's body in-process (no Ray): packed and padded shards agree, adapters reuse one
+base, and the soft-CE item scorer on the same actor gives what the pure core gives."""
 
 import dataclasses
 
@@ -37,7 +38,7 @@ def upstream_path(tmp_path_factory):
 
 def shard_folder(upstream_path, config):
     """The shard tables the driver writes for `config`'s plan: (folder, each shard's table name)."""
-    from forgetray.score.driver import shard_plan, shards_folder, write_shards
+    from forgetray.score.sharded import shard_plan, shards_folder, write_shards
 
     upstream = pq.read_table(upstream_path)
     shards = shard_plan(upstream, config.shard_size, interleave=config.packing)
@@ -47,7 +48,7 @@ def shard_folder(upstream_path, config):
 
 
 def score_all(scorer, name, examples):
-    from forgetray.score.driver import part_path
+    from forgetray.score.sharded import part_path
 
     n_shards = len(examples)
     scorer(
@@ -63,7 +64,8 @@ def score_all(scorer, name, examples):
 
 
 def test_packed_shards_equal_padded_shards_and_interleave(tmp_path, tiny_model_dir, upstream_path):
-    from forgetray.score.driver import ShardScorer, shard_plan
+    from forgetray.score.actors import ShardScorer
+    from forgetray.score.sharded import shard_plan
 
     models = {"base": dataclasses.asdict(ModelRef(tiny_model_dir))}
     results = {}
@@ -72,7 +74,7 @@ def test_packed_shards_equal_padded_shards_and_interleave(tmp_path, tiny_model_d
         folder, examples = shard_folder(upstream_path, config)
         scorer = ShardScorer(models, folder, str(tmp_path / str(packing)), dataclasses.asdict(config))
         results[packing] = score_all(scorer, "base", examples)
-        assert scorer.packing_checked == ({ModelRef(tiny_model_dir): True} if packing else {})
+        assert scorer.scorer.packing_checked == ({ModelRef(tiny_model_dir): True} if packing else {})
     assert results[True][0] == results[False][0] and len(results[True][0]) == 20
     np.testing.assert_allclose(results[True][1], results[False][1], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(results[True][2], results[False][2])
@@ -89,7 +91,7 @@ def test_lora_checkpoints_swap_on_one_base(tmp_path, tiny_model_dir, upstream_pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from forgetray.score.driver import ShardScorer
+    from forgetray.score.actors import ShardScorer
 
     adapters = []
     for k in range(2):
@@ -111,8 +113,56 @@ def test_lora_checkpoints_swap_on_one_base(tmp_path, tiny_model_dir, upstream_pa
         {n: dataclasses.asdict(r) for n, r in refs.items()}, folder, str(tmp_path / "all"), config
     )
     scores = {name: score_all(together, name, examples)[1] for name in ["base", "t0", "t1", "base"]}
-    assert together.cache.loads == 1 and together.cache.adapter_loads == 2
+    assert together.scorer.cache.loads == 1 and together.scorer.cache.adapter_loads == 2
     for name, ref in refs.items():
         alone = ShardScorer({name: dataclasses.asdict(ref)}, folder, str(tmp_path / name), config)
         np.testing.assert_allclose(score_all(alone, name, examples)[1], scores[name], rtol=0, atol=1e-6)
     assert not np.allclose(scores["base"], scores["t0"])
+
+
+def test_soft_ce_item_scorer_gives_the_core_values_and_loads_each_model_once(
+    tmp_path, tiny_model_dir, upstream_path
+):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from forgetray.data.encoding import encode_examples, example_rows
+    from forgetray.models.loading import load_model
+    from forgetray.score.actors import ShardScorer, SoftCEScorer
+    from forgetray.score.soft_ce import per_example_soft_ce
+
+    base = ModelRef(tiny_model_dir)
+    model, _ = load_model(base)
+    torch.manual_seed(3)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "lora")
+    drift = dataclasses.replace(base, adapter_path=str(tmp_path / "lora"))
+    refs = {"base": base, "drift": drift}
+
+    config = ScoreConfig(shard_size=8, max_length=48, metric="kl_ce", packing=False)
+    folder, examples = shard_folder(upstream_path, config)
+    scorer = ShardScorer(
+        {n: dataclasses.asdict(r) for n, r in refs.items()},
+        folder,
+        str(tmp_path / "scores"),
+        dataclasses.asdict(config),
+        scorer=SoftCEScorer,
+        options={"reference": dataclasses.asdict(base)},
+    )
+    got = {name: score_all(scorer, name, examples) for name in ["base", "drift", "base", "drift"]}
+    assert scorer.scorer.cache.loads == 1 and scorer.scorer.cache.adapter_loads == 1
+    parts = pq.read_table(f"{scorer.scores_root}/drift/part-00000.parquet")
+    assert parts.column_names == ["example_id", "nll", "n_tokens", "token_nll", "base_entropy"]
+
+    upstream = pq.read_table(upstream_path).sort_by("example_id")
+    base_model, tokenizer = load_model(base)
+    drift_model, _ = load_model(drift)
+    encoded = encode_examples(tokenizer, example_rows(upstream), 48)
+    ce, entropy, _, n_tokens = per_example_soft_ce(
+        drift_model, base_model, encoded, base_model.config.vocab_size
+    )
+    assert got["drift"][0] == upstream.column("example_id").to_pylist()
+    np.testing.assert_allclose(got["base"][1], entropy, rtol=1e-5)  # the base against itself
+    np.testing.assert_allclose(got["drift"][1], ce, rtol=1e-5)
+    np.testing.assert_array_equal(got["drift"][2], n_tokens)
+    assert (ce > entropy).mean() > 0.5

@@ -1,9 +1,9 @@
 """Exact-match scoring on Ray: greedy answers of each model to every upstream probe, shard by shard.
 
-The same machinery as NLL scoring (`forgetray.score.driver`): (model, shard) items are the rows of a
-Ray Dataset mapped by an actor pool, items in model order so each actor loads a model about once
-(LoRA adapters swapped on one loaded base, `ModelCache`), each shard written as its own atomic
-Parquet part, so an interrupted run generates only the missing shards.
+The runner of NLL scoring (`forgetray.score.sharded`) with its own item scorer: (model, shard) items
+are the rows of a Ray Dataset mapped by an actor pool, items in model order so each actor loads a
+model about once (LoRA adapters swapped on one loaded base, `ModelCache`), each shard written as its
+own atomic Parquet part, so an interrupted run generates only the missing shards.
 
     <root>/<model>/plan.json            what the parts were cut from, probe settings included
     <root>/<model>/part-00000.parquet   example_id, correct (bool), answer (str), n_tokens (generated, int64)
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import os
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,22 +23,22 @@ import pyarrow as pa
 
 from forgetray import storage
 from forgetray.config import ExactMatchConfig, ScoreConfig
-from forgetray.models.loading import ModelRef, worker_model
-from forgetray.rundir import RunDir, worker_location
-from forgetray.score.actor import ShardActor
-from forgetray.score.driver import (
-    ScoreError,
-    actor_count,
-    check_plan,
-    part_path,
-    pool_size_text,
-    require_parts,
-    run_shard_actors,
-    shard_plan,
-    shards_folder,
-    write_shards,
-)
+from forgetray.models.loading import ModelRef
+from forgetray.rundir import RunDir
+from forgetray.score.actors import capped_length
 from forgetray.score.loaded import ModelCache
+from forgetray.score.sharded import (
+    SUCCESS_FILE,
+    ScoreError,
+    Work,
+    check_plan,
+    ids_digest,
+    missing_items,
+    require_parts,
+    run_items,
+    shard_plan,
+    summary_head,
+)
 from forgetray.studies.exact_match.metric import build_probes, exact_match
 
 EXACT_MATCH_SCHEMA = pa.schema(
@@ -50,33 +48,29 @@ PROBE_FIELDS = ("prompt_tokens", "reference_tokens", "max_new_tokens", "max_leng
 """Settings that decide a part's contents: a partial model directory resumes only under the same."""
 
 
+SHARD_FIELDS = (
+    "max_length",
+    "max_batch_tokens",
+    "shard_size",
+    "num_actors",
+    "cpus_per_actor",
+    "gpus_per_actor",
+)
+"""The `exact_match` fields that are `score` fields too: how shards are cut and actors placed."""
+
+
 def shard_config(config: ExactMatchConfig) -> ScoreConfig:
-    """The `ScoreConfig` that `ShardActor` cuts shards and places actors by: length-sorted shards
-    (no packing), so prompts of similar length share a shard and its `generate` batches."""
-    return ScoreConfig(
-        max_length=config.max_length,
-        max_batch_tokens=config.max_batch_tokens,
-        shard_size=config.shard_size,
-        num_actors=config.num_actors,
-        cpus_per_actor=config.cpus_per_actor,
-        gpus_per_actor=config.gpus_per_actor,
-        packing=False,
-    )
+    """The `ScoreConfig` the runner cuts shards and places actors by: length-sorted shards (no
+    packing), so prompts of similar length share a shard and its `generate` batches."""
+    return ScoreConfig(packing=False, **{name: getattr(config, name) for name in SHARD_FIELDS})
 
 
 def score_shard_exact_match(
-    model: Any,
-    tokenizer: Any,
-    upstream: pa.Table,
-    rows: np.ndarray,
-    config: ExactMatchConfig,
-    max_length: int,
+    model: Any, tokenizer: Any, examples: pa.Table, config: ExactMatchConfig, max_length: int
 ) -> pa.Table:
     """One shard's exact-match results as an EXACT_MATCH_SCHEMA table (rows in shard order)."""
-
-    part = upstream.take(pa.array(rows))
-    ids = part.column("example_id").to_pylist()
-    columns = [part.column(c).to_pylist() for c in ("kind", "prompt", "response")]
+    ids = examples.column("example_id").to_pylist()
+    columns = [examples.column(c).to_pylist() for c in ("kind", "prompt", "response")]
     probes = build_probes(
         tokenizer,
         zip(ids, *columns, strict=True),
@@ -92,30 +86,18 @@ def score_shard_exact_match(
     )
 
 
-class ExactMatchScorer(ShardActor):
-    """Ray Data actor: greedy exact match of (model, shard) items, the last base model kept loaded."""
+class ExactMatchScorer:
+    """Item scorer (`forgetray.score.actors.ItemScorer`): greedy exact match of a shard, the last
+    base model kept loaded (`ModelCache`)."""
 
-    def __init__(
-        self,
-        models: dict[str, dict[str, Any]],
-        shards_location: str,
-        scores_root: str,
-        score: dict[str, Any],
-        exact_match: dict[str, Any],
-    ) -> None:
-        super().__init__(models, shards_location, scores_root, score)
+    def __init__(self, config: ScoreConfig, device: str, exact_match: dict[str, Any]) -> None:
         self.exact_match = ExactMatchConfig(**exact_match)
-        self.cache = ModelCache(self.device)
+        self.cache = ModelCache(device)
 
-    def score_item(self, name: str, shard: int) -> pa.Table:
-        ref = self.models[name]
-        context = self.cache.context(ref)
-        max_length = min(self.exact_match.max_length, context or self.exact_match.max_length)
-        examples = self.examples()
+    def score(self, ref: ModelRef, examples: pa.Table) -> pa.Table:
+        max_length = capped_length(self.exact_match.max_length, self.cache.context(ref))
         with self.cache.use(ref) as (model, tokenizer):
-            return score_shard_exact_match(
-                model, tokenizer, examples, np.arange(examples.num_rows), self.exact_match, max_length
-            )
+            return score_shard_exact_match(model, tokenizer, examples, self.exact_match, max_length)
 
 
 def read_exact_match(out_dir: str) -> pa.Table:
@@ -129,7 +111,7 @@ def read_exact_match(out_dir: str) -> pa.Table:
 
 
 def _plan_record(upstream: pa.Table, ref: ModelRef, config: ExactMatchConfig) -> dict[str, Any]:
-    digest = hashlib.sha256("\n".join(upstream.column("example_id").to_pylist()).encode()).hexdigest()
+    digest = ids_digest(upstream.column("example_id").to_pylist())
     return {
         "model": dataclasses.asdict(ref),
         "n_examples": upstream.num_rows,
@@ -163,7 +145,7 @@ def score_exact_match(
     todo: list[dict[str, Any]] = []
     for name, ref in models.items():
         out_dir = os.path.join(root, name)
-        success = os.path.join(out_dir, "_SUCCESS.json")
+        success = os.path.join(out_dir, SUCCESS_FILE)
         plan = _plan_record(upstream, ref, config)
         if os.path.exists(success):
             summaries[name] = storage.read_json(success)
@@ -175,58 +157,27 @@ def score_exact_match(
             log(f"exact_match/scores/{name}: already complete, skipped")
             continue
         check_plan(out_dir, plan)
-        todo += [
-            {"model": name, "shard": k}
-            for k in range(len(shards))
-            if not os.path.exists(part_path(out_dir, k))
-        ]
+        todo += missing_items(name, out_dir, shards)
     pending = [name for name in models if name not in summaries]
     if not pending:
         return summaries
 
-    start = time.perf_counter()
-    if todo:
-        score = shard_config(config)
-        pool = actor_count(score, len(todo))
-        log(
-            f"exact match: {len(todo)} shard(s) of {len(pending)} model(s) to generate "
-            f"({sum(len(shards[item['shard']]) for item in todo)} model-examples) "
-            f"on {pool_size_text(pool)} actor(s)"
-        )
-        folder = shards_folder(upstream_path)
-        todo = write_shards(upstream, [item | {"rows": shards[item["shard"]]} for item in todo], folder)
-        constructor = {
-            "models": {name: dataclasses.asdict(worker_model(models[name], run)) for name in pending},
-            "shards_location": worker_location(folder, run),
-            "scores_root": worker_location(root, run),
-            "score": dataclasses.asdict(score),
-            "exact_match": dataclasses.asdict(config),
-        }
-        total = sum(len(shards[item["shard"]]) for item in todo)
-        if run is not None:
-            run.push()
-        rows = run_shard_actors(
-            ExactMatchScorer, constructor, todo, total, pool, config, "exact match", progress
-        )
-        for _ in rows:
-            pass
-        if run is not None:
-            run.pull_path(root)
-    seconds = time.perf_counter() - start
+    options = {"exact_match": dataclasses.asdict(config)}
+    work = Work(ExactMatchScorer, options, title="exact match", verb="generate", desc="exact match")
+    refs = {name: models[name] for name in pending}
+    scored = run_items(
+        todo, refs, upstream, upstream_path, root, shard_config(config), work, log, progress, run
+    )
     for name in pending:
         out_dir = os.path.join(root, name)
         require_parts(out_dir, len(shards), "generation")
         table = read_exact_match(out_dir)
-        summaries[name] = {
-            "model": name,
-            "path": models[name].path,
-            "adapter_path": models[name].adapter_path,
-            "n_examples": table.num_rows,
+        summaries[name] = summary_head(name, models[name], table.num_rows) | {
             "accuracy": float(np.mean(table.column("correct"))),
-            "seconds_all_models_this_call": round(seconds, 2),
+            "seconds_all_models_this_call": round(scored.seconds, 2),
             "plan": _plan_record(upstream, models[name], config),
         }
-        storage.write_json(os.path.join(out_dir, "_SUCCESS.json"), summaries[name])
+        storage.write_json(os.path.join(out_dir, SUCCESS_FILE), summaries[name])
         log(
             f"exact_match/scores/{name}: {table.num_rows} examples, "
             f"accuracy {summaries[name]['accuracy']:.4f}"
