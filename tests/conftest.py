@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny tokenizer and random GPT-2 built in-process (no hub), and one Ray session.
+"""Shared fixtures: a tiny tokenizer and random GPT-2 built in-process (no hub), one Ray session, and
+finished tiny runs of the built-in model made once per distinct override set (`tiny_run`).
 
 Heavy imports stay inside fixtures so that collecting the suite and the pure-maths tests stay fast.
 """
@@ -6,6 +7,8 @@ Heavy imports stay inside fixtures so that collecting the suite and the pure-mat
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +30,92 @@ TEXTS = [
     "for i in range(10):\n    print(i * i)\n",
     "Numbers are created by numeric literals or as the result of built-in functions.",
 ] * 4
+
+# The built-in model shrunk until a whole `forgetray run` takes about a minute on two cores. Tests
+# that run the pipeline end to end start from this and change or add keys (`tiny_overrides`).
+TINY_RUN = (
+    "model.builtin.vocab_size=300",
+    "model.builtin.n_layer=1",
+    "model.builtin.n_embd=32",
+    "model.builtin.n_head=2",
+    "model.builtin.context_length=256",
+    "model.builtin.pretrain_steps=20",
+    "model.builtin.batch_size=4",
+    "upstream.n_examples=40",
+    "tasks.builtin=[addition, uppercase]",
+    "tasks.n_examples=16",
+    "finetune.max_steps=4",
+    "finetune.learning_rate=0.01",
+    "score.shard_size=16",
+    "score.max_length=64",
+)
+
+# The run the studies work on (replay, exact match): three tasks, so that one can be held out or
+# replayed for, and a base model pretrained long enough to get some upstream examples exactly right.
+STUDY_TASKS = ("addition", "uppercase", "rot13")
+STUDY_UPSTREAM = 80
+STUDY_RUN = (
+    "model.builtin.pretrain_steps=60",
+    f"upstream.n_examples={STUDY_UPSTREAM}",
+    f"tasks.builtin=[{', '.join(STUDY_TASKS)}]",
+    "finetune.max_steps=8",
+    "finetune.micro_batch_size=4",
+    "score.shard_size=32",
+    "complete.revealed_k=3",
+    "complete.n_seeds=2",
+)
+
+
+def tiny_overrides(*extras: str) -> list[str]:
+    """`TINY_RUN` with each `key=value` of `extras` in place of the same key, or after it if new."""
+    merged = dict(override.split("=", 1) for override in TINY_RUN)
+    for extra in extras:
+        key, value = extra.split("=", 1)
+        merged[key] = value
+    return [f"{key}={value}" for key, value in merged.items()]
+
+
+class TinyRuns:
+    """Finished tiny runs, one per distinct override set, each made the first time a test asks for it.
+
+    `finished` hands out the shared run itself, for tests that only read it; `copy` hands out a private
+    copy, for tests that write into it (every forgetray command on a run appends to its log). A copy's
+    checkpoint pointers still name the shared run's checkpoints, which nothing writes to. All runs,
+    and the tests that make their own with `overrides`, share one model cache, so a base model is
+    pretrained once per model setting.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cache_dir = str(root / "cache")
+        self._runs: dict[tuple[str, ...], str | None] = {}
+
+    def overrides(self, *extras: str) -> list[str]:
+        """`tiny_overrides(*extras)` with the shared model cache."""
+        return [f"model.cache_dir={self.cache_dir}", *tiny_overrides(*extras)]
+
+    def finished(self, *extras: str) -> str:
+        """The shared finished run for `tiny_overrides(*extras)`: read it, never write into it."""
+        from forgetray.cli import main
+
+        overrides = self.overrides(*extras)
+        key = tuple(sorted(overrides))
+        if key in self._runs:
+            run_dir = self._runs[key]
+            if run_dir is None:
+                pytest.fail(f"the tiny run with {' '.join(overrides)} failed in an earlier test")
+            return run_dir
+        run_dir = str(self.root / f"run-{len(self._runs)}")
+        self._runs[key] = None
+        assert main(["run", "--out", run_dir, "--no-progress", *overrides]) == 0
+        self._runs[key] = run_dir
+        return run_dir
+
+    def copy(self, dest: Path, *extras: str) -> str:
+        """A private copy of `finished(*extras)` at `dest/run`, for a test that writes into it."""
+        target = str(dest / "run")
+        shutil.copytree(self.finished(*extras), target, symlinks=True)
+        return target
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +154,11 @@ def ray_session() -> Any:
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, ray_session: Any) -> TinyRuns:
+    return TinyRuns(tmp_path_factory.mktemp("tiny_runs"))
 
 
 @pytest.fixture(scope="session")

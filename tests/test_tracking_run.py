@@ -12,32 +12,21 @@ from forgetray.cli import main
 pytestmark = pytest.mark.slow
 
 TASKS = ["addition", "uppercase"]
-OVERRIDES = [
-    "model.builtin.vocab_size=300",
-    "model.builtin.n_layer=1",
-    "model.builtin.n_embd=32",
-    "model.builtin.n_head=2",
-    "model.builtin.pretrain_steps=20",
-    "model.builtin.batch_size=4",
-    "upstream.n_examples=40",
+TRACKING = [
     f"tasks.builtin=[{', '.join(TASKS)}]",
-    "tasks.n_examples=16",
     "finetune.max_steps=5",
-    "finetune.learning_rate=0.01",
     "finetune.sam.enabled=true",
-    "score.shard_size=16",
-    "score.max_length=64",
     "tracking.backend=mlflow",
     "tracking.log_every=2",
 ]
 
 
-def test_run_with_mlflow_tracking(ray_session, tmp_path, capfd):
+def test_run_with_mlflow_tracking(tiny_run, tmp_path, capfd):
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
 
-    run_dir = str(tmp_path / "run")
-    args = ["run", "--out", run_dir, "--no-progress", f"model.cache_dir={tmp_path / 'cache'}", *OVERRIDES]
+    run_dir = str(tmp_path / "run")  # a run of its own: the test is what `run` tracks as it goes
+    args = ["run", "--out", run_dir, "--no-progress", *tiny_run.overrides(*TRACKING)]
     assert main(args) == 0
     for task in TASKS:
         points = json.load(open(os.path.join(run_dir, "curves", f"{task}.json")))["points"]

@@ -17,23 +17,12 @@ NEW_TASKS = ["count_words", "sort_numbers"]
 SHARD = 64
 
 
-def overrides(root, tasks, n_examples):
+def growth(tasks, n_examples):
+    """The tiny run's overrides for `tasks` x `n_examples`."""
     return [
-        f"model.cache_dir={root / 'cache'}",
-        "model.builtin.vocab_size=300",
-        "model.builtin.n_layer=1",
-        "model.builtin.n_embd=32",
-        "model.builtin.n_head=2",
-        "model.builtin.context_length=256",
-        "model.builtin.pretrain_steps=20",
-        "model.builtin.batch_size=4",
         f"upstream.n_examples={n_examples}",
         f"tasks.builtin=[{', '.join(tasks)}]",
-        "tasks.n_examples=16",
-        "finetune.max_steps=4",
-        "finetune.learning_rate=0.01",
         f"score.shard_size={SHARD}",
-        "score.max_length=64",
         "complete.test_tasks=[addition]",  # named, so the split keeps as tasks are added
         "complete.revealed_k=10",
         "complete.n_seeds=2",
@@ -51,9 +40,10 @@ def labelled(run_dir):
     return z, index["tasks"], index["examples"]
 
 
-def test_grown_run_equals_a_run_from_scratch(ray_session, tmp_path):
+def test_grown_run_equals_a_run_from_scratch(tiny_run, tmp_path):
     grown, scratch = str(tmp_path / "grown"), str(tmp_path / "scratch")
-    small, big = overrides(tmp_path, TASKS, 200), overrides(tmp_path, TASKS + NEW_TASKS, 300)
+    small = tiny_run.overrides(*growth(TASKS, 200))
+    big = tiny_run.overrides(*growth(TASKS + NEW_TASKS, 300))
     assert main(["run", "--out", grown, "--no-progress", *small]) == 0
     ids_200 = pq.read_table(os.path.join(grown, "data/upstream.parquet")).column("example_id").to_pylist()
     parts = {

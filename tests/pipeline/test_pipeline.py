@@ -16,26 +16,10 @@ TASKS = ["addition", "uppercase"]
 
 
 @pytest.fixture(scope="module")
-def run_args(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    overrides = [
-        f"model.cache_dir={root / 'cache'}",
-        "model.builtin.vocab_size=300",
-        "model.builtin.n_layer=1",
-        "model.builtin.n_embd=32",
-        "model.builtin.n_head=2",
-        "model.builtin.context_length=256",
-        "model.builtin.pretrain_steps=20",
-        "model.builtin.batch_size=4",
-        "upstream.n_examples=40",
-        f"tasks.builtin=[{', '.join(TASKS)}]",
-        "tasks.n_examples=16",
-        "finetune.max_steps=4",
-        "finetune.learning_rate=0.01",
-        "score.shard_size=16",
-        "score.max_length=64",
-    ]
-    return str(root / "run"), overrides
+def run_args(tmp_path_factory, tiny_run):
+    """A run of its own (these tests make it, re-run it and add to it), on the shared model cache."""
+    overrides = tiny_run.overrides(f"tasks.builtin=[{', '.join(TASKS)}]")
+    return str(tmp_path_factory.mktemp("pipeline") / "run"), overrides
 
 
 def read(run_dir, path):

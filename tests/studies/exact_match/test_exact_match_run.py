@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import STUDY_RUN, STUDY_TASKS
 
 from forgetray import storage
 from forgetray.cli import main
@@ -99,35 +100,13 @@ def test_ray_scoring_matches_the_core_and_resumes_only_missing_shards(ray_sessio
         score_exact_match({"noisy": refs["noisy"]}, upstream, root, changed, progress=False)
 
 
-TASKS = ["addition", "uppercase", "rot13"]
+TASKS = list(STUDY_TASKS)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, ray_session):
-    root = tmp_path_factory.mktemp("exact_match_run")
-    overrides = [
-        f"model.cache_dir={root / 'cache'}",
-        "model.builtin.vocab_size=300",
-        "model.builtin.n_layer=1",
-        "model.builtin.n_embd=32",
-        "model.builtin.n_head=2",
-        "model.builtin.context_length=256",
-        "model.builtin.pretrain_steps=60",
-        "model.builtin.batch_size=4",
-        "upstream.n_examples=80",
-        f"tasks.builtin=[{', '.join(TASKS)}]",
-        "tasks.n_examples=16",
-        "finetune.max_steps=8",
-        "finetune.micro_batch_size=4",
-        "finetune.learning_rate=0.01",
-        "score.shard_size=32",
-        "score.max_length=64",
-        "complete.revealed_k=3",
-        "complete.n_seeds=2",
-    ]
-    out = str(root / "run")
-    assert main(["run", "--out", out, "--no-progress", *overrides]) == 0
-    return out
+@pytest.fixture
+def run_dir(tiny_run, tmp_path):
+    """A private copy of the study run (80 upstream examples, 3 revealed per task), shared with replay."""
+    return tiny_run.copy(tmp_path, *STUDY_RUN)
 
 
 def test_exact_match_command_writes_matrix_completion_and_report(run_dir):

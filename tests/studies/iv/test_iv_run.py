@@ -16,32 +16,20 @@ TASKS = ["addition", "uppercase", "rot13"]
 IV = ["iv.n_prompts=4", "iv.top_k=3", "iv.n_task_eval=8", "iv.batch_rows=16"]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, ray_session):
-    root = tmp_path_factory.mktemp("iv")
-    overrides = [
-        f"model.cache_dir={root / 'cache'}",
-        "model.builtin.vocab_size=300",
-        "model.builtin.n_layer=2",
-        "model.builtin.n_embd=32",
-        "model.builtin.n_head=2",
-        "model.builtin.context_length=256",
-        "model.builtin.pretrain_steps=20",
-        "model.builtin.batch_size=4",
-        "upstream.n_examples=40",
-        f"tasks.builtin=[{', '.join(TASKS)}]",
-        "tasks.n_examples=16",
-        "finetune.max_steps=4",
-        "finetune.micro_batch_size=4",
-        "finetune.learning_rate=0.01",
-        "score.shard_size=40",
-        "score.max_length=64",
-        "complete.revealed_k=5",
-        "complete.n_seeds=2",
-    ]
-    out = str(root / "run")
-    assert main(["run", "--out", out, "--no-progress", *overrides]) == 0
-    return out
+# Two layers, so that choosing the IV layer is a choice; 4 steps and 40 examples keep it the cheaper run.
+IV_RUN = [
+    "model.builtin.n_layer=2",
+    f"tasks.builtin=[{', '.join(TASKS)}]",
+    "finetune.micro_batch_size=4",
+    "score.shard_size=40",
+    "complete.revealed_k=5",
+    "complete.n_seeds=2",
+]
+
+
+@pytest.fixture
+def run_dir(tiny_run, tmp_path):
+    return tiny_run.copy(tmp_path, *IV_RUN)
 
 
 def read(*parts):

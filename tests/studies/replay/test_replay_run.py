@@ -8,13 +8,13 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import STUDY_RUN, STUDY_UPSTREAM
 
 from forgetray.cli import main
 from forgetray.studies.replay.samplers import online_switch_step, replay_schedule, split_never_replayed
 
 pytestmark = pytest.mark.slow
 
-TASKS = ["addition", "uppercase", "rot13"]
 REPLAY = [
     "replay.ratio=0.5",
     "replay.n_tasks=1",
@@ -26,32 +26,10 @@ REPLAY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, ray_session):
-    root = tmp_path_factory.mktemp("replay")
-    overrides = [
-        f"model.cache_dir={root / 'cache'}",
-        "model.builtin.vocab_size=300",
-        "model.builtin.n_layer=1",
-        "model.builtin.n_embd=32",
-        "model.builtin.n_head=2",
-        "model.builtin.context_length=256",
-        "model.builtin.pretrain_steps=20",
-        "model.builtin.batch_size=4",
-        "upstream.n_examples=60",
-        f"tasks.builtin=[{', '.join(TASKS)}]",
-        "tasks.n_examples=16",
-        "finetune.max_steps=8",
-        "finetune.micro_batch_size=4",
-        "finetune.learning_rate=0.01",
-        "score.shard_size=32",
-        "score.max_length=64",
-        "complete.revealed_k=5",
-        "complete.n_seeds=2",
-    ]
-    out = str(root / "run")
-    assert main(["run", "--out", out, "--no-progress", *overrides]) == 0
-    return out
+@pytest.fixture
+def run_dir(tiny_run, tmp_path):
+    """A private copy of the study run (8 fine-tuning steps per task), shared with exact match."""
+    return tiny_run.copy(tmp_path, *STUDY_RUN)
 
 
 def read(*parts):
@@ -65,7 +43,7 @@ def test_replay_experiment_judges_only_never_replayed_examples(run_dir):
     assert main(args) == 0
     results = read(run_dir, "replay", "results.json")
     assert set(results["conditions"]) == {"none", "predicted_als_mf", "predicted_additive", "online"}
-    assert results["n_never_replayed"] == 20 and results["pool_size"] == 40
+    assert results["n_never_replayed"] == 20 and results["pool_size"] == STUDY_UPSTREAM - 20
     assert results["mixing"] == "lrf" and results["n_seeds"] == 2 and results["units"] == 2
     for condition in results["conditions"].values():
         assert np.isfinite(condition["mean_forgetting"]) and len(condition["per_unit"][0]) == 2
@@ -80,7 +58,7 @@ def test_replay_experiment_judges_only_never_replayed_examples(run_dir):
     upstream = (
         pq.read_table(os.path.join(run_dir, "data", "upstream.parquet")).column("example_id").to_pylist()
     )
-    _, never = split_never_replayed(60, 20, 0)
+    _, never = split_never_replayed(STUDY_UPSTREAM, 20, 0)
     never_ids = {upstream[i] for i in never}
     (task,) = results["tasks"]
     # the seed-0 no-replay condition is the run's own fine-tune; seed 1 is trained by the experiment
@@ -132,5 +110,5 @@ def test_protect_runs_the_online_partition_on_the_built_in_model(run_dir, tmp_pa
     upstream = (
         pq.read_table(os.path.join(run_dir, "data", "upstream.parquet")).column("example_id").to_pylist()
     )
-    _, never = split_never_replayed(60, 20, 0)
+    _, never = split_never_replayed(STUDY_UPSTREAM, 20, 0)
     assert not {upstream[i] for i in never} & set(replay["replayed"])

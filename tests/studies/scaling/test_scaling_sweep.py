@@ -57,32 +57,23 @@ def test_fits_over_collected_points_recover_the_planted_law(tmp_path):
 
 
 @pytest.mark.slow
-def test_scaling_command_end_to_end(ray_session, tmp_path):
+def test_scaling_command_end_to_end(tiny_run, tmp_path):
     from forgetray.cli import main
 
-    run_dir = tmp_path / "run"
-    overrides = [
-        f"model.cache_dir={tmp_path / 'cache'}",
-        "model.builtin.vocab_size=300",
-        "model.builtin.n_layer=1",
-        "model.builtin.n_embd=32",
-        "model.builtin.n_head=2",
-        "model.builtin.pretrain_steps=20",
-        "model.builtin.batch_size=4",
+    run_dir = tmp_path / "run"  # `scaling` makes a run of its own: nothing to share
+    overrides = tiny_run.overrides(
         "upstream.n_examples=24",
         "tasks.builtin=[addition]",
         "tasks.n_examples=32",
         "finetune.max_steps=8",
-        "finetune.learning_rate=0.01",
         "finetune.micro_batch_size=4",
         "finetune.warmup_steps=1",
-        "score.max_length=64",
         "scaling.ranks=[1, 2]",
         "scaling.eval_every=2",
         "scaling.n_upstream=16",
         "scaling.n_task_eval=8",
         "scaling.min_step=2",
-    ]
+    )
     assert main(["scaling", "--out", str(run_dir), *overrides]) == 0
     out = run_dir / "scaling"
     trials = {r: json.loads((out / "trials" / f"rank-{r}.json").read_text()) for r in (1, 2)}
