@@ -83,6 +83,12 @@ def setup_logging(paths: RunDir | None) -> Callable[[str], None]:
     if paths is not None:
         os.makedirs(os.path.dirname(paths.log), exist_ok=True)
         target = os.path.abspath(paths.log)
+        # One run's log at a time: a process that works in several run directories (a size sweep,
+        # a notebook) must not keep writing into the logs of the runs it worked in before.
+        for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+            if handler.baseFilename != target:
+                logger.removeHandler(handler)
+                handler.close()
         if not any(isinstance(h, logging.FileHandler) and h.baseFilename == target for h in logger.handlers):
             handler = logging.FileHandler(target)
             handler.setFormatter(fmt)
