@@ -158,7 +158,7 @@ def run(tmp_path, name, model_dir, task_path, zero_stage, deepspeed_json=None):
         log=lambda m: None,
         torch_extensions_dir=os.environ["TORCH_EXTENSIONS_DIR"],
         extra_loop_config={
-            "step_hook": {"factory": "tests.test_zero3:record_steps", "config": {"path": log}}
+            "step_hook": {"factory": "tests.finetune.test_zero3:record_steps", "config": {"path": log}}
         },
     )
     ranks = []
