@@ -3,7 +3,7 @@
     python benchmarks/score_memory.py                       # N = 20,000 and 200,000
     python benchmarks/score_memory.py --small 2000 --large 20000 --shards 4
 
-A scoring actor (`forgetray.score.driver.ShardScorer`) reads only the shard tables of the items it
+A scoring actor (`forgetray.score.actors.ShardScorer`) reads only the shard tables of the items it
 scores (`write_shards`), so its memory should not grow with N. For each N the driver side writes the
 upstream table of N short built-in examples and its shard tables; then, in a fresh process, one actor
 is built exactly as Ray Data builds it and scores the same `--shards` shards of `--shard-size`
@@ -31,13 +31,13 @@ from forgetray.config import ScoreConfig
 from forgetray.data.builtin_corpus import builtin_upstream_examples
 from forgetray.data.sources import UPSTREAM_SCHEMA
 from forgetray.models.loading import ModelRef
-from forgetray.score.driver import shard_plan, shards_folder, write_shards
+from forgetray.score.sharded import shard_plan, shards_folder, write_shards
 
 CHILD = r"""
 import json, sys
 import numpy as np
 import pyarrow.parquet as pq
-from forgetray.score.driver import ShardScorer
+from forgetray.score.actors import ShardScorer
 spec = json.loads(sys.argv[1])
 if spec["whole_table"]:
     table = pq.read_table(spec["upstream"])  # what an actor that loads every example holds

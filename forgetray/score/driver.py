@@ -34,7 +34,6 @@ from forgetray.config import ConfigError, ScoreConfig
 from forgetray.models.loading import ModelRef, worker_model
 from forgetray.rundir import RunDir
 from forgetray.score.actors import SCORES_SCHEMA, NLLScorer, SoftCEScorer
-from forgetray.score.actors import ShardScorer as ShardScorer
 from forgetray.score.sharded import (
     SUCCESS_FILE,
     ScoreError,
@@ -42,15 +41,12 @@ from forgetray.score.sharded import (
     ids_digest,
     missing_items,
     part_path,
+    plan_head,
     require_parts,
     run_items,
     shard_plan,
     summary_head,
 )
-from forgetray.score.sharded import actor_count as actor_count
-from forgetray.score.sharded import pool_size_text as pool_size_text
-from forgetray.score.sharded import shards_folder as shards_folder
-from forgetray.score.sharded import write_shards as write_shards
 
 NLL_SETTINGS = ("max_length", "metric")
 """The `score` fields that change a model's NLLs; the others (shard size, actors, packing, whose
@@ -218,16 +214,18 @@ def _part_ids(path: str) -> list[str]:
     return pq.read_table(path, columns=["example_id"]).column("example_id").to_pylist()  # type: ignore[no-any-return]
 
 
-def plan_record(upstream: pa.Table, ref: ModelRef, config: ScoreConfig) -> dict[str, Any]:
-    """What `plan.json` records of a model scored on the whole of `upstream` (`model_shards`)."""
-    digest = ids_digest(upstream.column("example_id").to_pylist())
-    plan = {
-        "model": dataclasses.asdict(ref),
-        "n_examples": upstream.num_rows,
-        "example_ids_sha256": digest,
-        "shard_size": config.shard_size,
-        "max_length": config.max_length,
-    } | ({"shard_order": "interleaved"} if config.packing else {})
+def plan_record(
+    upstream: pa.Table, ref: ModelRef, config: ScoreConfig, ids_sha256: str | None = None
+) -> dict[str, Any]:
+    """What `plan.json` records of a model scored on the whole of `upstream` (`model_shards`);
+    `ids_sha256`: the digest of its ids when the caller has it already."""
+    if ids_sha256 is None:
+        ids_sha256 = ids_digest(upstream.column("example_id").to_pylist())
+    plan = (
+        plan_head(ref, upstream.num_rows, ids_sha256, config.shard_size)
+        | {"max_length": config.max_length}
+        | ({"shard_order": "interleaved"} if config.packing else {})
+    )
     if config.metric != "nll":  # plans written before score.metric existed stay valid
         plan["metric"] = config.metric
     return plan
@@ -273,13 +271,14 @@ def score_models(
     summaries: dict[str, dict[str, Any]] = {}
     upstream = pq.read_table(upstream_path)
     examples_sha256 = examples_digest(upstream)
+    ids_sha256 = ids_digest(upstream.column("example_id").to_pylist())
     todo: list[dict[str, Any]] = []
     inputs: dict[str, dict[str, Any]] = {}
     shards: dict[str, list[np.ndarray]] = {}
     for name, ref in models.items():
         out_dir = os.path.join(scores_root, name)
         success = os.path.join(out_dir, SUCCESS_FILE)
-        plan = plan_record(upstream, ref, config)
+        plan = plan_record(upstream, ref, config, ids_sha256)
         inputs[name] = scores_inputs(examples_sha256, plan, ref, config, reference)
         if os.path.exists(success):
             check_score_settings(out_dir, config)

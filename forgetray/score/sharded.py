@@ -241,6 +241,18 @@ def require_parts(out_dir: str, n_shards: int, stage: str) -> None:
         raise ScoreError(f"{out_dir}: shards {missing[:10]} have no part file after {stage}")
 
 
+def plan_head(ref: ModelRef, n_examples: int, ids_sha256: str, shard_size: int) -> dict[str, Any]:
+    """The fields every model's `plan.json` opens with: its checkpoint and the examples cut into
+    shards of `shard_size`. `ids_sha256` (`ids_digest` of the upstream ids) is the same for every
+    model of a call: computed once, not once per model (a million ids take about a second)."""
+    return {
+        "model": dataclasses.asdict(ref),
+        "n_examples": n_examples,
+        "example_ids_sha256": ids_sha256,
+        "shard_size": shard_size,
+    }
+
+
 def summary_head(name: str, ref: ModelRef, n_examples: int) -> dict[str, Any]:
     """The fields every model's `_SUCCESS.json` opens with: its name, checkpoint and example count."""
     return {"model": name, "path": ref.path, "adapter_path": ref.adapter_path, "n_examples": n_examples}

@@ -24,7 +24,7 @@ from test_ray_cluster import TINY_RUN, free_ports, node_ports, stop_processes_un
 
 from forgetray.config import ConfigError, FinetuneConfig, ScoreConfig
 from forgetray.finetune.trials import concurrent_tasks
-from forgetray.score.driver import actor_count, pool_size_text
+from forgetray.score.sharded import actor_count, pool_size_text
 
 
 def test_every_task_is_in_flight_unless_capped():

@@ -34,6 +34,7 @@ from forgetray.score.sharded import (
     check_plan,
     ids_digest,
     missing_items,
+    plan_head,
     require_parts,
     run_items,
     shard_plan,
@@ -110,15 +111,9 @@ def read_exact_match(out_dir: str) -> pa.Table:
     return pa.concat_tables([pq.read_table(p, schema=EXACT_MATCH_SCHEMA) for p in parts])
 
 
-def _plan_record(upstream: pa.Table, ref: ModelRef, config: ExactMatchConfig) -> dict[str, Any]:
-    digest = ids_digest(upstream.column("example_id").to_pylist())
-    return {
-        "model": dataclasses.asdict(ref),
-        "n_examples": upstream.num_rows,
-        "example_ids_sha256": digest,
-        "shard_size": config.shard_size,
-        **{field: getattr(config, field) for field in PROBE_FIELDS},
-    }
+def _plan_record(ref: ModelRef, n_examples: int, ids_sha256: str, config: ExactMatchConfig) -> dict[str, Any]:
+    head = plan_head(ref, n_examples, ids_sha256, config.shard_size)
+    return head | {field: getattr(config, field) for field in PROBE_FIELDS}
 
 
 def score_exact_match(
@@ -142,11 +137,13 @@ def score_exact_match(
     summaries: dict[str, dict[str, Any]] = {}
     upstream = pq.read_table(upstream_path)
     shards = shard_plan(upstream, config.shard_size)
+    ids_sha256 = ids_digest(upstream.column("example_id").to_pylist())
+    plans = {name: _plan_record(ref, upstream.num_rows, ids_sha256, config) for name, ref in models.items()}
     todo: list[dict[str, Any]] = []
-    for name, ref in models.items():
+    for name in models:
         out_dir = os.path.join(root, name)
         success = os.path.join(out_dir, SUCCESS_FILE)
-        plan = _plan_record(upstream, ref, config)
+        plan = plans[name]
         if os.path.exists(success):
             summaries[name] = storage.read_json(success)
             if summaries[name].get("plan") != plan:
@@ -175,7 +172,7 @@ def score_exact_match(
         summaries[name] = summary_head(name, models[name], table.num_rows) | {
             "accuracy": float(np.mean(table.column("correct"))),
             "seconds_all_models_this_call": round(scored.seconds, 2),
-            "plan": _plan_record(upstream, models[name], config),
+            "plan": plans[name],
         }
         storage.write_json(os.path.join(out_dir, SUCCESS_FILE), summaries[name])
         log(
